@@ -1,0 +1,530 @@
+"""The guard's TOML configuration: parsing, units of measure, validation.
+
+Every key the guard reads is declared here, and every error names the file, the key
+path and what is wrong, like `nginx -t`. A bad file never half-applies: `load()` either
+returns a complete `Config` or raises `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+PauseMode = Literal["freeze", "stop"]
+FAILURE_CLASSES = ("transient", "unrecoverable", "disk_full")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, already phrased for the operator."""
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """A free-space limit: either an absolute amount or a percentage of the total."""
+
+    amount: int | None = None
+    percent: float | None = None
+
+    def limit(self, total: int) -> int:
+        if self.percent is not None:
+            return int(total * self.percent / 100.0)
+        return self.amount or 0
+
+    def __str__(self) -> str:
+        if self.percent is not None:
+            return f"{self.percent:g}%"
+        return str(self.amount)
+
+
+@dataclass(frozen=True)
+class VolumeConfig:
+    name: str
+    path: Path
+    pause_below: Threshold
+    resume_above: Threshold
+    pause_below_inodes: Threshold
+    resume_above_inodes: Threshold
+    resume_after: float
+    predict: float
+    require_mount: bool = True
+    # The fastest this volume can be filled (bytes/s): it sets how often we sample, so a
+    # writer at full speed cannot cross the headroom between two samples.
+    max_write_speed: int = 2 * 1024**3
+    poll_min: float = 0.001
+    poll_max: float = 1.0
+
+
+@dataclass(frozen=True)
+class MigrationConfig:
+    account: str
+    unit: str
+    volume: str
+    log: Path | None = None
+    pause: PauseMode = "freeze"
+    resume_unit: str = ""
+    destination: Path | None = None
+    stall_after: float = 0.0
+    max_retries: int = 3
+    retry_backoff: float = 60.0
+    retry_backoff_max: float = 3600.0
+    verify_command: tuple[str, ...] = ()
+    verify_timeout: float = 3600.0
+
+    @property
+    def units(self) -> tuple[str, ...]:
+        """Every unit that runs this migration (the main one and its resume unit)."""
+        if self.resume_unit and self.resume_unit != self.unit:
+            return (self.unit, self.resume_unit)
+        return (self.unit,)
+
+
+@dataclass(frozen=True)
+class RuleConfig:
+    name: str
+    pattern: str
+    failure_class: str
+
+
+@dataclass(frozen=True)
+class ReceiverConfig:
+    name: str
+    kind: Literal["alertmanager", "webhook"]
+    url: str
+    bearer_token: str | None = None
+    basic_auth: tuple[str, str] | None = None
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class AlertsConfig:
+    receivers: tuple[ReceiverConfig, ...] = ()
+    resend_interval: float = 60.0
+    max_backoff: float = 300.0
+    generator_url: str = ""
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    state_dir: Path = Path("/var/lib/spaceguard")
+    control_socket: Path = Path("/run/spaceguard/control.sock")
+    metrics_listen: str = "127.0.0.1:9839"
+    bus_address: str = ""
+    reader_group: str = ""
+    admin_group: str = ""
+    log_level: str = "info"
+    log_recheck_interval: float = 5.0
+
+
+@dataclass(frozen=True)
+class Config:
+    source: Path
+    guard: GuardConfig
+    volumes: Mapping[str, VolumeConfig]
+    migrations: tuple[MigrationConfig, ...]
+    rules: tuple[RuleConfig, ...] = ()
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
+
+    def migration(self, account: str) -> MigrationConfig | None:
+        for migration in self.migrations:
+            if migration.account == account:
+                return migration
+        return None
+
+
+# --- units of measure -------------------------------------------------------------------
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+    "t": 1000**4, "tb": 1000**4,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+}
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)")
+_DURATION_FULL_RE = re.compile(r"(?:[0-9]+(?:\.[0-9]+)?(?:ms|s|m|h|d))+")
+_BARE_NUMBER_RE = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+
+
+def parse_size(value: object) -> int:
+    """`1048576`, `"50GiB"`, `"1.5 GB"` → bytes (binary units are 1024-based)."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"a size cannot be negative: {value}")
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"expected a size like 50GiB, got {value!r}")
+    match = _SIZE_RE.match(value)
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"cannot read {value!r} as a size (use e.g. 1048576, \"500MiB\", \"50GiB\")")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+def parse_threshold(value: object, *, sizes: bool = True) -> Threshold:
+    """A size (or, for inodes, a count) or a percentage such as `"5%"`."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            percent = float(value.strip()[:-1])
+        except ValueError:
+            raise ValueError(f"cannot read {value!r} as a percentage") from None
+        if not 0 <= percent <= 100:
+            raise ValueError(f"a percentage must be between 0% and 100%, got {value!r}")
+        return Threshold(percent=percent)
+    if not sizes:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"expected an inode count or a percentage like \"1%\", got {value!r}")
+        return Threshold(amount=value)
+    return Threshold(amount=parse_size(value))
+
+
+def parse_duration(value: object) -> float:
+    """`"30s"`, `"15m"`, `"1h30m"`, `"250ms"`, or a number of seconds → seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration, got {value!r}")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError(f"a duration cannot be negative: {value}")
+        return float(value)
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"expected a duration like \"30s\" or \"15m\", got {value!r}")
+    text = value.strip().replace(" ", "")
+    if _BARE_NUMBER_RE.fullmatch(text):
+        return float(text)
+    if not _DURATION_FULL_RE.fullmatch(text):
+        raise ValueError(f"cannot read {value!r} as a duration (use e.g. \"30s\", \"15m\", \"2h\")")
+    total = 0.0
+    for match in _DURATION_RE.finditer(text):
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    return total
+
+
+# systemd's unit name rules (unit_name_is_valid): [a-zA-Z0-9:_.\\-] plus one '@' for templates
+_UNIT_RE = re.compile(r"^[a-zA-Z0-9:_.\\-]+(@[a-zA-Z0-9:_.\\-]*)?\.service$")
+
+
+def check_unit_name(name: object) -> str:
+    if not isinstance(name, str):
+        raise ValueError(f"expected a unit name, got {name!r}")
+    if len(name) > 255:
+        raise ValueError("a unit name is at most 255 characters")
+    if not _UNIT_RE.match(name) or name.startswith("@") or name.endswith("@.service"):
+        raise ValueError(
+            f"{name!r} is not a valid systemd service name "
+            "(letters, digits, ':_.\\-', an optional '@instance', ending in .service)"
+        )
+    return name
+
+
+_ACCOUNT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")
+
+
+# --- the reader ---------------------------------------------------------------------------
+
+
+class _Section:
+    """A TOML table read key by key, so that errors name the key path and leftovers fail."""
+
+    def __init__(self, source: Path, where: str, table: object) -> None:
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: {where}: expected a table, got {type(table).__name__}")
+        self.source, self.where, self.table = source, where, dict(table)
+        self.seen: set[str] = set()
+
+    def path(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def error(self, key: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {self.path(key)}: {message}")
+
+    def get(self, key: str, convert: Callable[[Any], Any], default: Any = None,
+            required: bool = False) -> Any:
+        self.seen.add(key)
+        if key not in self.table:
+            if required:
+                raise ConfigError(f"{self.source}: {self.path(key)}: missing (required)")
+            return default
+        try:
+            return convert(self.table[key])
+        except (ValueError, TypeError) as error:
+            raise self.error(key, str(error)) from None
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.table) - self.seen)
+        if unknown:
+            raise self.error(unknown[0], "unknown key (check the spelling; see "
+                             "config/spaceguard.toml for every key)")
+
+
+def _string(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
+def _bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+def _count(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"expected a whole number ≥ 0, got {value!r}")
+    return value
+
+
+def _abs_path(value: object) -> Path:
+    text = _string(value)
+    if not text.startswith("/"):
+        raise ValueError(f"expected an absolute path, got {text!r}")
+    return Path(text)
+
+
+def _listen(value: object) -> str:
+    text = _string(value)
+    if text == "":
+        return text
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT (or \"\" to disable), got {text!r}")
+    return text
+
+
+def _command(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(part, str) for part in value):
+        raise ValueError("expected a list of strings, e.g. [\"rclone\", \"check\", \"a:\", \"/b\"]")
+    if value and not value[0].startswith("/") and "/" in value[0]:
+        raise ValueError("the program must be a bare name or an absolute path")
+    return tuple(value)
+
+
+def _read_secret(section: _Section, key: str) -> str | None:
+    path = section.get(key, _abs_path)
+    if path is None:
+        return None
+    try:
+        return str(path.read_text(encoding="utf-8").strip())
+    except OSError as error:
+        raise section.error(key, f"cannot read {path}: {error.strerror}") from None
+
+
+def _read_guard(source: Path, raw: object) -> GuardConfig:
+    section = _Section(source, "guard", raw)
+    defaults = GuardConfig()
+    guard = GuardConfig(
+        state_dir=section.get("state_dir", _abs_path, defaults.state_dir),
+        control_socket=section.get("control_socket", _abs_path, defaults.control_socket),
+        metrics_listen=section.get("metrics_listen", _listen, defaults.metrics_listen),
+        bus_address=section.get("bus_address", _string, defaults.bus_address),
+        reader_group=section.get("reader_group", _string, defaults.reader_group),
+        admin_group=section.get("admin_group", _string, defaults.admin_group),
+        log_level=section.get("log_level", _string, defaults.log_level),
+        log_recheck_interval=section.get("log_recheck_interval", parse_duration,
+                                         defaults.log_recheck_interval),
+    )
+    if guard.log_level not in ("debug", "info", "warning", "error"):
+        raise section.error("log_level", "must be one of debug, info, warning, error")
+    section.finish()
+    return guard
+
+
+def _read_volume(source: Path, name: str, raw: object) -> VolumeConfig:
+    section = _Section(source, f"volumes.{name}", raw)
+    pause_below = section.get("pause_below", parse_threshold, Threshold(percent=5.0))
+    resume_above = section.get("resume_above", parse_threshold, Threshold(percent=10.0))
+    inode_threshold = lambda value: parse_threshold(value, sizes=False)  # noqa: E731
+    pause_inodes = section.get("pause_below_inodes", inode_threshold, Threshold(percent=1.0))
+    resume_inodes = section.get("resume_above_inodes", inode_threshold, None)
+    if resume_inodes is None:
+        resume_inodes = (Threshold(percent=min(100.0, pause_inodes.percent * 2))
+                         if pause_inodes.percent is not None
+                         else Threshold(amount=(pause_inodes.amount or 0) * 2))
+    volume = VolumeConfig(
+        name=name,
+        path=section.get("path", _abs_path, required=True),
+        pause_below=pause_below,
+        resume_above=resume_above,
+        pause_below_inodes=pause_inodes,
+        resume_above_inodes=resume_inodes,
+        resume_after=section.get("resume_after", parse_duration, 120.0),
+        predict=section.get("predict", parse_duration, 600.0),
+        require_mount=section.get("require_mount", _bool, True),
+        max_write_speed=section.get("max_write_speed", parse_size, 2 * 1024**3),
+        poll_min=section.get("poll_min", parse_duration, 0.001),
+        poll_max=section.get("poll_max", parse_duration, 1.0),
+    )
+    _check_hysteresis(section, "resume_above", volume.pause_below, volume.resume_above)
+    _check_hysteresis(section, "resume_above_inodes", volume.pause_below_inodes,
+                      volume.resume_above_inodes)
+    if volume.max_write_speed <= 0:
+        raise section.error("max_write_speed", "must be above 0")
+    if not 0 < volume.poll_min <= volume.poll_max:
+        raise section.error("poll_min", "must be above 0 and at most poll_max")
+    section.finish()
+    return volume
+
+
+def _check_hysteresis(section: _Section, key: str, pause: Threshold, resume: Threshold) -> None:
+    same_kind = (pause.percent is None) == (resume.percent is None)
+    if not same_kind:
+        raise section.error(key, "must use the same kind of value as its pause threshold "
+                                 "(both percentages or both absolute)")
+    if pause.percent is not None and resume.percent is not None:
+        if resume.percent <= pause.percent:
+            raise section.error(key, f"{resume} must be above the pause threshold {pause} "
+                                     "(hysteresis: otherwise the guard would flap)")
+    elif (resume.amount or 0) <= (pause.amount or 0):
+        raise section.error(key, f"{resume} must be above the pause threshold {pause} "
+                                 "(hysteresis: otherwise the guard would flap)")
+
+
+def _read_migration(source: Path, index: int, raw: object,
+                    volumes: Mapping[str, VolumeConfig]) -> MigrationConfig:
+    section = _Section(source, f"migrations[{index}]", raw)
+    account = section.get("account", _string, required=True)
+    if not _ACCOUNT_RE.match(account):
+        raise section.error("account", f"{account!r} is not a usable account name "
+                                       "(letters, digits, '_.@-', at most 128)")
+    unit = section.get("unit", check_unit_name, required=True)
+    volume = section.get("volume", _string, required=True)
+    if volume not in volumes:
+        known = ", ".join(sorted(volumes)) or "none"
+        raise section.error("volume", f"names unknown volume {volume!r} (configured: {known})")
+    pause = section.get("pause", _string, "freeze")
+    if pause not in ("freeze", "stop"):
+        raise section.error("pause", f"must be \"freeze\" or \"stop\", got {pause!r}")
+    migration = MigrationConfig(
+        account=account,
+        unit=unit,
+        volume=volume,
+        log=section.get("log", _abs_path),
+        pause=pause,
+        resume_unit=section.get("resume_unit", check_unit_name, unit),
+        destination=section.get("destination", _abs_path),
+        stall_after=section.get("stall_after", parse_duration, 0.0),
+        max_retries=section.get("max_retries", _count, 3),
+        retry_backoff=section.get("retry_backoff", parse_duration, 60.0),
+        retry_backoff_max=section.get("retry_backoff_max", parse_duration, 3600.0),
+        verify_command=section.get("verify_command", _command, ()),
+        verify_timeout=section.get("verify_timeout", parse_duration, 3600.0),
+    )
+    section.finish()
+    return migration
+
+
+def _read_rules(source: Path, raw: object) -> tuple[RuleConfig, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError(f"{source}: rules: expected an array of tables ([[rules]])")
+    rules = []
+    for index, item in enumerate(raw):
+        section = _Section(source, f"rules[{index}]", item)
+        name = section.get("name", _string, required=True)
+        pattern = section.get("pattern", _string, required=True)
+        failure_class = section.get("class", _string, required=True)
+        if failure_class not in FAILURE_CLASSES:
+            raise section.error("class", f"must be one of {', '.join(FAILURE_CLASSES)}")
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise section.error("pattern", f"not a valid regular expression: {error}") from None
+        section.finish()
+        rules.append(RuleConfig(name=name, pattern=pattern, failure_class=failure_class))
+    return tuple(rules)
+
+
+def _read_alerts(source: Path, raw: object) -> AlertsConfig:
+    section = _Section(source, "alerts", raw)
+    raw_receivers = section.get("receivers", lambda value: value, [])
+    if not isinstance(raw_receivers, list):
+        raise section.error("receivers", "expected an array of tables ([[alerts.receivers]])")
+    receivers: list[ReceiverConfig] = []
+    for index, item in enumerate(raw_receivers):
+        receiver = _Section(source, f"alerts.receivers[{index}]", item)
+        name = receiver.get("name", _string, required=True)
+        if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", name):
+            raise receiver.error("name", "letters, digits, '_.-' only (it names a spool file)")
+        if any(existing.name == name for existing in receivers):
+            raise receiver.error("name", f"receiver {name!r} is configured twice")
+        kind = receiver.get("kind", _string, required=True)
+        if kind not in ("alertmanager", "webhook"):
+            raise receiver.error("kind", "must be \"alertmanager\" or \"webhook\"")
+        url = receiver.get("url", _string, required=True)
+        if not re.match(r"^https?://[^\s/]+", url):
+            raise receiver.error("url", f"expected an http:// or https:// URL, got {url!r}")
+        user = receiver.get("basic_auth_user", _string)
+        password = _read_secret(receiver, "basic_auth_password_file")
+        if (user is None) != (password is None):
+            raise receiver.error("basic_auth_user", "basic_auth_user and "
+                                 "basic_auth_password_file go together")
+        receivers.append(ReceiverConfig(
+            name=name, kind=kind, url=url.rstrip("/"),
+            bearer_token=_read_secret(receiver, "bearer_token_file"),
+            basic_auth=(user, password) if user is not None and password is not None else None,
+            timeout=receiver.get("timeout", parse_duration, 5.0),
+        ))
+        receiver.finish()
+    alerts = AlertsConfig(
+        receivers=tuple(receivers),
+        resend_interval=section.get("resend_interval", parse_duration, 60.0),
+        max_backoff=section.get("max_backoff", parse_duration, 300.0),
+        generator_url=section.get("generator_url", _string, ""),
+    )
+    section.finish()
+    return alerts
+
+
+def parse(source: Path, document: Mapping[str, Any]) -> Config:
+    """Build and validate a Config from an already-parsed TOML document."""
+    top = _Section(source, "", document)
+    guard = _read_guard(source, top.get("guard", lambda value: value, {}))
+    raw_volumes = top.get("volumes", lambda value: value, {})
+    if not isinstance(raw_volumes, dict) or not raw_volumes:
+        raise ConfigError(f"{source}: volumes: at least one [volumes.NAME] table is required")
+    volumes = {name: _read_volume(source, name, raw) for name, raw in raw_volumes.items()}
+    raw_migrations = top.get("migrations", lambda value: value, [])
+    if not isinstance(raw_migrations, list):
+        raise ConfigError(f"{source}: migrations: expected an array of tables ([[migrations]])")
+    migrations = tuple(_read_migration(source, index, raw, volumes)
+                       for index, raw in enumerate(raw_migrations))
+    _check_unique(source, migrations)
+    rules = _read_rules(source, top.get("rules", lambda value: value, []))
+    alerts = _read_alerts(source, top.get("alerts", lambda value: value, {}))
+    top.finish()
+    return Config(source=source, guard=guard, volumes=volumes, migrations=migrations,
+                  rules=rules, alerts=alerts)
+
+
+def _check_unique(source: Path, migrations: tuple[MigrationConfig, ...]) -> None:
+    accounts: dict[str, int] = {}
+    units: dict[str, int] = {}
+    for index, migration in enumerate(migrations):
+        if migration.account in accounts:
+            raise ConfigError(f"{source}: migrations[{index}].account: {migration.account!r} "
+                              f"is already used by migrations[{accounts[migration.account]}]")
+        accounts[migration.account] = index
+        for unit in migration.units:
+            if unit in units and units[unit] != index:
+                raise ConfigError(f"{source}: migrations[{index}].unit: {unit!r} is already "
+                                  f"managed by migrations[{units[unit]}] (one unit, one migration)")
+            units[unit] = index
+
+
+def load(path: Path) -> Config:
+    """Read and validate the file; raise ConfigError with a message naming what is wrong."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
+    try:
+        document = tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    return parse(path, document)

@@ -1,0 +1,855 @@
+"""Every decision the guard makes, as one pure function: `decide(config, state, event, now)`.
+
+No I/O, no clock reads, no asyncio: adapters turn the world into events, and the actions
+returned here into effects. The function is level-triggered, like a controller: each event
+updates the guard's view, then every migration is *reconciled* (what should its units be
+doing, given the holds and failures, and what are they doing?) and the difference becomes
+actions. So a lost action, a bus that comes back or a restart with saved state all end in
+the same place.
+
+Scenario 3 (space): a volume below `pause_below` (or inside the hysteresis band and filling
+fast enough to cross `pause_below` within `predict`) is *low*; every migration on it gets a
+guard hold and is paused (freeze, or stop). It stays low until free space is back above
+`resume_above` (bytes and inodes) continuously for `resume_after`; then guard holds are
+released and what the guard paused is resumed. Operator holds are never released here.
+
+Scenario 1 (failure): a unit that fails, an unrecoverable log line, or a stall starts a
+failure: stop → verify (optional) → write incident → retry with backoff (transient) or
+wait for an operator (unrecoverable, or retries used up).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from .config import Config, MigrationConfig, VolumeConfig
+from .rclone import classify_exit_code
+
+HoldOwner = Literal["guard", "operator"]
+ACTIVE_STATES = frozenset({"active", "activating", "reloading", "deactivating"})
+RUNNING_STATES = frozenset({"active", "activating", "reloading"})
+UNIT_ACTION_BACKOFF_MAX = 30.0
+
+
+# --- the guard's view ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UnitView:
+    """One systemd unit as last reported over D-Bus."""
+
+    active_state: str = "unknown"
+    sub_state: str = ""
+    freezer_state: str = "running"
+    result: str = ""
+    exec_code: str = ""  # "exited", "killed", "dumped" (CLD_* of the main process)
+    exec_status: int = 0
+
+    @property
+    def known(self) -> bool:
+        return self.active_state != "unknown"
+
+    @property
+    def running(self) -> bool:
+        return self.active_state in RUNNING_STATES
+
+    @property
+    def frozen(self) -> bool:
+        return self.freezer_state in ("frozen", "freezing")
+
+
+@dataclass(frozen=True)
+class VolumeState:
+    up: bool = False
+    error: str = ""
+    avail_bytes: int = 0
+    size_bytes: int = 0
+    avail_files: int = 0
+    files: int = 0
+    fill_rate: float = 0.0
+    sampled_at: float = 0.0
+    low: bool = False
+    low_reason: str = ""
+    low_since: float = 0.0
+    recovered_since: float | None = None
+
+
+@dataclass(frozen=True)
+class Hold:
+    """Why a migration is paused, and who may resume it."""
+
+    by: HoldOwner
+    reason: str
+    since: float
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Failure:
+    failure_class: str  # transient | unrecoverable
+    trigger: str  # unit-failed | log | stall
+    detail: str
+    since: float
+    phase: str  # stopping | verifying | documenting | waiting-retry | needs-operator
+    lines: tuple[str, ...] = ()
+    exit_status: str = ""
+    incident_id: str = ""
+    verify_result: str = ""
+    steps: tuple[str, ...] = ()
+    next_retry_at: float | None = None
+
+
+@dataclass(frozen=True)
+class MigrationState:
+    account: str
+    units: Mapping[str, UnitView] = field(default_factory=dict)
+    hold: Hold | None = None
+    # units the guard paused for the current hold, and must resume when it is released
+    paused_units: frozenset[str] = frozenset()
+    # start the resume unit when the hold is released (stop mode, or it died while held)
+    restart_on_release: bool = False
+    # an operator resumed during this low episode: no guard hold until the volume recovers
+    override: bool = False
+    pending: Mapping[str, str] = field(default_factory=dict)  # unit (or "verify") → action
+    action_errors: int = 0
+    action_retry_at: float = 0.0
+    failure: Failure | None = None
+    retries: int = 0
+    running_since: float | None = None
+    last_progress_at: float | None = None
+    transferred_bytes: int = 0
+    last_log_failure: tuple[str, str, str] | None = None  # (class, rule, line)
+    finished: bool = False
+
+
+@dataclass(frozen=True)
+class GuardState:
+    volumes: Mapping[str, VolumeState] = field(default_factory=dict)
+    migrations: Mapping[str, MigrationState] = field(default_factory=dict)
+    bus_connected: bool = False
+    incident_seq: int = 0
+
+
+# --- events ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VolumeSampled:
+    volume: str
+    avail_bytes: int
+    size_bytes: int
+    avail_files: int
+    files: int
+    fill_rate: float
+
+
+@dataclass(frozen=True)
+class VolumeUnavailable:
+    volume: str
+    error: str
+
+
+@dataclass(frozen=True)
+class UnitChanged:
+    unit: str
+    view: UnitView
+
+
+@dataclass(frozen=True)
+class BusChanged:
+    connected: bool
+
+
+@dataclass(frozen=True)
+class LogParsed:
+    account: str
+    failures: tuple[tuple[str, str, str], ...] = ()  # (class, rule, line)
+    progressed: bool = False
+    transferred_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class OperatorRequest:
+    request_id: str
+    verb: Literal["pause", "resume", "retry"]
+    account: str
+    reason: str = ""
+    force: bool = False
+    who: str = "operator"
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Time passes: hold-downs expire, retries come due, stalls show."""
+
+
+@dataclass(frozen=True)
+class ActionDone:
+    action: UnitAction | RunVerify
+    ok: bool
+    error: str = ""
+
+
+Event = (VolumeSampled | VolumeUnavailable | UnitChanged | BusChanged | LogParsed
+         | OperatorRequest | Tick | ActionDone)
+
+
+# --- actions -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UnitAction:
+    kind: Literal["freeze", "thaw", "stop", "start"]
+    unit: str
+    account: str
+    reason: str  # a short label: space, inodes, predicted, unavailable, disk_full, operator,
+    # failure, released, resume, retry
+
+
+@dataclass(frozen=True)
+class RunVerify:
+    account: str
+    command: tuple[str, ...]
+    timeout: float
+
+
+@dataclass(frozen=True)
+class WriteIncident:
+    record: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class RaiseAlert:
+    key: str
+    name: str
+    severity: str
+    labels: Mapping[str, str]
+    summary: str
+    description: str
+
+
+@dataclass(frozen=True)
+class ResolveAlert:
+    key: str
+
+
+@dataclass(frozen=True)
+class Reply:
+    request_id: str
+    ok: bool
+    message: str
+
+
+@dataclass(frozen=True)
+class Log:
+    level: Literal["debug", "info", "notice", "warning", "error"]
+    message: str
+
+
+Action = UnitAction | RunVerify | WriteIncident | RaiseAlert | ResolveAlert | Reply | Log
+
+
+# --- the decision ------------------------------------------------------------------------
+
+
+def initial_state(config: Config, saved: GuardState | None = None) -> GuardState:
+    """The state for `config`: saved durable state is kept for migrations still configured."""
+    saved = saved or GuardState()
+    migrations = {m.account: _fit_units(saved.migrations.get(m.account), m)
+                  for m in config.migrations}
+    volumes = {name: saved.volumes.get(name, VolumeState()) for name in config.volumes}
+    return replace(saved, migrations=migrations, volumes=volumes)
+
+
+def _fit_units(saved: MigrationState | None, migration: MigrationConfig) -> MigrationState:
+    state = saved or MigrationState(account=migration.account)
+    units = {unit: state.units.get(unit, UnitView()) for unit in migration.units}
+    return replace(state, units=units, paused_units=state.paused_units & set(units))
+
+
+def decide(config: Config, state: GuardState, event: Event,
+           now: float) -> tuple[GuardState, list[Action]]:
+    decision = _Decision(config, state, now)
+    decision.apply(event)
+    decision.reconcile()
+    return decision.result()
+
+
+def unit_owner(config: Config, unit: str) -> MigrationConfig | None:
+    for migration in config.migrations:
+        if unit in migration.units:
+            return migration
+    return None
+
+
+def thresholds(volume: VolumeConfig, state: VolumeState) -> tuple[int, int, int, int]:
+    """(pause bytes, resume bytes, pause files, resume files) for the volume's current size."""
+    return (volume.pause_below.limit(state.size_bytes), volume.resume_above.limit(state.size_bytes),
+            volume.pause_below_inodes.limit(state.files),
+            volume.resume_above_inodes.limit(state.files))
+
+
+def seconds_to_pause(volume: VolumeConfig, state: VolumeState) -> float:
+    """Predicted seconds until free bytes cross `pause_below` at the current fill rate."""
+    pause_bytes = volume.pause_below.limit(state.size_bytes)
+    if state.avail_bytes <= pause_bytes:
+        return 0.0
+    if state.fill_rate <= 0:
+        return float("inf")
+    return (state.avail_bytes - pause_bytes) / state.fill_rate
+
+
+def retry_delay(migration: MigrationConfig, retries: int) -> float:
+    """Exponential backoff with deterministic jitter (±25 %), so the policy stays pure."""
+    base = min(migration.retry_backoff * (2 ** min(retries, 30)), migration.retry_backoff_max)
+    digest = hashlib.sha256(f"{migration.account}/{retries}".encode()).digest()
+    jitter = 0.75 + 0.5 * (digest[0] / 255.0)
+    return base * jitter
+
+
+class _Decision:
+    def __init__(self, config: Config, state: GuardState, now: float) -> None:
+        self.config = config
+        self.state = state
+        self.now = now
+        self.volumes = dict(state.volumes)
+        self.migrations = dict(state.migrations)
+        self.bus_connected = state.bus_connected
+        self.incident_seq = state.incident_seq
+        self.actions: list[Action] = []
+
+    def result(self) -> tuple[GuardState, list[Action]]:
+        new = GuardState(volumes=self.volumes, migrations=self.migrations,
+                         bus_connected=self.bus_connected, incident_seq=self.incident_seq)
+        if (new.volumes == self.state.volumes and new.migrations == self.state.migrations
+                and new.bus_connected == self.state.bus_connected
+                and new.incident_seq == self.state.incident_seq):
+            new = self.state  # unchanged: callers may compare by identity
+        return new, self.actions
+
+    def log(self, level: Literal["debug", "info", "notice", "warning", "error"],
+            message: str) -> None:
+        self.actions.append(Log(level, message))
+
+    # -- events ---------------------------------------------------------------------------
+
+    def apply(self, event: Event) -> None:
+        match event:
+            case VolumeSampled():
+                self._volume_sampled(event)
+            case VolumeUnavailable():
+                self._volume_unavailable(event)
+            case UnitChanged():
+                self._unit_changed(event)
+            case BusChanged(connected=connected):
+                if connected != self.bus_connected:
+                    self.log("notice" if connected else "error",
+                             "D-Bus connection " + ("restored" if connected else
+                                                    "lost: actions wait until it is back"))
+                self.bus_connected = connected
+            case LogParsed():
+                self._log_parsed(event)
+            case OperatorRequest():
+                self._operator(event)
+            case ActionDone():
+                self._action_done(event)
+            case Tick():
+                pass
+
+    def _volume_sampled(self, event: VolumeSampled) -> None:
+        volume = self.config.volumes.get(event.volume)
+        if volume is None:
+            return
+        old = self.volumes.get(event.volume, VolumeState())
+        state = replace(old, up=True, error="", avail_bytes=event.avail_bytes,
+                        size_bytes=event.size_bytes, avail_files=event.avail_files,
+                        files=event.files, fill_rate=event.fill_rate, sampled_at=self.now)
+        pause_bytes, resume_bytes, pause_files, resume_files = thresholds(volume, state)
+        if not state.low:
+            reason = ""
+            if state.avail_bytes < pause_bytes:
+                reason = "space"
+            elif state.files and state.avail_files < pause_files:
+                reason = "inodes"
+            elif (volume.predict > 0 and state.avail_bytes < resume_bytes
+                  and seconds_to_pause(volume, state) <= volume.predict):
+                # Early pause only inside the hysteresis band: outside it a pause could
+                # not be held (free space would already be above resume_above), so the
+                # guard would flap; there the fill rate only shortens the poll interval.
+                reason = "predicted"
+            if reason:
+                state = replace(state, low=True, low_reason=reason, low_since=self.now,
+                                recovered_since=None)
+                self.log("warning", f"volume {volume.name} ({volume.path}) is low on "
+                         f"{'inodes' if reason == 'inodes' else 'space'}: "
+                         f"{_size(state.avail_bytes)} free, {state.avail_files} inodes free, "
+                         f"filling at {_size(state.fill_rate)}/s "
+                         f"(pause below {volume.pause_below}, reason {reason})")
+        else:
+            recovered = state.avail_bytes >= resume_bytes and (
+                not state.files or state.avail_files >= resume_files)
+            if not recovered:
+                state = replace(state, recovered_since=None)
+            else:
+                since = state.recovered_since if state.recovered_since is not None else self.now
+                state = replace(state, recovered_since=since)
+        self.volumes[event.volume] = state
+
+    def _volume_unavailable(self, event: VolumeUnavailable) -> None:
+        old = self.volumes.get(event.volume, VolumeState())
+        if old.up or old.error != event.error:
+            self.log("error", f"volume {event.volume}: {event.error}; migrations on it are "
+                     "paused until it is back (they would write to the wrong file system)")
+        # A vanished mount is treated as low: migrations would otherwise write into the
+        # mount point on the parent file system.
+        self.volumes[event.volume] = replace(
+            old, up=False, error=event.error, recovered_since=None, low=True,
+            low_reason=old.low_reason if old.low else "unavailable",
+            low_since=old.low_since if old.low else self.now)
+
+    def _unit_changed(self, event: UnitChanged) -> None:
+        migration = unit_owner(self.config, event.unit)
+        if migration is None:
+            return  # never act on (or even track) a unit the config does not name
+        state = self.migrations[migration.account]
+        old = state.units.get(event.unit, UnitView())
+        new = event.view
+        state = replace(state, units={**state.units, event.unit: new})
+        pending = state.pending.get(event.unit)
+        if event.unit in state.paused_units and old.known:
+            state = self._external_change(migration, state, event.unit, old, new, pending)
+        elif event.unit in state.paused_units and not old.known:
+            state = self._reconcile_saved(migration, state, event.unit, new)
+        if new.running and not old.running:
+            # a fresh run: log failures of an earlier run no longer classify this one
+            state = replace(state, running_since=self.now, finished=False,
+                            last_log_failure=None if old.known else state.last_log_failure)
+        ended = old.known and old.active_state not in ("inactive", "failed") \
+            and new.active_state in ("inactive", "failed")
+        if ended and pending != "stop" and event.unit not in state.paused_units \
+                and state.failure is None:
+            state = self._unit_ended(migration, state, event.unit, new)
+        elif not old.known and new.active_state == "failed" and state.failure is None \
+                and event.unit not in state.paused_units and state.hold is None \
+                and not state.finished:
+            state = self._unit_ended(migration, state, event.unit, new)
+        self.migrations[migration.account] = state
+
+    def _external_change(self, migration: MigrationConfig, state: MigrationState, unit: str,
+                         old: UnitView, new: UnitView, pending: str | None) -> MigrationState:
+        """Someone else acted on a unit the guard paused."""
+        if migration.pause == "freeze" and old.frozen and not new.frozen and new.running \
+                and pending != "thaw":
+            return self._taken_over(migration, state, unit, "thawed")
+        if migration.pause == "stop" and not old.running and new.running and pending != "start":
+            return self._taken_over(migration, state, unit, "started")
+        if old.active_state != new.active_state and not new.running and not new.frozen \
+                and migration.pause == "freeze":
+            # stopped while frozen: nothing left to thaw; if the hold remains, a restart
+            # of the unit is frozen again by the reconcile step
+            return replace(state, paused_units=state.paused_units - {unit})
+        return state
+
+    def _reconcile_saved(self, migration: MigrationConfig, state: MigrationState, unit: str,
+                         new: UnitView) -> MigrationState:
+        """First sight of a unit the saved state says the guard paused (after a restart)."""
+        if migration.pause == "freeze":
+            if new.frozen:
+                self.log("info", f"{migration.account}: {unit} is still frozen by the guard "
+                         "(restored from saved state)")
+                return state
+            if new.running:
+                return self._taken_over(migration, state, unit, "thawed while the guard was down")
+            return replace(state, paused_units=state.paused_units - {unit})
+        if new.running:
+            return self._taken_over(migration, state, unit, "started while the guard was down")
+        return state
+
+    def _taken_over(self, migration: MigrationConfig, state: MigrationState, unit: str,
+                    how: str) -> MigrationState:
+        volume = self.volumes.get(migration.volume, VolumeState())
+        self.log("warning", f"{migration.account}: {unit} was {how} by someone else; taking "
+                 "it as an operator's decision: the guard releases its hold"
+                 + (" and will not pause it again until the volume recovers" if volume.low
+                    else ""))
+        self.actions.append(ResolveAlert(f"paused/{migration.account}"))
+        return replace(state, hold=None, paused_units=state.paused_units - {unit},
+                       restart_on_release=False, override=volume.low)
+
+    def _unit_ended(self, migration: MigrationConfig, state: MigrationState, unit: str,
+                    view: UnitView) -> MigrationState:
+        """A unit stopped running without the guard asking it to."""
+        if view.active_state != "failed" and view.result in ("success", ""):
+            self.log("info", f"{migration.account}: {unit} finished successfully")
+            self.actions.append(ResolveAlert(f"failed/{migration.account}"))
+            return replace(state, finished=True, retries=0, last_log_failure=None)
+        exit_status = (f"result={view.result} {view.exec_code or 'status'}={view.exec_status}"
+                       if view.exec_code else f"result={view.result}")
+        log_failure = state.last_log_failure
+        if view.exec_code == "exited":
+            exit_class = classify_exit_code(view.exec_status)
+            failure_class = exit_class.value if exit_class is not None else "transient"
+        else:
+            failure_class = "transient"  # killed by a signal: worth another try
+        lines: tuple[str, ...] = ()
+        if log_failure is not None:
+            lines = (log_failure[2],)
+            if log_failure[0] == "disk_full":
+                failure_class = "disk_full"
+            elif log_failure[0] == "unrecoverable":
+                failure_class = "unrecoverable"
+        if failure_class == "disk_full":
+            return self._disk_full(migration, replace(state, restart_on_release=True),
+                                   log_failure[2] if log_failure else exit_status)
+        return self._fail(migration, state, failure_class, "unit-failed",
+                          f"{unit} failed ({exit_status})", lines, exit_status)
+
+    def _disk_full(self, migration: MigrationConfig, state: MigrationState,
+                   line: str) -> MigrationState:
+        """The migration itself hit ENOSPC: scenario 3's business (pause), not a failure."""
+        volume = self.volumes.get(migration.volume, VolumeState())
+        if not volume.low:
+            self.volumes[migration.volume] = replace(
+                volume, low=True, low_reason="disk_full", low_since=self.now,
+                recovered_since=None)
+            self.log("warning", f"volume {migration.volume}: {migration.account} reports a full "
+                     f"disk ({line.strip()[:200]}); treating the volume as low")
+        return replace(state, override=False)
+
+    def _fail(self, migration: MigrationConfig, state: MigrationState, failure_class: str,
+              trigger: str, detail: str, lines: tuple[str, ...] = (),
+              exit_status: str = "") -> MigrationState:
+        self.log("error", f"{migration.account}: migration failed ({failure_class}, {trigger}): "
+                 f"{detail}; stopping {', '.join(migration.units)}")
+        failure = Failure(failure_class=failure_class, trigger=trigger, detail=detail,
+                          since=self.now, phase="stopping", lines=lines,
+                          exit_status=exit_status,
+                          steps=(f"{_stamp(self.now)} detected: {detail}",))
+        return replace(state, failure=failure, finished=False)
+
+    def _log_parsed(self, event: LogParsed) -> None:
+        migration = self.config.migration(event.account)
+        if migration is None:
+            return
+        state = self.migrations[event.account]
+        if event.progressed:
+            state = replace(state, last_progress_at=self.now)
+        if event.transferred_bytes is not None:
+            state = replace(state, transferred_bytes=event.transferred_bytes)
+        for failure_class, rule, line in event.failures:
+            state = replace(state, last_log_failure=(failure_class, rule, line))
+            if failure_class == "disk_full":
+                state = self._disk_full(migration, state, line)
+            elif failure_class == "unrecoverable" and state.failure is None and any(
+                    view.running for view in state.units.values()):
+                state = self._fail(migration, state, "unrecoverable", "log",
+                                   f"log line matched rule {rule}", (line,))
+        self.migrations[event.account] = state
+
+    def _operator(self, event: OperatorRequest) -> None:
+        migration = self.config.migration(event.account)
+        if migration is None:
+            self.actions.append(Reply(event.request_id, False,
+                                      f"no migration for account {event.account!r}"))
+            return
+        state = self.migrations[event.account]
+        volume = self.volumes.get(migration.volume, VolumeState())
+        if event.verb == "pause":
+            reason = event.reason or "paused by operator"
+            state = replace(state, hold=Hold("operator", "operator", self.now, reason),
+                            override=False)
+            self.log("notice", f"{event.account}: operator hold by {event.who}: {reason}")
+            self.actions.append(Reply(event.request_id, True,
+                                      f"{event.account}: paused (operator hold: {reason})"))
+        elif event.verb == "resume":
+            if state.hold is None and not state.paused_units:
+                self.actions.append(Reply(event.request_id, False,
+                                          f"{event.account}: not paused"))
+                return
+            if volume.low and not event.force:
+                self.actions.append(Reply(
+                    event.request_id, False,
+                    f"{event.account}: volume {migration.volume} is still low "
+                    f"({_size(volume.avail_bytes)} free, reason {volume.low_reason}); "
+                    "resuming now may fill it: use --force to resume anyway"))
+                return
+            restart = state.restart_on_release or (
+                state.hold is not None and migration.pause == "stop")
+            state = replace(state, hold=None, override=volume.low, restart_on_release=restart)
+            self.log("notice", f"{event.account}: resumed by {event.who}"
+                     + (" despite low space (override until the volume recovers)"
+                        if volume.low else ""))
+            self.actions.append(Reply(event.request_id, True, f"{event.account}: resuming"))
+        else:
+            if state.hold is not None:
+                self.actions.append(Reply(event.request_id, False,
+                                          f"{event.account}: paused; resume it first"))
+                return
+            if any(view.running for view in state.units.values()) and state.failure is None:
+                self.actions.append(Reply(event.request_id, False,
+                                          f"{event.account}: already running"))
+                return
+            state = replace(state, failure=None, retries=0, last_log_failure=None,
+                            restart_on_release=True, finished=False)
+            self.log("notice", f"{event.account}: retry requested by {event.who}")
+            self.actions.append(ResolveAlert(f"failed/{event.account}"))
+            self.actions.append(Reply(event.request_id, True, f"{event.account}: retrying"))
+        self.migrations[event.account] = state
+
+    def _action_done(self, event: ActionDone) -> None:
+        action = event.action
+        state = self.migrations.get(action.account)
+        if state is None:
+            return
+        if isinstance(action, RunVerify):
+            pending = {k: v for k, v in state.pending.items() if k != "verify"}
+            result = "passed" if event.ok else f"failed: {event.error}"
+            self.log("info" if event.ok else "warning",
+                     f"{action.account}: source verification {result}")
+            failure = state.failure
+            if failure is not None and failure.phase == "verifying":
+                failure = replace(failure, phase="documenting", verify_result=result,
+                                  steps=(*failure.steps,
+                                         f"{_stamp(self.now)} verify: {result}"))
+            self.migrations[action.account] = replace(state, pending=pending, failure=failure)
+            return
+        pending = {k: v for k, v in state.pending.items() if k != action.unit}
+        state = replace(state, pending=pending)
+        failure = state.failure
+        if failure is not None:
+            failure = replace(failure, steps=(*failure.steps, f"{_stamp(self.now)} {action.kind} "
+                              f"{action.unit}: {'ok' if event.ok else 'error: ' + event.error}"))
+            state = replace(state, failure=failure)
+        if event.ok:
+            self.log("notice", f"{action.account}: {action.kind} {action.unit} done "
+                     f"({action.reason})")
+            state = replace(state, action_errors=0, action_retry_at=0.0)
+            view = state.units.get(action.unit, UnitView())
+            if action.kind == "freeze":
+                state = replace(state, paused_units=state.paused_units | {action.unit},
+                                units={**state.units, action.unit: replace(
+                                    view, freezer_state="frozen")})
+            elif action.kind == "stop":
+                paused = state.paused_units | {action.unit} if state.hold else state.paused_units
+                state = replace(state, paused_units=paused, restart_on_release=(
+                    state.restart_on_release or state.hold is not None))
+            elif action.kind == "thaw":
+                state = replace(state, paused_units=state.paused_units - {action.unit},
+                                last_progress_at=self.now,
+                                units={**state.units, action.unit: replace(
+                                    view, freezer_state="running")})
+            elif action.kind == "start":
+                state = replace(state, paused_units=frozenset(), restart_on_release=False,
+                                last_progress_at=self.now, running_since=self.now)
+        else:
+            errors = state.action_errors + 1
+            delay = min(0.25 * 2 ** min(errors, 10), UNIT_ACTION_BACKOFF_MAX)
+            self.log("error", f"{action.account}: {action.kind} {action.unit} failed: "
+                     f"{event.error}; trying again in {delay:.1f}s")
+            state = replace(state, action_errors=errors, action_retry_at=self.now + delay)
+        self.migrations[action.account] = state
+
+    # -- reconciliation ---------------------------------------------------------------------
+
+    def reconcile(self) -> None:
+        for name, volume_config in self.config.volumes.items():
+            volume = self.volumes.get(name, VolumeState())
+            if volume.low and volume.recovered_since is not None and \
+                    self.now - volume.recovered_since >= volume_config.resume_after:
+                self.volumes[name] = replace(volume, low=False, low_reason="",
+                                             recovered_since=None)
+                self.log("notice", f"volume {name} recovered: {_size(volume.avail_bytes)} "
+                         f"free for {volume_config.resume_after:g}s")
+        for migration in self.config.migrations:
+            state = self.migrations[migration.account]
+            state = self._holds(migration, state)
+            state = self._stall(migration, state)
+            state = self._failure_steps(migration, state)
+            state = self._drive_units(migration, state)
+            self.migrations[migration.account] = state
+
+    def _holds(self, migration: MigrationConfig, state: MigrationState) -> MigrationState:
+        volume_config = self.config.volumes[migration.volume]
+        volume = self.volumes.get(migration.volume, VolumeState())
+        if volume.low and state.hold is None and not state.override:
+            reason = volume.low_reason or "space"
+            self.log("warning", f"{migration.account}: pausing ({migration.pause}) because "
+                     f"volume {migration.volume} is low ({reason})")
+            self.actions.append(RaiseAlert(
+                key=f"paused/{migration.account}", name="SpaceguardMigrationPaused",
+                severity="warning",
+                labels={"account": migration.account, "unit": migration.unit,
+                        "volume": migration.volume, "reason": reason, "by": "guard"},
+                summary=f"Migration {migration.account} paused: {migration.volume} is low",
+                description=(f"spaceguard paused {migration.unit} ({migration.pause}) because "
+                             f"{volume_config.path} has {_size(volume.avail_bytes)} free "
+                             f"(pause below {volume_config.pause_below}, reason {reason}). "
+                             "It resumes by itself once free space stays above "
+                             f"{volume_config.resume_above} for {volume_config.resume_after:g}s. "
+                             "Runbook scenario 3: df -h, du -sh PATH/* | sort -h, free space.")))
+            return replace(state, hold=Hold("guard", reason, self.now))
+        if not volume.low:
+            if state.override:
+                state = replace(state, override=False)
+            if state.hold is not None and state.hold.by == "guard":
+                self.log("notice", f"{migration.account}: releasing the guard's hold "
+                         f"({state.hold.reason}), volume {migration.volume} has "
+                         f"{_size(volume.avail_bytes)} free")
+                self.actions.append(ResolveAlert(f"paused/{migration.account}"))
+                state = replace(state, hold=None, last_progress_at=self.now)
+        return state
+
+    def _stall(self, migration: MigrationConfig, state: MigrationState) -> MigrationState:
+        if migration.stall_after <= 0 or state.failure is not None or state.hold is not None:
+            return state
+        if not any(view.running and not view.frozen for view in state.units.values()):
+            return state
+        if state.pending:
+            return state
+        since = max(state.last_progress_at or 0.0, state.running_since or 0.0)
+        if since and self.now - since >= migration.stall_after:
+            return self._fail(migration, state, "transient", "stall",
+                              f"no progress for {self.now - since:.0f}s "
+                              f"(stall_after {migration.stall_after:g}s)")
+        return state
+
+    def _failure_steps(self, migration: MigrationConfig, state: MigrationState) -> MigrationState:
+        failure = state.failure
+        if failure is None:
+            return state
+        if failure.phase == "stopping":
+            if any(view.active_state in ACTIVE_STATES for view in state.units.values()):
+                return state  # _drive_units stops them
+            if any(not view.known for view in state.units.values()):
+                return state
+            failure = replace(failure, phase="verifying" if migration.verify_command
+                              else "documenting")
+            if migration.verify_command and self.bus_connected and "verify" not in state.pending:
+                self.actions.append(RunVerify(migration.account, migration.verify_command,
+                                              migration.verify_timeout))
+                state = replace(state, pending={**state.pending, "verify": "verify"})
+                failure = replace(failure, steps=(*failure.steps, f"{_stamp(self.now)} verify: "
+                                                  f"{' '.join(migration.verify_command)}"))
+            elif migration.verify_command:
+                failure = replace(failure, phase="stopping")
+        if failure.phase == "documenting":
+            return self._document(migration, replace(state, failure=failure))
+        if failure.phase == "waiting-retry" and failure.next_retry_at is not None \
+                and self.now >= failure.next_retry_at and self.bus_connected \
+                and state.hold is None:
+            self.log("notice", f"{migration.account}: retry {state.retries + 1} of "
+                     f"{migration.max_retries}: starting {migration.resume_unit}")
+            self.actions.append(ResolveAlert(f"failed/{migration.account}"))
+            return replace(state, failure=None, retries=state.retries + 1,
+                           last_log_failure=None, restart_on_release=True)
+        return replace(state, failure=failure)
+
+    def _document(self, migration: MigrationConfig, state: MigrationState) -> MigrationState:
+        failure = state.failure
+        assert failure is not None
+        self.incident_seq += 1
+        incident_id = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(self.now))}-" \
+                      f"{migration.account}-{self.incident_seq}"
+        will_retry = failure.failure_class == "transient" and state.retries < migration.max_retries
+        next_retry_at = self.now + retry_delay(migration, state.retries) if will_retry else None
+        if will_retry:
+            assert next_retry_at is not None
+            outcome = (f"retry {state.retries + 1} of {migration.max_retries} at "
+                       f"{_stamp(next_retry_at)}")
+        elif failure.failure_class == "transient":
+            outcome = f"gave up after {state.retries} retries: waiting for an operator"
+        else:
+            outcome = "unrecoverable: left stopped until an operator acts (spaceguardctl retry)"
+        volume = self.volumes.get(migration.volume, VolumeState())
+        steps = (*failure.steps, f"{_stamp(self.now)} incident {incident_id} written",
+                 f"{_stamp(self.now)} decision: {outcome}")
+        record: dict[str, Any] = {
+            "id": incident_id, "account": migration.account, "unit": migration.unit,
+            "units": list(migration.units), "time": self.now, "trigger": failure.trigger,
+            "class": failure.failure_class, "detail": failure.detail,
+            "matched_lines": list(failure.lines), "exit_status": failure.exit_status,
+            "verify": failure.verify_result, "retries": state.retries,
+            "max_retries": migration.max_retries, "next_retry_at": next_retry_at,
+            "outcome": outcome, "steps": list(steps),
+            "free_bytes": volume.avail_bytes, "free_files": volume.avail_files,
+            "volume": migration.volume,
+            "progress": {"transferred_bytes": state.transferred_bytes,
+                         "last_progress_at": state.last_progress_at},
+            "log": str(migration.log) if migration.log else "",
+            "destination": str(migration.destination) if migration.destination else "",
+        }
+        self.actions.append(WriteIncident(record))
+        severity = "warning" if will_retry else "critical"
+        self.actions.append(RaiseAlert(
+            key=f"failed/{migration.account}", name="SpaceguardMigrationFailed",
+            severity=severity,
+            labels={"account": migration.account, "unit": migration.unit,
+                    "class": failure.failure_class, "incident": incident_id},
+            summary=f"Migration {migration.account} failed ({failure.failure_class})",
+            description=f"{failure.detail}. {outcome}. Incident {incident_id}: "
+                        "spaceguardctl show " + incident_id + " (runbook scenario 1)."))
+        self.log("error" if not will_retry else "warning",
+                 f"{migration.account}: incident {incident_id}: {outcome}")
+        failure = replace(failure, phase="waiting-retry" if will_retry else "needs-operator",
+                          incident_id=incident_id, steps=steps, next_retry_at=next_retry_at)
+        return replace(state, failure=failure)
+
+    def _drive_units(self, migration: MigrationConfig, state: MigrationState) -> MigrationState:
+        """Turn holds and failures into unit actions, one in flight per unit."""
+        if not self.bus_connected or self.now < state.action_retry_at:
+            return state
+        wanted: list[UnitAction] = []
+        stopping = state.failure is not None and state.failure.phase == "stopping"
+        if stopping:
+            wanted += [UnitAction("stop", unit, migration.account, "failure")
+                       for unit, view in state.units.items()
+                       if view.active_state in ACTIVE_STATES and view.active_state != "deactivating"]
+        elif state.hold is not None:
+            reason = state.hold.reason
+            for unit, view in state.units.items():
+                if not view.running:
+                    continue
+                if migration.pause == "freeze" and not view.frozen:
+                    wanted.append(UnitAction("freeze", unit, migration.account, reason))
+                elif migration.pause == "stop":
+                    wanted.append(UnitAction("stop", unit, migration.account, reason))
+        elif state.failure is None:
+            for unit in sorted(state.paused_units):
+                view = state.units.get(unit, UnitView())
+                if migration.pause == "freeze" and view.frozen:
+                    wanted.append(UnitAction("thaw", unit, migration.account, "released"))
+            if state.restart_on_release and not state.pending and all(
+                    view.known and view.active_state not in ACTIVE_STATES
+                    for view in state.units.values()):
+                wanted.append(UnitAction("start", migration.resume_unit, migration.account,
+                                         "retry" if state.retries and not state.paused_units
+                                         else "resume"))
+        pending = dict(state.pending)
+        for action in wanted:
+            if action.unit in pending:
+                continue
+            pending[action.unit] = action.kind
+            self.actions.append(action)
+        if len(pending) != len(state.pending):
+            state = replace(state, pending=pending)
+        return state
+
+
+def _size(value: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{value:.0f} B"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def _stamp(when: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+
+
+def paused_accounts(state: GuardState) -> Iterable[str]:
+    return (account for account, migration in state.migrations.items() if migration.hold)

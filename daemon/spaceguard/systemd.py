@@ -1,0 +1,290 @@
+"""systemd over D-Bus (dbus-next): watch the migration units, freeze/thaw/stop/start them.
+
+The guard acts on units, on their whole cgroup, and never on processes by name. Only
+units named in the config are loaded, watched or touched. A lost connection is retried
+with backoff; while it is down `connected` is False (the policy then holds its actions,
+and acts as soon as the view is rebuilt after reconnecting).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from dbus_next import BusType, Message, MessageType, Variant
+from dbus_next.aio import MessageBus
+
+from .policy import UnitView
+
+log = logging.getLogger(__name__)
+
+SYSTEMD = "org.freedesktop.systemd1"
+MANAGER_PATH = "/org/freedesktop/systemd1"
+MANAGER = "org.freedesktop.systemd1.Manager"
+UNIT = "org.freedesktop.systemd1.Unit"
+SERVICE = "org.freedesktop.systemd1.Service"
+PROPERTIES = "org.freedesktop.DBus.Properties"
+CALL_TIMEOUT = 30.0
+JOB_TIMEOUT = 180.0  # longer than systemd's default TimeoutStopSec (90 s)
+CLD_CODES = {1: "exited", 2: "killed", 3: "dumped"}
+MATCH_RULES = (
+    f"type='signal',sender='{SYSTEMD}',interface='{PROPERTIES}',member='PropertiesChanged',"
+    "path_namespace='/org/freedesktop/systemd1/unit'",
+    f"type='signal',sender='{SYSTEMD}',interface='{MANAGER}',member='JobRemoved'",
+)
+
+
+class SystemdError(Exception):
+    """A D-Bus call failed; the text is systemd's own error name and message."""
+
+
+class SystemdClient:
+    """One connection to the system bus, rebuilt after a loss, and the units' live view."""
+
+    def __init__(self, address: str, units: Iterable[str],
+                 on_unit: Callable[[str, UnitView], None],
+                 on_connection: Callable[[bool], None]) -> None:
+        self.address = address
+        self.units = set(units)
+        self.on_unit = on_unit
+        self.on_connection = on_connection
+        self.bus: MessageBus | None = None
+        self.connected = False
+        self.paths: dict[str, str] = {}  # object path → unit name
+        self.properties: dict[str, dict[str, Any]] = {}
+        # JobRemoved results by job path; a job can end before its caller sees the reply
+        self.job_results: OrderedDict[str, str] = OrderedDict()
+        self.job_waiters: dict[str, asyncio.Future[str]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # -- connection ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="systemd-bus")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        if self.bus is not None:
+            self.bus.disconnect()
+
+    def set_units(self, units: Iterable[str]) -> None:
+        """After a reload: watch the new set (loading new units if connected)."""
+        new = set(units) - self.units
+        self.units = set(units)
+        if new and self.connected:
+            task = asyncio.get_running_loop().create_task(self._load_units(sorted(new)))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _run(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                await self._connect()
+                delay = 0.1
+                assert self.bus is not None
+                await self.bus.wait_for_disconnect()
+                log.error("D-Bus connection lost; reconnecting")
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # any failure to (re)connect: retry with backoff
+                log.error("D-Bus: %s; retrying in %.1fs", _describe(error), delay)
+            self._set_connected(False)
+            self.bus = None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def _connect(self) -> None:
+        if self.address:
+            bus = MessageBus(bus_address=self.address)
+        else:
+            bus = MessageBus(bus_type=BusType.SYSTEM)
+        await asyncio.wait_for(bus.connect(), CALL_TIMEOUT)
+        self.bus = bus
+        bus.add_message_handler(self._on_message)
+        for rule in MATCH_RULES:
+            await self._call("org.freedesktop.DBus", "/org/freedesktop/DBus",
+                             "org.freedesktop.DBus", "AddMatch", "s", [rule])
+        await self._call(SYSTEMD, MANAGER_PATH, MANAGER, "Subscribe")
+        self.paths.clear()
+        await self._load_units(sorted(self.units))
+        self._set_connected(True)
+        log.info("D-Bus connected (%s); watching %d units",
+                 self.address or "system bus", len(self.units))
+
+    def _set_connected(self, connected: bool) -> None:
+        if connected != self.connected:
+            self.connected = connected
+            self.on_connection(connected)
+
+    async def _load_units(self, units: Iterable[str]) -> None:
+        for unit in units:
+            reply = await self._call(SYSTEMD, MANAGER_PATH, MANAGER, "LoadUnit", "s", [unit])
+            path = str(reply[0])
+            self.paths[path] = unit
+            self.properties[unit] = {}
+            await self._refresh(unit, path)
+
+    async def _refresh(self, unit: str, path: str) -> None:
+        for interface in (UNIT, SERVICE):
+            try:
+                reply = await self._call(SYSTEMD, path, PROPERTIES, "GetAll", "s", [interface])
+            except SystemdError:
+                if interface == UNIT:
+                    raise
+                continue  # a unit that is not found has no Service interface
+            values = {key: value.value for key, value in reply[0].items()
+                      if key in _WATCHED}
+            self.properties.setdefault(unit, {}).update(values)
+        self._emit(unit)
+
+    # -- signals --------------------------------------------------------------------------
+
+    def _on_message(self, message: Message) -> bool:
+        if message.message_type != MessageType.SIGNAL:
+            return False
+        if message.member == "PropertiesChanged" and message.path in self.paths:
+            unit = self.paths[message.path]
+            interface, changed, invalidated = message.body
+            if interface not in (UNIT, SERVICE):
+                return False
+            values = {key: value.value for key, value in changed.items() if key in _WATCHED}
+            props = self.properties.setdefault(unit, {})
+            old_state = props.get("ActiveState")
+            props.update(values)
+            stale = [key for key in invalidated if key in _WATCHED]
+            ended = values.get("ActiveState") in ("inactive", "failed") and \
+                old_state != values.get("ActiveState")
+            if stale or ended:
+                # Result and the exit status must be current when a unit ends: fetch them
+                # before anyone decides on it.
+                self._spawn(self._refresh(unit, message.path))
+            else:
+                self._emit(unit)
+        elif message.member == "JobRemoved" and message.interface == MANAGER:
+            _job_id, job_path, _unit, result = message.body
+            waiter = self.job_waiters.pop(job_path, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(result)
+            else:
+                self.job_results[job_path] = result
+                while len(self.job_results) > 256:
+                    self.job_results.popitem(last=False)
+        return False
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("D-Bus property refresh failed: %s", _describe(task.exception()))
+
+    def _emit(self, unit: str) -> None:
+        props = self.properties.get(unit, {})
+        self.on_unit(unit, UnitView(
+            active_state=str(props.get("ActiveState", "unknown")),
+            sub_state=str(props.get("SubState", "")),
+            freezer_state=str(props.get("FreezerState", "running")),
+            result=str(props.get("Result", "")),
+            exec_code=CLD_CODES.get(int(props.get("ExecMainCode", 0) or 0), ""),
+            exec_status=int(props.get("ExecMainStatus", 0) or 0),
+        ))
+
+    # -- calls ------------------------------------------------------------------------------
+
+    async def _call(self, destination: str, path: str, interface: str, member: str,
+                    signature: str = "", body: list[Any] | None = None) -> list[Any]:
+        bus = self.bus
+        if bus is None or not bus.connected:
+            raise SystemdError("not connected to D-Bus")
+        message = Message(destination=destination, path=path, interface=interface,
+                          member=member, signature=signature, body=body or [])
+        reply = await asyncio.wait_for(bus.call(message), CALL_TIMEOUT)
+        if reply is None:
+            return []
+        if reply.message_type == MessageType.ERROR:
+            text = reply.body[0] if reply.body else ""
+            raise SystemdError(f"{reply.error_name}: {text}")
+        return list(reply.body)
+
+    async def freeze(self, unit: str) -> None:
+        """FreezeUnit: systemd replies once the cgroup is frozen."""
+        self._check(unit)
+        await self._call(SYSTEMD, MANAGER_PATH, MANAGER, "FreezeUnit", "s", [unit])
+
+    async def thaw(self, unit: str) -> None:
+        self._check(unit)
+        await self._call(SYSTEMD, MANAGER_PATH, MANAGER, "ThawUnit", "s", [unit])
+
+    async def stop(self, unit: str) -> None:
+        self._check(unit)
+        await self._job("StopUnit", unit)
+
+    async def start(self, unit: str) -> None:
+        self._check(unit)
+        await self._job("StartUnit", unit)
+
+    async def _job(self, method: str, unit: str) -> None:
+        """Queue a job and wait for it to finish (JobRemoved), not just to be queued."""
+        reply = await self._call(SYSTEMD, MANAGER_PATH, MANAGER, method, "ss", [unit, "replace"])
+        await self._wait_job(str(reply[0]), f"{method} {unit}")
+
+    async def _wait_job(self, job: str, what: str) -> None:
+        result = self.job_results.pop(job, None)
+        if result is None:
+            waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+            self.job_waiters[job] = waiter
+            try:
+                result = await asyncio.wait_for(waiter, JOB_TIMEOUT)
+            finally:
+                self.job_waiters.pop(job, None)
+        if result != "done":
+            raise SystemdError(f"{what}: job {result}")
+
+    async def run_transient(self, name: str, command: tuple[str, ...], timeout: float) -> None:
+        """Run `command` as a transient oneshot service (its own cgroup, journal output)
+        and wait for it; raises SystemdError unless it exits 0."""
+        program = command[0] if command[0].startswith("/") else shutil.which(command[0])
+        if program is None:
+            raise SystemdError(f"{command[0]}: not found in PATH")
+        properties = [
+            ("Description", Variant("s", f"spaceguard verification: {' '.join(command)}")),
+            ("Type", Variant("s", "oneshot")),
+            ("ExecStart", Variant("a(sasb)", [(program, list(command), False)])),
+            ("RuntimeMaxUSec", Variant("t", int(timeout * 1_000_000))),
+            ("CollectMode", Variant("s", "inactive-or-failed")),
+        ]
+        reply = await self._call(SYSTEMD, MANAGER_PATH, MANAGER, "StartTransientUnit",
+                                 "ssa(sv)a(sa(sv))", [name, "fail", properties, []])
+        await self._wait_job(str(reply[0]), f"verification {name}")
+
+    def _check(self, unit: str) -> None:
+        # Defence in depth: the policy only names configured units, but an adapter that
+        # can freeze arbitrary units must refuse to.
+        if unit not in self.units:
+            raise SystemdError(f"refusing to act on {unit}: not a configured migration unit")
+
+
+_WATCHED = frozenset({"ActiveState", "SubState", "FreezerState", "Result", "ExecMainCode",
+                      "ExecMainStatus"})
+
+
+def _describe(error: BaseException | None) -> str:
+    if error is None:
+        return "unknown error"
+    if isinstance(error, asyncio.TimeoutError):
+        return "timed out"
+    return f"{type(error).__name__}: {error}" if not str(error) else str(error)
