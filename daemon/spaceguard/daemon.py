@@ -1,0 +1,531 @@
+"""The guard: wires the adapters to the policy on one asyncio loop.
+
+Events from the samplers, the log watcher, the D-Bus client, the control socket and the
+timers go through `Guard.handle()`, which calls the pure policy and carries out the actions
+it returns. Nothing here decides anything; it only connects, persists and reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from . import __version__, journal
+from .alerts import AlertReceiver, AlertSender, GuardAlert
+from .config import Config, ConfigError, load
+from .control import ControlServer
+from .incidents import IncidentStore, partial_report
+from .logwatch import LogPosition, LogWatcher
+from .metrics import (Counters, DeliveryStats, MetricsServer, Snapshot, make_registry,
+                      migration_state)
+from .notify import Notifier
+from .policy import (Action, ActionDone, BusChanged, Event, GuardState, Log, LogParsed,
+                     OperatorRequest, RaiseAlert, ResolveAlert, Reply, RunVerify, Tick,
+                     UnitAction, UnitChanged, UnitView, WriteIncident, decide, initial_state,
+                     seconds_to_pause)
+from .rclone import ClassifyRule, FailureClass, RcloneLogParser, compile_rules
+from .state import StateStore
+from .systemd import SystemdClient
+from .volumes import VolumeSampler
+
+log = logging.getLogger("spaceguard")
+LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "notice": journal.NOTICE,
+              "warning": logging.WARNING, "error": logging.ERROR}
+TICK_INTERVAL = 1.0
+CONTEXT_LINES = 200  # per migration, for incident context
+POSITION_SAVE_INTERVAL = 1.0
+
+
+class Guard:
+    def __init__(self, config_path: Path, config: Config) -> None:
+        self.config_path = config_path
+        self.config = config
+        self.config_problem = ""
+        self.notifier = Notifier()
+        self.store = StateStore(config.guard.state_dir)
+        self.incident_store = IncidentStore(config.guard.state_dir / "incidents")
+        self.counters = Counters()
+        saved = self.store.load()
+        self.saved_positions: dict[str, LogPosition] = {}
+        if saved is not None:
+            self.state = initial_state(config, saved.state)
+            self.saved_positions = {k: LogPosition.from_json(v)
+                                    for k, v in saved.log_positions.items()}
+        else:
+            self.state = initial_state(config)
+        self.ready = False
+        self.stopping = asyncio.Event()
+        self.replies: dict[str, asyncio.Future[tuple[bool, str]]] = {}
+        self.request_seq = 0
+        self.open_incidents = self.incident_store.open_counts()
+        self.context: dict[str, deque[str]] = {}
+        self.parsers: dict[str, RcloneLogParser] = {}
+        self.samplers: dict[str, VolumeSampler] = {}
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self._durable_key: tuple[Any, ...] = ()
+        self._positions_dirty = False
+        self.systemd = SystemdClient(config.guard.bus_address, self._units(config),
+                                     self._on_unit, self._on_connection)
+        self.logwatch = LogWatcher()
+        self.alerts = AlertSender(self._receivers(config), config.guard.state_dir / "alerts",
+                                  resend_interval_s=config.alerts.resend_interval,
+                                  max_backoff_s=config.alerts.max_backoff)
+        self.metrics: MetricsServer | None = None
+        self.control = ControlServer(config.guard.control_socket, config.guard.reader_group,
+                                     config.guard.admin_group, self)
+        self.started_at = time.time()
+
+    # -- wiring ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _units(config: Config) -> set[str]:
+        return {unit for migration in config.migrations for unit in migration.units}
+
+    @staticmethod
+    def _receivers(config: Config) -> list[AlertReceiver]:
+        return [AlertReceiver(name=r.name, kind=r.kind, url=r.url, bearer_token=r.bearer_token,
+                              basic_auth=r.basic_auth, timeout_s=r.timeout)
+                for r in config.alerts.receivers]
+
+    def _rules(self, config: Config) -> Any:
+        return compile_rules([ClassifyRule(name=r.name, pattern=r.pattern,
+                                           failure_class=FailureClass(r.failure_class))
+                              for r in config.rules])
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
+        loop.add_signal_handler(signal.SIGINT, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
+        if self.store.problem:
+            self._alert_state_problem()
+        if self.config.guard.metrics_listen:
+            self.metrics = MetricsServer(make_registry(self.snapshot),
+                                         self.config.guard.metrics_listen)
+            await self.metrics.start()
+        await self.control.start()
+        self.systemd.start()
+        self._start_samplers()
+        self._start_logs()
+        self.alerts_task = self._spawn(self.alerts.run())
+        self._spawn(self._ticker())
+        self._spawn(self._watchdog())
+        self._spawn(self._become_ready())
+        await self.stopping.wait()
+        log.info("stopping: paused migrations stay paused (state saved in %s)",
+                 self.config.guard.state_dir)
+        self.notifier.stopping()
+        await self.shutdown()
+        return 0
+
+    async def shutdown(self) -> None:
+        for sampler in self.samplers.values():
+            sampler.stop()
+        self._save(force=True)
+        self.logwatch.close()
+        await self.control.close()
+        if self.metrics is not None:
+            await self.metrics.close()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.systemd.close()
+
+    def _spawn(self, coroutine: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("internal task failed: %r", task.exception(), exc_info=task.exception())
+
+    def _start_samplers(self) -> None:
+        for name, volume in self.config.volumes.items():
+            old = self.samplers.pop(name, None)
+            if old is not None:
+                old.stop()
+            sampler = VolumeSampler(volume, self.handle,
+                                    is_low=lambda name=name: self._volume_low(name))
+            self.samplers[name] = sampler
+            sampler.start()
+        for name in set(self.samplers) - set(self.config.volumes):
+            self.samplers.pop(name).stop()
+
+    def _volume_low(self, name: str) -> bool:
+        volume = self.state.volumes.get(name)
+        return volume is not None and volume.low
+
+    def _start_logs(self) -> None:
+        rules = self._rules(self.config)
+        wanted = {m.account: m.log for m in self.config.migrations if m.log is not None}
+        for account in list(self.parsers):
+            if account not in wanted:
+                self.logwatch.remove(account)
+                del self.parsers[account]
+        for account, path in wanted.items():
+            self.parsers[account] = RcloneLogParser(rules)
+            self.context.setdefault(account, deque(maxlen=CONTEXT_LINES))
+            self.logwatch.remove(account)
+            position = self.logwatch_positions().get(account) or self.saved_positions.get(account)
+            self.logwatch.add(account, path, position, self._on_lines)
+
+    def logwatch_positions(self) -> dict[str, LogPosition]:
+        return self.logwatch.positions()
+
+    # -- events in ------------------------------------------------------------------------
+
+    def _on_unit(self, unit: str, view: UnitView) -> None:
+        self.handle(UnitChanged(unit, view))
+
+    def _on_connection(self, connected: bool) -> None:
+        self.handle(BusChanged(connected))
+
+    def _on_lines(self, account: str, lines: list[str]) -> None:
+        parser = self.parsers.get(account)
+        if parser is None:
+            return
+        self.context[account].extend(lines)
+        result = parser.feed(lines)
+        self.counters.log_lines[account] += len(lines)
+        failures = tuple((f.failure_class.value, f.rule, f.line) for f in result.failures)
+        for failure_class, _rule, _line in failures:
+            self.counters.log_errors[(account, failure_class)] += 1
+        self._positions_dirty = True
+        transferred = result.progress.bytes_transferred if result.progress else None
+        if failures or result.progressed or transferred is not None:
+            self.handle(LogParsed(account, failures, result.progressed, transferred))
+
+    def handle(self, event: Event) -> None:
+        """The one place where events meet the policy (always on the loop thread)."""
+        self.state, actions = decide(self.config, self.state, event, time.time())
+        for action in actions:
+            self._execute(action)
+        self._save()
+        if self.ready:
+            self.notifier.status(self.status_line())
+
+    # -- actions out ----------------------------------------------------------------------
+
+    def _execute(self, action: Action) -> None:
+        match action:
+            case UnitAction():
+                self._spawn(self._unit_action(action))
+            case RunVerify():
+                self._spawn(self._verify(action))
+            case WriteIncident():
+                self._spawn(self._write_incident(action))
+            case RaiseAlert():
+                self.alerts.fire(GuardAlert(
+                    key=action.key, name=action.name,
+                    labels={**action.labels, "severity": action.severity},
+                    annotations={"summary": action.summary, "description": action.description},
+                    starts_at=time.time(), ends_at=None))
+            case ResolveAlert():
+                self.alerts.resolve(action.key, time.time())
+            case Reply():
+                future = self.replies.pop(action.request_id, None)
+                if future is not None and not future.done():
+                    future.set_result((action.ok, action.message))
+            case Log():
+                log.log(LOG_LEVELS[action.level], "%s", action.message)
+
+    async def _unit_action(self, action: UnitAction) -> None:
+        method = {"freeze": self.systemd.freeze, "thaw": self.systemd.thaw,
+                  "stop": self.systemd.stop, "start": self.systemd.start}[action.kind]
+        try:
+            await method(action.unit)
+        except Exception as error:  # any failure is reported back to the policy
+            self.counters.actions[(action.kind, action.reason, "error")] += 1
+            self.handle(ActionDone(action, False, str(error) or type(error).__name__))
+        else:
+            self.counters.actions[(action.kind, action.reason, "ok")] += 1
+            if action.reason == "retry":
+                self.counters.retries[action.account] += 1
+            self.handle(ActionDone(action, True))
+
+    async def _verify(self, action: RunVerify) -> None:
+        name = f"spaceguard-verify-{action.account}-{int(time.time())}.service"
+        log.info("%s: verifying the source: %s (unit %s)", action.account,
+                 " ".join(action.command), name)
+        try:
+            await self.systemd.run_transient(name, action.command, action.timeout)
+        except Exception as error:
+            self.counters.actions[("verify", "failure", "error")] += 1
+            self.handle(ActionDone(action, False, f"{error} (journalctl -u {name})"))
+        else:
+            self.counters.actions[("verify", "failure", "ok")] += 1
+            self.handle(ActionDone(action, True))
+
+    async def _write_incident(self, action: WriteIncident) -> None:
+        record = dict(action.record)
+        account = str(record["account"])
+        context = self._context_for(account, record.get("matched_lines", []))
+        migration = self.config.migration(account)
+        destination = migration.destination if migration else None
+        since = self.state.migrations[account].running_since or record["time"]
+        partial = await asyncio.to_thread(partial_report, destination, since)
+        try:
+            path = await asyncio.to_thread(self.incident_store.write, record, context, partial)
+        except OSError as error:
+            log.error("%s: cannot write incident %s: %s", account, record["id"], error)
+            return
+        self.counters.incidents[account] += 1
+        self.open_incidents = self.incident_store.open_counts()
+        log.warning("%s: incident written: %s", account, path)
+
+    def _context_for(self, account: str, matched: list[str]) -> list[str]:
+        lines = list(self.context.get(account, ()))
+        if not matched or matched[0] not in lines:
+            return lines[-40:]
+        index = len(lines) - 1 - lines[::-1].index(matched[0])
+        return lines[max(0, index - 20): index + 21]
+
+    # -- persistence ------------------------------------------------------------------------
+
+    def _save(self, force: bool = False) -> None:
+        state = self.state
+        key = (state.migrations, state.incident_seq,
+               tuple((v.low, v.low_reason) for v in state.volumes.values()))
+        if not force and key == self._durable_key:
+            return
+        positions = {k: v.to_json() for k, v in self.logwatch.positions().items()}
+        try:
+            self.store.save(state, positions)
+        except OSError as error:
+            log.error("cannot save state to %s: %s", self.store.path, error)
+            return
+        self._durable_key = key
+        self._positions_dirty = False
+
+    # -- timers -----------------------------------------------------------------------------
+
+    async def _ticker(self) -> None:
+        last_positions = last_recheck = time.monotonic()
+        while True:
+            await asyncio.sleep(TICK_INTERVAL)
+            self.handle(Tick())
+            if time.monotonic() - last_recheck >= self.config.guard.log_recheck_interval:
+                last_recheck = time.monotonic()
+                self.logwatch.recheck()  # backs inotify up: a missed event cannot blind us
+            if self._positions_dirty and time.monotonic() - last_positions >= \
+                    POSITION_SAVE_INTERVAL:
+                self._save(force=True)
+                last_positions = time.monotonic()
+
+    async def _become_ready(self) -> None:
+        while not (self.state.bus_connected and all(
+                v.sampled_at or v.error for v in self.state.volumes.values())):
+            await asyncio.sleep(0.01)
+        self.ready = True
+        self.notifier.ready(self.status_line())
+        log.info("spaceguard %s ready: %d volumes, %d migrations", __version__,
+                 len(self.config.volumes), len(self.config.migrations))
+
+    def healthy(self) -> bool:
+        """Earned watchdog: every sampler reported within its deadline."""
+        now = time.monotonic()
+        return all(now - sampler.last_report <= max(3 * sampler.config.poll_max, 2.0)
+                   for sampler in self.samplers.values())
+
+    async def _watchdog(self) -> None:
+        interval = Notifier.watchdog_interval()
+        if interval is None:
+            return
+        while True:
+            if self.healthy():
+                self.notifier.watchdog()
+            else:
+                log.error("a volume sampler is late: withholding the watchdog ping")
+            await asyncio.sleep(interval)
+
+    # -- reload -------------------------------------------------------------------------------
+
+    async def reload(self) -> tuple[bool, str]:
+        self.notifier.reloading()
+        try:
+            config = await asyncio.to_thread(load, self.config_path)
+            self._check_reloadable(config)
+        except ConfigError as error:
+            self.config_problem = f"reload refused, old config kept: {error}"
+            log.error("%s", self.config_problem)
+            self.notifier.ready(self.status_line())
+            return False, str(error)
+        old_config, self.config = self.config, config
+        self.config_problem = ""
+        self.state = initial_state(config, self.state)
+        journal.set_level(config.guard.log_level)
+        self.systemd.set_units(self._units(config))
+        self._start_samplers()
+        self._start_logs()
+        if config.alerts != old_config.alerts:
+            await self._restart_alerts()
+        self.handle(Tick())
+        log.info("configuration reloaded from %s", self.config_path)
+        self.notifier.ready(self.status_line())
+        return True, f"reloaded {self.config_path}"
+
+    async def _restart_alerts(self) -> None:
+        """New receivers: a new sender on the same spool (nothing undelivered is lost)."""
+        self.alerts_task.cancel()
+        await asyncio.gather(self.alerts_task, return_exceptions=True)
+        self.alerts = AlertSender(self._receivers(self.config),
+                                  self.config.guard.state_dir / "alerts",
+                                  resend_interval_s=self.config.alerts.resend_interval,
+                                  max_backoff_s=self.config.alerts.max_backoff)
+        self.alerts_task = self._spawn(self.alerts.run())
+
+    def _check_reloadable(self, config: Config) -> None:
+        old = self.config.guard
+        new = config.guard
+        for key in ("state_dir", "control_socket", "metrics_listen", "bus_address"):
+            if getattr(old, key) != getattr(new, key):
+                raise ConfigError(f"{self.config_path}: guard.{key}: cannot change on reload "
+                                  "(restart the guard to apply it)")
+
+    # -- reporting --------------------------------------------------------------------------
+
+    def status_line(self) -> str:
+        parts = []
+        for name, volume in self.state.volumes.items():
+            if not volume.up:
+                parts.append(f"{name}: UNAVAILABLE")
+                continue
+            percent = 100.0 * volume.avail_bytes / volume.size_bytes if volume.size_bytes else 0
+            parts.append(f"{name}: {_human(volume.avail_bytes)} free ({percent:.1f}%)"
+                         + (f" LOW({volume.low_reason})" if volume.low else ""))
+        paused = [f"{account} ({m.hold.by}: {m.hold.reason})"
+                  for account, m in self.state.migrations.items() if m.hold]
+        failed = [account for account, m in self.state.migrations.items() if m.failure]
+        line = "; ".join(parts)
+        line += "; paused: " + (", ".join(paused) if paused else "none")
+        if failed:
+            line += "; failed: " + ", ".join(failed)
+        if not self.state.bus_connected:
+            line += "; D-Bus DISCONNECTED"
+        if self.config_problem:
+            line += "; RELOAD FAILED (old config kept, see journal)"
+        return line
+
+    def snapshot(self) -> Snapshot:
+        stats = self.alerts.stats()
+        delivery = {name: DeliveryStats(sent_ok=s.sent_ok, sent_error=s.sent_error,
+                                        spooled=s.spooled,
+                                        oldest_spooled_age=s.oldest_spooled_age)
+                    for name, s in stats.items()}
+        return Snapshot(config=self.config, state=self.state, counters=self.counters,
+                        now=time.time(), config_reload_ok=not self.config_problem,
+                        open_incidents=self.open_incidents, delivery=delivery)
+
+    def _alert_state_problem(self) -> None:
+        self.alerts.fire(GuardAlert(
+            key="state-corrupt", name="SpaceguardStateCorrupt",
+            labels={"severity": "warning"},
+            annotations={"summary": "spaceguard's saved state was unreadable",
+                         "description": self.store.problem},
+            starts_at=time.time(), ends_at=None))
+
+    # -- ControlBackend -----------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        volumes = []
+        for name, volume_config in self.config.volumes.items():
+            volume = self.state.volumes.get(name)
+            if volume is None:
+                continue
+            eta = seconds_to_pause(volume_config, volume)
+            volumes.append({
+                "name": name, "path": str(volume_config.path), "up": volume.up,
+                "error": volume.error, "avail_bytes": volume.avail_bytes,
+                "size_bytes": volume.size_bytes, "avail_files": volume.avail_files,
+                "files": volume.files, "fill_rate": volume.fill_rate,
+                "seconds_to_pause": None if eta == float("inf") else eta,
+                "low": volume.low, "low_reason": volume.low_reason,
+                "pause_below": str(volume_config.pause_below),
+                "resume_above": str(volume_config.resume_above)})
+        migrations = []
+        for migration_config in self.config.migrations:
+            migration = self.state.migrations[migration_config.account]
+            failure = migration.failure
+            migrations.append({
+                "account": migration.account, "unit": migration_config.unit,
+                "units": {unit: {"active_state": v.active_state, "sub_state": v.sub_state,
+                                 "freezer_state": v.freezer_state, "result": v.result}
+                          for unit, v in migration.units.items()},
+                "volume": migration_config.volume, "state": migration_state(migration),
+                "hold": {"by": migration.hold.by, "reason": migration.hold.reason,
+                         "since": migration.hold.since, "note": migration.hold.note}
+                if migration.hold else None,
+                "failure": {"class": failure.failure_class, "trigger": failure.trigger,
+                            "detail": failure.detail, "phase": failure.phase,
+                            "incident": failure.incident_id,
+                            "next_retry_at": failure.next_retry_at} if failure else None,
+                "retries": migration.retries, "max_retries": migration_config.max_retries,
+                "transferred_bytes": migration.transferred_bytes,
+                "last_progress_at": migration.last_progress_at})
+        return {"version": __version__, "ready": self.ready,
+                "bus_connected": self.state.bus_connected, "config": str(self.config_path),
+                "config_problem": self.config_problem, "state_problem": self.store.problem,
+                "volumes": volumes, "migrations": migrations}
+
+    async def operator(self, verb: str, account: str, reason: str, force: bool,
+                       who: str) -> tuple[bool, str]:
+        if verb not in ("pause", "resume", "retry"):
+            return False, f"unknown operator verb {verb!r}"
+        self.request_seq += 1
+        request_id = f"req-{self.request_seq}"
+        future: asyncio.Future[tuple[bool, str]] = asyncio.get_running_loop().create_future()
+        self.replies[request_id] = future
+        self.handle(OperatorRequest(request_id, verb, account, reason, force, who))  # type: ignore[arg-type]
+        self.replies.pop(request_id, None)
+        if not future.done():
+            return False, "the policy gave no answer"
+        return future.result()
+
+    def incidents(self, account: str | None) -> list[dict[str, Any]]:
+        return self.incident_store.list(account)
+
+    def incident(self, incident_id: str) -> dict[str, Any] | None:
+        return self.incident_store.get(incident_id)
+
+    def ack(self, incident_id: str, who: str) -> tuple[bool, str]:
+        result = self.incident_store.ack(incident_id, who, time.time())
+        self.open_incidents = self.incident_store.open_counts()
+        return result
+
+    def check_config(self, path: str | None) -> tuple[bool, str]:
+        target = Path(path) if path else self.config_path
+        try:
+            config = load(target)
+        except ConfigError as error:
+            return False, str(error)
+        return True, (f"{target}: OK ({len(config.volumes)} volumes, "
+                      f"{len(config.migrations)} migrations)")
+
+
+def _human(value: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.1f}{unit}"
+        value /= 1024
+    return f"{value:.1f}TiB"
+
+
+async def run_guard(config_path: Path) -> int:
+    try:
+        config = load(config_path)
+    except ConfigError as error:
+        log.error("%s", error)
+        return 1
+    journal.set_level(config.guard.log_level)
+    config.guard.state_dir.mkdir(parents=True, exist_ok=True)
+    guard = Guard(config_path, config)
+    return await guard.run()
+

@@ -1,0 +1,268 @@
+"""Prometheus metrics (prometheus-client), computed on scrape from the guard's current view.
+
+State metrics are not mirrored into gauges on every change: a custom collector reads a
+snapshot when Prometheus asks. The endpoint is served on the asyncio loop (no thread), so a
+scrape always sees a consistent view, and a hung loop shows as a failed scrape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from . import __version__
+from .config import Config
+from .policy import GuardState, MigrationState, seconds_to_pause
+
+log = logging.getLogger(__name__)
+
+MIGRATION_STATES = ("running", "paused", "stopped", "failed", "retrying", "finished", "inactive")
+
+
+@dataclass
+class Counters:
+    """Monotonic counts since the guard started (Prometheus handles the resets)."""
+
+    actions: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    log_lines: Counter[str] = field(default_factory=Counter)
+    log_errors: Counter[tuple[str, str]] = field(default_factory=Counter)
+    incidents: Counter[str] = field(default_factory=Counter)
+    retries: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass(frozen=True)
+class DeliveryStats:
+    sent_ok: int = 0
+    sent_error: int = 0
+    spooled: int = 0
+    oldest_spooled_age: float = 0.0
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    config: Config
+    state: GuardState
+    counters: Counters
+    now: float
+    config_reload_ok: bool = True
+    open_incidents: Mapping[str, int] = field(default_factory=dict)
+    delivery: Mapping[str, DeliveryStats] = field(default_factory=dict)
+
+
+def migration_state(migration: MigrationState) -> str:
+    """One word for what a migration is doing, as `spaceguardctl status` and metrics say it."""
+    views = migration.units.values()
+    if migration.hold is not None or migration.paused_units:
+        return "paused"
+    if migration.failure is not None:
+        return "retrying" if migration.failure.phase == "waiting-retry" else "failed"
+    if any(view.running for view in views):
+        return "running"
+    if migration.finished:
+        return "finished"
+    if any(view.active_state == "failed" for view in views):
+        return "failed"
+    return "inactive" if any(view.known for view in views) else "inactive"
+
+
+class GuardCollector(Collector):
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self.snapshot()
+        yield from _guard(snap)
+        yield from _volumes(snap)
+        yield from _migrations(snap)
+        yield from _activity(snap)
+        yield from _delivery(snap)
+
+
+def _guard(snap: Snapshot) -> Iterator[Metric]:
+    info = GaugeMetricFamily("spaceguard_build_info", "spaceguard version", labels=["version"])
+    info.add_metric([__version__], 1)
+    yield info
+    yield GaugeMetricFamily("spaceguard_dbus_connected",
+                            "1 while the guard is connected to the system bus",
+                            value=int(snap.state.bus_connected))
+    yield GaugeMetricFamily("spaceguard_config_last_reload_successful",
+                            "0 when the last reload was refused (the old config stays)",
+                            value=int(snap.config_reload_ok))
+
+
+def _volumes(snap: Snapshot) -> Iterator[Metric]:
+    labels = ["volume"]
+    families = {
+        "up": GaugeMetricFamily("spaceguard_volume_up", "1 while the volume's path is a "
+                                "mounted file system the guard can sample", labels=labels),
+        "avail": GaugeMetricFamily("spaceguard_volume_avail_bytes", "bytes available to "
+                                   "unprivileged writers (f_bavail)", labels=labels),
+        "size": GaugeMetricFamily("spaceguard_volume_size_bytes", "file system size in bytes",
+                                  labels=labels),
+        "files_avail": GaugeMetricFamily("spaceguard_volume_files_avail", "inodes available "
+                                         "to unprivileged writers (f_favail)", labels=labels),
+        "files": GaugeMetricFamily("spaceguard_volume_files", "inodes in the file system",
+                                   labels=labels),
+        "rate": GaugeMetricFamily("spaceguard_volume_fill_rate_bytes_per_second",
+                                  "bytes consumed per second (negative when freed)",
+                                  labels=labels),
+        "eta": GaugeMetricFamily("spaceguard_volume_seconds_to_pause", "predicted seconds until "
+                                 "the pause threshold at the current fill rate (+Inf: not "
+                                 "filling)", labels=labels),
+        "low": GaugeMetricFamily("spaceguard_volume_low", "1 while the volume is below its "
+                                 "pause threshold (migrations on it are paused)", labels=labels),
+    }
+    for name, volume_config in snap.config.volumes.items():
+        volume = snap.state.volumes.get(name)
+        if volume is None:
+            continue
+        families["up"].add_metric([name], int(volume.up))
+        families["low"].add_metric([name], int(volume.low))
+        if volume.sampled_at:
+            families["avail"].add_metric([name], volume.avail_bytes)
+            families["size"].add_metric([name], volume.size_bytes)
+            families["files_avail"].add_metric([name], volume.avail_files)
+            families["files"].add_metric([name], volume.files)
+            families["rate"].add_metric([name], volume.fill_rate)
+            families["eta"].add_metric([name], seconds_to_pause(volume_config, volume))
+    yield from families.values()
+
+
+def _migrations(snap: Snapshot) -> Iterator[Metric]:
+    labels = ["account", "unit"]
+    state_family = GaugeMetricFamily("spaceguard_migration_state", "1 for the migration's "
+                                     "current state", labels=[*labels, "state"])
+    paused = GaugeMetricFamily("spaceguard_migration_paused", "1 while the migration is paused",
+                               labels=labels)
+    paused_seconds = GaugeMetricFamily("spaceguard_migration_paused_seconds",
+                                       "how long the migration has been paused", labels=labels)
+    pause_info = GaugeMetricFamily("spaceguard_migration_pause_info", "who paused the migration "
+                                   "and why (1 while paused)", labels=[*labels, "by", "reason"])
+    failed = GaugeMetricFamily("spaceguard_migration_failed", "1 while the migration is failed",
+                               labels=[*labels, "class"])
+    stalled = GaugeMetricFamily("spaceguard_migration_stalled", "1 while the migration is "
+                                "stopped for making no progress", labels=labels)
+    retries = CounterMetricFamily("spaceguard_migration_retries", "retries started by the guard",
+                                  labels=labels)
+    progress = GaugeMetricFamily("spaceguard_migration_last_progress_timestamp_seconds",
+                                 "when the migration last made progress", labels=labels)
+    transferred = GaugeMetricFamily("spaceguard_migration_transferred_bytes",
+                                    "bytes transferred, from rclone's stats", labels=labels)
+    for migration_config in snap.config.migrations:
+        migration = snap.state.migrations.get(migration_config.account)
+        if migration is None:
+            continue
+        key = [migration_config.account, migration_config.unit]
+        current = migration_state(migration)
+        for name in MIGRATION_STATES:
+            state_family.add_metric([*key, name], int(name == current))
+        hold = migration.hold
+        paused.add_metric(key, int(hold is not None))
+        paused_seconds.add_metric(key, max(0.0, snap.now - hold.since) if hold else 0.0)
+        if hold is not None:
+            pause_info.add_metric([*key, hold.by, hold.reason], 1)
+        failure = migration.failure
+        for failure_class in ("transient", "unrecoverable"):
+            failed.add_metric([*key, failure_class],
+                              int(failure is not None and failure.failure_class == failure_class))
+        stalled.add_metric(key, int(failure is not None and failure.trigger == "stall"))
+        retries.add_metric(key, snap.counters.retries[migration_config.account])
+        if migration.last_progress_at:
+            progress.add_metric(key, migration.last_progress_at)
+        transferred.add_metric(key, migration.transferred_bytes)
+    yield from (state_family, paused, paused_seconds, pause_info, failed, stalled, retries,
+                progress, transferred)
+
+
+def _activity(snap: Snapshot) -> Iterator[Metric]:
+    counters = snap.counters
+    accounts = [m.account for m in snap.config.migrations]
+    lines = CounterMetricFamily("spaceguard_log_lines", "log lines read", labels=["account"])
+    errors = CounterMetricFamily("spaceguard_log_errors", "classified error lines",
+                                 labels=["account", "class"])
+    incidents = CounterMetricFamily("spaceguard_incidents", "incidents written",
+                                    labels=["account"])
+    open_incidents = GaugeMetricFamily("spaceguard_incidents_open", "incidents not acknowledged",
+                                       labels=["account"])
+    for account in accounts:
+        lines.add_metric([account], counters.log_lines[account])
+        incidents.add_metric([account], counters.incidents[account])
+        open_incidents.add_metric([account], snap.open_incidents.get(account, 0))
+    for (account, failure_class), count in sorted(counters.log_errors.items()):
+        errors.add_metric([account, failure_class], count)
+    actions = CounterMetricFamily("spaceguard_actions", "actions taken on units",
+                                  labels=["action", "reason", "result"])
+    for (action, reason, result), count in sorted(counters.actions.items()):
+        actions.add_metric([action, reason, result], count)
+    yield from (lines, errors, incidents, open_incidents, actions)
+
+
+def _delivery(snap: Snapshot) -> Iterator[Metric]:
+    sent = CounterMetricFamily("spaceguard_alerts_sent", "alert deliveries",
+                               labels=["receiver", "result"])
+    spooled = GaugeMetricFamily("spaceguard_alerts_spooled", "alerts waiting for delivery",
+                                labels=["receiver"])
+    oldest = GaugeMetricFamily("spaceguard_alerts_oldest_spooled_age_seconds",
+                               "age of the oldest undelivered alert", labels=["receiver"])
+    for receiver, stats in sorted(snap.delivery.items()):
+        sent.add_metric([receiver, "ok"], stats.sent_ok)
+        sent.add_metric([receiver, "error"], stats.sent_error)
+        spooled.add_metric([receiver], stats.spooled)
+        oldest.add_metric([receiver], stats.oldest_spooled_age)
+    yield from (sent, spooled, oldest)
+
+
+class MetricsServer:
+    """A minimal HTTP/1.0 server for GET /metrics on the guard's own loop."""
+
+    def __init__(self, registry: CollectorRegistry, listen: str) -> None:
+        self.registry = registry
+        host, _, port = listen.rpartition(":")
+        self.host, self.port = host.strip("[]"), int(port)
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, self.host, self.port)
+        sockets = self.server.sockets or []
+        if sockets:
+            self.port = sockets[0].getsockname()[1]
+        log.info("metrics on http://%s:%d/metrics", self.host, self.port)
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+            method, path, *_ = request.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
+            if method != "GET":
+                status, body, kind = "405 Method Not Allowed", b"GET only\n", "text/plain"
+            elif path.split("?")[0] in ("/metrics", "/"):
+                body = generate_latest(self.registry)
+                status, kind = "200 OK", "text/plain; version=0.0.4; charset=utf-8"
+            else:
+                status, body, kind = "404 Not Found", b"try /metrics\n", "text/plain"
+            writer.write(f"HTTP/1.0 {status}\r\nContent-Type: {kind}\r\n"
+                         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+                         .encode() + body)
+            await asyncio.wait_for(writer.drain(), 10.0)
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                ConnectionError, ValueError):
+            pass
+        finally:
+            writer.close()
+
+
+def make_registry(snapshot: Callable[[], Snapshot]) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(GuardCollector(snapshot))
+    return registry

@@ -1,0 +1,160 @@
+"""Durable state: what the guard paused and why, failures, retries, log positions.
+
+One JSON file in the state directory, written atomically (temp file, fsync, rename, fsync
+the directory), so a crash leaves either the old or the new file. A file that cannot be
+read back (corrupt, half-written by something else, from a future version) is renamed
+aside and reported, and the guard starts from a clean slate rather than crash-looping.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .policy import Failure, GuardState, Hold, MigrationState, VolumeState
+
+log = logging.getLogger(__name__)
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Saved:
+    state: GuardState
+    log_positions: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o640) -> None:
+    """Replace `path` with `data` so that a crash leaves the old or the new content."""
+    directory = path.parent
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.rename(temp, path)
+    except BaseException:
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def set_aside(path: Path, why: str) -> Path:
+    """Rename a bad file out of the way (never delete it: a person may want to read it)."""
+    aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+    os.rename(path, aside)
+    log.error("%s: %s; set aside as %s, starting without it", path, why, aside)
+    return aside
+
+
+def durable(state: GuardState) -> dict[str, Any]:
+    """The part of the state worth keeping across a restart (no live samples or unit
+    views: those are re-read, and reconciled against what was saved)."""
+    return {
+        "incident_seq": state.incident_seq,
+        "volumes": {name: {"low": v.low, "low_reason": v.low_reason, "low_since": v.low_since}
+                    for name, v in state.volumes.items()},
+        "migrations": {
+            account: {
+                "hold": asdict(m.hold) if m.hold else None,
+                "paused_units": sorted(m.paused_units),
+                "restart_on_release": m.restart_on_release,
+                "override": m.override,
+                "failure": _failure_json(m.failure),
+                "retries": m.retries,
+                "last_progress_at": m.last_progress_at,
+                "transferred_bytes": m.transferred_bytes,
+                "finished": m.finished,
+            }
+            for account, m in state.migrations.items()
+        },
+    }
+
+
+def _failure_json(failure: Failure | None) -> dict[str, Any] | None:
+    if failure is None:
+        return None
+    data = asdict(failure)
+    data["lines"] = list(failure.lines)
+    data["steps"] = list(failure.steps)
+    return data
+
+
+def _restore(data: Mapping[str, Any]) -> GuardState:
+    volumes = {
+        name: VolumeState(low=bool(v["low"]), low_reason=str(v["low_reason"]),
+                          low_since=float(v["low_since"]))
+        for name, v in data["volumes"].items()
+    }
+    migrations = {}
+    for account, m in data["migrations"].items():
+        failure = m["failure"]
+        migrations[account] = MigrationState(
+            account=account,
+            hold=Hold(**m["hold"]) if m["hold"] else None,
+            paused_units=frozenset(m["paused_units"]),
+            restart_on_release=bool(m["restart_on_release"]),
+            override=bool(m["override"]),
+            failure=replace(Failure(**{**failure, "lines": (), "steps": ()}),
+                            lines=tuple(failure["lines"]), steps=tuple(failure["steps"]))
+            if failure else None,
+            retries=int(m["retries"]),
+            last_progress_at=m["last_progress_at"],
+            transferred_bytes=int(m["transferred_bytes"]),
+            finished=bool(m["finished"]),
+        )
+    return GuardState(volumes=volumes, migrations=migrations,
+                      incident_seq=int(data["incident_seq"]))
+
+
+class StateStore:
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "state.json"
+        self.problem = ""  # set when the saved file had to be set aside: reported in status
+        self._last: bytes = b""
+
+    def load(self) -> Saved | None:
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            data = json.loads(raw)
+            if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+                raise ValueError(f"unknown format (version {data.get('version')!r})"
+                                 if isinstance(data, dict) else "not a JSON object")
+            saved = Saved(state=_restore(data["state"]),
+                          log_positions={k: dict(v) for k, v in data["log_positions"].items()})
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            why = f"saved state is unreadable ({type(error).__name__}: {error})"
+            aside = set_aside(self.path, why)
+            self.problem = f"{why}; set aside as {aside}"
+            return None
+        self._last = raw
+        return saved
+
+    def save(self, state: GuardState, log_positions: Mapping[str, Mapping[str, int]]) -> bool:
+        """Write if anything durable changed; returns whether it wrote."""
+        data = json.dumps({"version": STATE_VERSION, "state": durable(state),
+                           "log_positions": log_positions}, sort_keys=True).encode()
+        if data == self._last:
+            return False
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.path, data)
+        self._last = data
+        return True
