@@ -162,7 +162,8 @@ def parse_size(value: object) -> int:
         raise ValueError(f"expected a size like 50GiB, got {value!r}")
     match = _SIZE_RE.match(value)
     if not match or match.group(2).lower() not in _SIZE_UNITS:
-        raise ValueError(f"cannot read {value!r} as a size (use e.g. 1048576, \"500MiB\", \"50GiB\")")
+        raise ValueError(f"cannot read {value!r} as a size "
+                         "(use e.g. 1048576, \"500MiB\", \"50GiB\")")
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
 
 

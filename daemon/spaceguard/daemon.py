@@ -8,6 +8,7 @@ it returns. Nothing here decides anything; it only connects, persists and report
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import time
@@ -21,13 +22,36 @@ from .config import Config, ConfigError, load
 from .control import ControlServer
 from .incidents import IncidentStore, partial_report
 from .logwatch import LogPosition, LogWatcher
-from .metrics import (Counters, DeliveryStats, MetricsServer, Snapshot, make_registry,
-                      migration_state)
+from .metrics import (
+    Counters,
+    DeliveryStats,
+    MetricsServer,
+    Snapshot,
+    make_registry,
+    migration_state,
+)
 from .notify import Notifier
-from .policy import (Action, ActionDone, BusChanged, Event, GuardState, Log, LogParsed,
-                     OperatorRequest, RaiseAlert, ResolveAlert, Reply, RunVerify, Tick,
-                     UnitAction, UnitChanged, UnitView, WriteIncident, decide, initial_state,
-                     seconds_to_pause)
+from .policy import (
+    Action,
+    ActionDone,
+    BusChanged,
+    Event,
+    Log,
+    LogParsed,
+    OperatorRequest,
+    RaiseAlert,
+    Reply,
+    ResolveAlert,
+    RunVerify,
+    Tick,
+    UnitAction,
+    UnitChanged,
+    UnitView,
+    WriteIncident,
+    decide,
+    initial_state,
+    seconds_to_pause,
+)
 from .rclone import ClassifyRule, FailureClass, RcloneLogParser, compile_rules
 from .state import StateStore
 from .systemd import SystemdClient
@@ -109,7 +133,7 @@ class Guard:
                                          self.config.guard.metrics_listen)
             await self.metrics.start()
         await self.control.start()
-        self.systemd.start()
+        self.systemd.launch()
         self._start_samplers()
         self._start_logs()
         self.alerts_task = self._spawn(self.alerts.run())
@@ -153,7 +177,7 @@ class Guard:
             if old is not None:
                 old.stop()
             sampler = VolumeSampler(volume, self.handle,
-                                    is_low=lambda name=name: self._volume_low(name))
+                                    is_low=functools.partial(self._volume_low, name))
             self.samplers[name] = sampler
             sampler.start()
         for name in set(self.samplers) - set(self.config.volumes):

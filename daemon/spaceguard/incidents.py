@@ -92,7 +92,8 @@ def render_text(record: Mapping[str, Any]) -> str:
                      f"{partial.get('bytes', 0)} bytes"
                      + (" (scan truncated)" if partial.get("truncated") else ""))
         lines.append(f"  changed during the failed run: {partial.get('recent_count', 0)} files")
-        lines += [f"    {item['path']} ({item['bytes']} bytes)" for item in partial.get("recent", [])]
+        lines += [f"    {item['path']} ({item['bytes']} bytes)"
+                  for item in partial.get("recent", [])]
     else:
         lines.append(f"  {partial.get('note', 'no destination configured')}")
     lines += ["", "Runbook (scenario 1): check the source with `rclone lsd` / `rclone check`,",

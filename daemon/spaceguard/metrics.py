@@ -69,7 +69,7 @@ def migration_state(migration: MigrationState) -> str:
         return "finished"
     if any(view.active_state == "failed" for view in views):
         return "failed"
-    return "inactive" if any(view.known for view in views) else "inactive"
+    return "inactive"
 
 
 class GuardCollector(Collector):
@@ -230,9 +230,9 @@ class MetricsServer:
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self._serve, self.host, self.port)
-        sockets = self.server.sockets or []
-        if sockets:
-            self.port = sockets[0].getsockname()[1]
+        for sock in self.server.sockets:
+            self.port = int(sock.getsockname()[1])
+            break
         log.info("metrics on http://%s:%d/metrics", self.host, self.port)
 
     async def close(self) -> None:

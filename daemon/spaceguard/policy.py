@@ -305,7 +305,7 @@ def seconds_to_pause(volume: VolumeConfig, state: VolumeState) -> float:
 
 def retry_delay(migration: MigrationConfig, retries: int) -> float:
     """Exponential backoff with deterministic jitter (±25 %), so the policy stays pure."""
-    base = min(migration.retry_backoff * (2 ** min(retries, 30)), migration.retry_backoff_max)
+    base = min(migration.retry_backoff * (2.0 ** min(retries, 30)), migration.retry_backoff_max)
     digest = hashlib.sha256(f"{migration.account}/{retries}".encode()).digest()
     jitter = 0.75 + 0.5 * (digest[0] / 255.0)
     return base * jitter

@@ -8,6 +8,7 @@ aside and reported, and the guard starts from a clean slate rather than crash-lo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -42,10 +43,8 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o640) -> None:
             os.fsync(handle.fileno())
         os.rename(temp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(temp)
-        except OSError:
-            pass
         raise
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:

@@ -9,14 +9,17 @@ and acts as soon as the view is rebuilt after reconnecting).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from dbus_next import BusType, Message, MessageType, Variant
-from dbus_next.aio import MessageBus
+from dbus_next.aio.message_bus import MessageBus
+from dbus_next.constants import BusType, MessageType
+from dbus_next.message import Message
+from dbus_next.signature import Variant
 
 from .policy import UnitView
 
@@ -64,16 +67,15 @@ class SystemdClient:
 
     # -- connection ---------------------------------------------------------------------
 
-    def start(self) -> None:
+    def launch(self) -> None:
+        """Connect in the background, and reconnect whenever the connection is lost."""
         self._task = asyncio.get_running_loop().create_task(self._run(), name="systemd-bus")
 
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         if self.bus is not None:
             self.bus.disconnect()
 

@@ -103,7 +103,7 @@ class VolumeSampler:
         self.rate = FillRate()
         self.last_report = time.monotonic()
         self.samples = 0
-        self._handle: asyncio.TimerHandle | None = None
+        self._handle: asyncio.Handle | None = None
         self._mount_checked_at = 0.0
         self._fsid: int | None = None
         self._path = str(config.path)
