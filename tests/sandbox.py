@@ -136,9 +136,24 @@ def missing_for_sandbox() -> list[str]:
     root = cgroup_root()
     if not _is_cgroup2(root):
         missing.append(f"no cgroup v2 hierarchy at {root}")
-    elif not (root / "cgroup.kill").exists() and not any(root.glob("*/cgroup.kill")):
+    elif not _has_cgroup_kill(root):
         missing.append("kernel without cgroup.kill (needs Linux >= 5.14)")
     return missing
+
+
+def _has_cgroup_kill(root: Path) -> bool:
+    """The root cgroup has no cgroup.kill file: look in a child (a probe if none exists)."""
+    if any(root.glob("*/cgroup.kill")):
+        return True
+    probe = root / f"sandbox-probe-{os.getpid()}"
+    try:
+        probe.mkdir()
+    except OSError:
+        return False
+    try:
+        return (probe / "cgroup.kill").exists()
+    finally:
+        probe.rmdir()
 
 
 def missing_for_volumes() -> list[str]:

@@ -1,0 +1,208 @@
+"""Scenario 3 end to end: the real guard, as a Type=notify unit with a watchdog inside a
+real systemd, protects a real writer filling a real ext4 loop volume."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from tests.guardrig import GuardRig, read_status, wait_until, writer_unit
+from tests.sandbox import LoopVolume, SystemdSandbox
+
+MIB = 1024 * 1024
+
+
+def make_ballast(volume: LoopVolume, mib: int) -> Path:
+    """Space a test can free later, as an operator would."""
+    path = volume.mountpoint / "ballast.bin"
+    with path.open("wb") as handle:
+        chunk = b"\0" * MIB
+        for _ in range(mib):
+            handle.write(chunk)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return path
+
+
+def space_config(volume: LoopVolume, migrations: str, *, resume_after: str = "2s") -> str:
+    return f"""
+        [volumes.space]
+        path = "{volume.mountpoint}"
+        pause_below = "32MiB"
+        resume_above = "64MiB"
+        resume_after = "{resume_after}"
+        predict = "10m"
+        {migrations}
+        """
+
+
+def freeze_migration() -> str:
+    return """
+        [[migrations]]
+        account = "alice"
+        unit = "writer@alice.service"
+        volume = "space"
+        pause = "freeze"
+        """
+
+
+def setup_writer(sandbox: SystemdSandbox, rig: GuardRig, volume: LoopVolume, status: Path,
+                 size: str, venv_python: str, units: dict[str, str] | None = None) -> None:
+    (volume.mountpoint / "alice").mkdir()
+    all_units = {"writer@alice.service": writer_unit(venv_python, volume.mountpoint / "alice",
+                                                     size, status)}
+    all_units.update(units or {})
+    sandbox.up(all_units)
+    rig.install()
+
+
+def test_freeze_before_enospc_then_thaw_after_hold_down(loop_volume, sandbox, venv_python,
+                                                        tmp_path):
+    volume = loop_volume(256, options=["nodelalloc"])
+    ballast = make_ballast(volume, 140)
+    status = tmp_path / "writer.status"
+    rig = GuardRig(sandbox, tmp_path, venv_python)
+    rig.write_config(space_config(volume, freeze_migration()))
+    setup_writer(sandbox, rig, volume, status, "120M", venv_python)
+    rig.start()
+    assert "ready" in rig.journal().lower() or rig.status_text()
+
+    sandbox.systemctl("start", "writer@alice.service")
+    sandbox.wait_for("writer@alice.service", "FreezerState", "frozen", timeout=30)
+    assert volume.usable_bytes > 0
+    assert not [entry for entry in read_status(status) if entry[0] == "ENOSPC"], \
+        "the writer hit ENOSPC before the guard froze it"
+    metrics = rig.metrics()
+    assert metrics['spaceguard_migration_paused{account="alice",unit="writer@alice.service"}'] == 1
+    assert metrics['spaceguard_volume_low{volume="space"}'] == 1
+    wait_until(lambda: "paused: alice (guard" in rig.status_text(), 5, "STATUS= naming the pause")
+
+    # Still frozen while space stays low: nothing resumes it on its own.
+    time.sleep(2.5)
+    assert sandbox.show("writer@alice.service", "FreezerState") == "frozen"
+
+    ballast.unlink()
+    freed_at = time.monotonic()
+    sandbox.wait_for("writer@alice.service", "FreezerState", "running", timeout=30)
+    assert time.monotonic() - freed_at >= 1.9, "thawed before the 2 s hold-down"
+    sandbox.wait_for("writer@alice.service", "ActiveState", "inactive", timeout=60)
+    words = [word for word, _ in read_status(status)]
+    assert "DONE" in words and "ENOSPC" not in words, words
+    assert sandbox.show("writer@alice.service", "Result") == "success"
+    journal = rig.journal()
+    assert "pausing (freeze)" in journal and "thaw writer@alice.service done" in journal
+
+
+def test_stop_mode_resumes_with_the_resume_unit(loop_volume, sandbox, venv_python, tmp_path):
+    volume = loop_volume(256, options=["nodelalloc"])
+    ballast = make_ballast(volume, 140)
+    status = tmp_path / "writer.status"
+    rig = GuardRig(sandbox, tmp_path, venv_python)
+    rig.write_config(space_config(volume, """
+        [[migrations]]
+        account = "alice"
+        unit = "writer@alice.service"
+        resume_unit = "writer-resume@alice.service"
+        volume = "space"
+        pause = "stop"
+        """))
+    resume = writer_unit(venv_python, volume.mountpoint / "alice", "120M", status, resume=True)
+    setup_writer(sandbox, rig, volume, status, "120M", venv_python,
+                 {"writer-resume@alice.service": resume})
+    rig.start()
+    sandbox.systemctl("start", "writer@alice.service")
+    sandbox.wait_for("writer@alice.service", "ActiveState", ("inactive", "failed"), timeout=30)
+    words = [word for word, _ in read_status(status)]
+    assert "TERM" in words and "ENOSPC" not in words, words
+    assert sandbox.show("writer-resume@alice.service", "ActiveState") == "inactive"
+
+    ballast.unlink()
+    wait_until(lambda: any(w == "DONE" for w, _ in read_status(status)), 60,
+               "the resume unit to finish the copy", on_timeout=rig.journal)
+    words = [word for word, _ in read_status(status)]
+    assert "ENOSPC" not in words, words
+    done = [size for word, size in read_status(status) if word == "DONE"]
+    assert done == [120 * MIB]
+    assert "start writer-resume@alice.service done" in rig.journal()
+
+
+def test_watchdog_restarts_a_hung_guard(loop_volume, sandbox, venv_python, tmp_path):
+    volume = loop_volume(64)
+    rig = GuardRig(sandbox, tmp_path, venv_python, watchdog_sec=2)
+    rig.write_config(space_config(volume, freeze_migration()))
+    setup_writer(sandbox, rig, volume, tmp_path / "st", "1M", venv_python)
+    rig.start()
+    first = rig.main_pid()
+    assert first > 0
+    # The sandbox's PIDs are namespaced: signal it from inside.
+    sandbox.exec("kill", "-STOP", str(first), check=True)
+    wait_until(lambda: rig.main_pid() not in (0, first) and
+               sandbox.show("spaceguard.service", "ActiveState") == "active",
+               20, "systemd to kill the hung guard and start a new one",
+               on_timeout=rig.journal)
+    assert int(sandbox.show("spaceguard.service", "NRestarts")) >= 1
+    journal = sandbox.journal()
+    assert "Watchdog timeout" in journal or "watchdog" in journal.lower()
+
+
+def test_reload_with_a_broken_config_keeps_the_old_one(loop_volume, sandbox, venv_python,
+                                                       tmp_path):
+    volume = loop_volume(256, options=["nodelalloc"])
+    make_ballast(volume, 140)
+    status = tmp_path / "writer.status"
+    rig = GuardRig(sandbox, tmp_path, venv_python)
+    rig.write_config(space_config(volume, freeze_migration()))
+    setup_writer(sandbox, rig, volume, status, "120M", venv_python)
+    rig.start()
+    pid = rig.main_pid()
+    good = rig.config_path.read_text()
+    rig.config_path.write_text(good.replace('resume_above = "64MiB"', 'resume_above = "16MiB"'))
+    sandbox.systemctl("reload", "spaceguard.service")
+    wait_until(lambda: "RELOAD FAILED" in rig.status_text(), 10, "STATUS= to show the refusal")
+    assert rig.main_pid() == pid
+    assert "must be above the pause threshold" in rig.journal()
+    assert rig.metrics()["spaceguard_config_last_reload_successful"] == 0
+    # The old config still guards the volume.
+    sandbox.systemctl("start", "writer@alice.service")
+    sandbox.wait_for("writer@alice.service", "FreezerState", "frozen", timeout=30)
+    # A good file is then taken.
+    rig.config_path.write_text(good)
+    sandbox.systemctl("reload", "spaceguard.service")
+    wait_until(lambda: "RELOAD FAILED" not in rig.status_text(), 10, "the reload to succeed")
+    assert rig.metrics()["spaceguard_config_last_reload_successful"] == 1
+
+
+def test_stopping_the_guard_leaves_the_migration_frozen(loop_volume, sandbox, venv_python,
+                                                        tmp_path):
+    volume = loop_volume(256, options=["nodelalloc"])
+    ballast = make_ballast(volume, 140)
+    status = tmp_path / "writer.status"
+    rig = GuardRig(sandbox, tmp_path, venv_python)
+    rig.write_config(space_config(volume, freeze_migration(), resume_after="1s"))
+    setup_writer(sandbox, rig, volume, status, "120M", venv_python)
+    rig.start()
+    sandbox.systemctl("start", "writer@alice.service")
+    sandbox.wait_for("writer@alice.service", "FreezerState", "frozen", timeout=30)
+    rig.stop()
+    assert "STOPPING" in rig.journal() or "stopping" in rig.journal()
+    time.sleep(1)
+    assert sandbox.show("writer@alice.service", "FreezerState") == "frozen"
+    # Restarted, the guard still knows it froze the writer, and thaws it once space is back.
+    rig.start()
+    time.sleep(1.5)
+    assert sandbox.show("writer@alice.service", "FreezerState") == "frozen"
+    ballast.unlink()
+    sandbox.wait_for("writer@alice.service", "FreezerState", "running", timeout=30)
+    sandbox.wait_for("writer@alice.service", "ActiveState", "inactive", timeout=60)
+    assert "ENOSPC" not in [word for word, _ in read_status(status)]
+
+
+def test_sigterm_is_a_clean_exit(loop_volume, sandbox, venv_python, tmp_path):
+    volume = loop_volume(64)
+    rig = GuardRig(sandbox, tmp_path, venv_python)
+    rig.write_config(space_config(volume, freeze_migration()))
+    setup_writer(sandbox, rig, volume, tmp_path / "st", "1M", venv_python)
+    rig.start()
+    rig.stop()
+    assert sandbox.show("spaceguard.service", "Result") == "success"
