@@ -1,0 +1,639 @@
+"""Pure parsing and classification of rclone logs (no I/O).
+
+The guard reads each migration's rclone log and needs two things from it:
+
+* **failures**, classified as transient (retry later), unrecoverable (stop and wait for
+  an operator) or disk_full (scenario 3: pause and resume, never fail), and
+* **progress**: bytes and files transferred, errors, elapsed time, and whether the
+  batch showed any sign of forward progress (for stall detection).
+
+Both rclone log formats are understood: the text log (``-v``/``-vv``, with or without a
+date prefix, ``--stats`` blocks) and the JSON log (``--use-json-log``). Anything else on
+a line (wrapper-script output, garbage) is tolerated and tested against the rules.
+
+Speed matters: a ``-vv`` log is mostly DEBUG lines. :meth:`RcloneLogParser.feed` joins
+a batch into one string and lets one compiled regex skip every DEBUG/INFO line at C
+speed; only the few remaining lines are examined in Python.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Final, TypeVar
+
+__all__ = [
+    "DEFAULT_RULES",
+    "ClassifyRule",
+    "CompiledRules",
+    "FailureClass",
+    "LogFailure",
+    "ParseResult",
+    "Progress",
+    "RcloneLogParser",
+    "classify_exit_code",
+    "compile_rules",
+]
+
+
+class FailureClass(StrEnum):
+    TRANSIENT = "transient"
+    UNRECOVERABLE = "unrecoverable"
+    DISK_FULL = "disk_full"
+
+
+@dataclass(frozen=True)
+class ClassifyRule:
+    """One classification rule: a Python regex searched anywhere in a log message.
+
+    The message is the line without its date prefix and level marker (for JSON logs:
+    ``object: msg``). Matching is case-sensitive unless the pattern says ``(?i)``.
+
+    ``keywords`` is an optional speed-up: lowercase substrings of which at least one
+    must occur in the lowercased message before the regex is tried (regex alternations
+    are slow in CPython; substring tests are not). Empty: the regex is always tried.
+    """
+
+    name: str
+    pattern: str
+    failure_class: FailureClass
+    keywords: tuple[str, ...] = ()
+
+
+def _http_status(code: int, reason: str) -> str:
+    # rclone prints statuses as "(429 Too Many Requests)", "HTTP error 429" or
+    # "StatusCode: 429"; a bare number could be a size or a file name, so require context.
+    return (
+        rf"(?i:\b{code} {reason}\b"
+        rf"|\b(?:HTTP(?: error| status)?|status(?: ?code)?|error code)[ :=]*{code}\b)"
+    )
+
+
+_T = FailureClass.TRANSIENT
+_U = FailureClass.UNRECOVERABLE
+_D = FailureClass.DISK_FULL
+
+# First match wins. Tiers, in order:
+#  1. disk_full causes (scenario 3 owns them: pause, never fail);
+#  2. explicit throttling codes: Graph and Google send some throttling as 403, which must
+#     not fall into the 403 rule below;
+#  3. unrecoverable causes (credentials, missing paths, quota, usage, local permissions);
+#  4. transient causes (throttling, 5xx, timeouts, network);
+#  5. unrecoverable *context* ("Fatal error", "Failed to create file system"): these name
+#     where rclone gave up, not why, so a transient cause on the same line wins.
+DEFAULT_RULES: tuple[ClassifyRule, ...] = (
+    # 1. disk full on the destination
+    ClassifyRule(
+        "no_space_left",
+        r"(?i:no space left on device)|\bENOSPC\b",
+        _D,
+        ("no space left", "enospc"),
+    ),
+    ClassifyRule(
+        "disk_quota_exceeded", r"(?i:disk quota exceeded)|\bEDQUOT\b", _D, ("disk quota", "edquot")
+    ),
+    # 2. throttling codes that may come with a 403
+    ClassifyRule(
+        "throttled_code",
+        r"activityLimitReached|(?i:\b(?:user)?rateLimitExceeded\b|rate limit exceeded)",
+        _T,
+        ("activitylimitreached", "ratelimitexceeded", "rate limit exceeded"),
+    ),
+    # 3. unrecoverable causes
+    ClassifyRule(
+        "unauthorized",
+        _http_status(401, "Unauthorized")
+        + r"|(?i:\bunauthori[sz]ed\b)|\bInvalidAuthenticationToken\b",
+        _U,
+        ("401", "unauthori", "invalidauthenticationtoken"),
+    ),
+    ClassifyRule(
+        "forbidden",
+        _http_status(403, "Forbidden") + r"|(?i:\bforbidden\b)|\baccessDenied\b",
+        _U,
+        ("403", "forbidden", "accessdenied"),
+    ),
+    ClassifyRule(
+        "token_error",
+        r"(?i:\binvalid_grant\b|\binvalid_client\b|couldn'?t fetch token|cannot fetch token"
+        r"|failed to refresh token|token (?:has )?expired|expired token)|\bAADSTS\d+",
+        _U,
+        ("invalid_grant", "invalid_client", "fetch token", "refresh token", "expired", "aadsts"),
+    ),
+    ClassifyRule(
+        "directory_not_found",
+        r"(?i:\bdirectory not found\b)",
+        _U,
+        ("directory not found",),
+    ),
+    ClassifyRule(
+        "insufficient_storage",
+        _http_status(507, "Insufficient Storage") + r"|\binsufficientStorage\b",
+        _U,
+        ("507", "insufficient"),
+    ),
+    ClassifyRule(
+        "usage_error",
+        r"\bCommand \S+ needs\b|\bunknown (?:shorthand )?flag\b|\bunknown command\b"
+        r"|\binvalid argument \"[^\"]*\" for \"-",
+        _U,
+        ("command ", "unknown ", "invalid argument"),
+    ),
+    ClassifyRule(
+        "config_error",
+        r"didn't find section in config file",
+        _U,
+        ("didn't find section",),
+    ),
+    # local destination problems that no retry can fix
+    ClassifyRule(
+        "local_permission",
+        r"(?i:\bpermission denied\b|\bread-only file system\b|\bnot a directory\b)",
+        _U,
+        ("permission denied", "read-only file system", "not a directory"),
+    ),
+    # 4. transient causes
+    ClassifyRule(
+        "too_many_requests",
+        _http_status(429, "Too Many Requests") + r"|(?i:too many requests)",
+        _T,
+        ("429", "too many requests"),
+    ),
+    ClassifyRule("throttled", r"(?i:\bthrottl(?:ed|ing|e)\b)", _T, ("throttl",)),
+    ClassifyRule(
+        "service_unavailable",
+        _http_status(503, "Service Unavailable") + r"|\bserviceNotAvailable\b",
+        _T,
+        ("503", "servicenotavailable"),
+    ),
+    ClassifyRule(
+        "server_error",
+        _http_status(500, "Internal Server Error")
+        + "|"
+        + _http_status(502, "Bad Gateway")
+        + "|"
+        + _http_status(504, "Gateway Time-?out"),
+        _T,
+        ("500", "502", "504"),
+    ),
+    ClassifyRule(
+        "timeout",
+        r"(?i:\bi/o timeout\b|context deadline exceeded|\btimed out\b|handshake timeout"
+        r"|Client\.Timeout exceeded|timeout awaiting)",
+        _T,
+        ("timeout", "deadline exceeded", "timed out"),
+    ),
+    ClassifyRule(
+        "connection_refused", r"(?i:connection refused)", _T, ("connection refused",)
+    ),
+    ClassifyRule(
+        "connection_reset",
+        r"(?i:connection reset|\bbroken pipe\b)",
+        _T,
+        ("connection reset", "broken pipe"),
+    ),
+    # EOF only where it ends a transport error ("...: EOF", "unexpected EOF"), so a file
+    # called EOF.txt is not a failure.
+    ClassifyRule("transport_eof", r"\bunexpected EOF\b|: EOF(?:$|[\s)\"])", _T, ("eof",)),
+    ClassifyRule(
+        "network_unreachable",
+        r"(?i:network is unreachable|no route to host|temporary failure in name resolution"
+        r"|\bno such host\b)",
+        _T,
+        ("unreachable", "no route to host", "name resolution", "no such host"),
+    ),
+    ClassifyRule("killed", r"\bsignal: killed\b", _T, ("signal: killed",)),
+    # 5. unrecoverable context
+    ClassifyRule("fatal_error", r"\bFatal error\b", _U, ("fatal error",)),
+    ClassifyRule(
+        "create_fs_failed",
+        r"\bFailed to create file system\b",
+        _U,
+        ("failed to create file system",),
+    ),
+)
+
+
+@dataclass(frozen=True)
+class CompiledRules:
+    """Rules ready to match, in priority order (first match wins)."""
+
+    rules: tuple[ClassifyRule, ...]
+    patterns: tuple[re.Pattern[str], ...]
+
+    def classify(self, message: str) -> ClassifyRule | None:
+        lowered = message.lower()
+        for rule, pattern in zip(self.rules, self.patterns, strict=True):
+            if rule.keywords:
+                for keyword in rule.keywords:
+                    if keyword in lowered:
+                        break
+                else:
+                    continue
+            if pattern.search(message) is not None:
+                return rule
+        return None
+
+
+def compile_rules(user_rules: Iterable[ClassifyRule] = ()) -> CompiledRules:
+    """Compile the user's rules first, then :data:`DEFAULT_RULES`.
+
+    Raises ValueError naming the rule when a pattern is not a valid regex (or a rule
+    is malformed: unknown class, keywords that are not lowercase strings).
+    """
+    rules = (*tuple(user_rules), *DEFAULT_RULES)
+    patterns: list[re.Pattern[str]] = []
+    for rule in rules:
+        if not isinstance(rule.failure_class, FailureClass):
+            raise ValueError(f"rule {rule.name!r}: unknown failure class {rule.failure_class!r}")
+        if not isinstance(rule.pattern, str):
+            raise ValueError(f"rule {rule.name!r}: pattern must be a string")
+        for keyword in rule.keywords:
+            # A keyword with capitals could never be found in the lowercased message and
+            # would silently disable the rule.
+            if not isinstance(keyword, str) or not keyword or keyword != keyword.lower():
+                raise ValueError(
+                    f"rule {rule.name!r}: keyword {keyword!r} must be a non-empty lowercase string"
+                )
+        try:
+            patterns.append(re.compile(rule.pattern))
+        except re.error as exc:
+            raise ValueError(
+                f"rule {rule.name!r}: invalid regular expression {rule.pattern!r}: {exc}"
+            ) from exc
+    return CompiledRules(rules=rules, patterns=tuple(patterns))
+
+
+# Exit codes documented in rclone's docs/content/docs.md ("Exit Code").
+_EXIT_CLASSES: Final[dict[int, FailureClass | None]] = {
+    0: None,
+    1: _U,
+    2: _T,
+    3: _U,
+    4: _U,
+    5: _T,
+    6: _U,
+    7: _U,
+    8: _T,
+    9: None,
+    10: _T,
+}
+
+
+def classify_exit_code(code: int) -> FailureClass | None:
+    """Map an rclone exit status to a failure class (None: success).
+
+    ====  ===========================================  ==============
+    code  rclone meaning                               class
+    ====  ===========================================  ==============
+    0     success                                      None
+    1     syntax or usage error                        unrecoverable
+    2     error not otherwise categorised              transient
+    3     directory not found                          unrecoverable
+    4     file not found                               unrecoverable
+    5     temporary error (more retries might fix it)  transient
+    6     less serious errors (NoRetry errors)         unrecoverable
+    7     fatal error (retries won't fix it)           unrecoverable
+    8     transfer exceeded (--max-transfer)           transient
+    9     success, but no files were transferred       None
+    10    duration exceeded (--max-duration)           transient
+    ====  ===========================================  ==============
+
+    Anything else (including a negative code or 128+N for death by signal N) is
+    transient: the process was interrupted, not told that the job is impossible.
+    """
+    if code in _EXIT_CLASSES:
+        return _EXIT_CLASSES[code]
+    return _T
+
+
+@dataclass(frozen=True)
+class Progress:
+    """rclone's latest reported totals; a field is None until rclone reported it."""
+
+    bytes_transferred: int | None = None
+    bytes_total: int | None = None
+    files_transferred: int | None = None
+    files_total: int | None = None
+    errors: int | None = None
+    elapsed_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class LogFailure:
+    line_number: int  # 0-based index of the line in the batch given to feed()
+    line: str
+    failure_class: FailureClass
+    rule: str
+
+
+@dataclass(frozen=True)
+class ParseResult:
+    failures: list[LogFailure]
+    progress: Progress | None  # latest known, across batches; None if never reported
+    progressed: bool  # the batch showed more bytes/files, or a file was copied
+    lines: int
+    # ERROR-or-worse lines that no rule classified (counted for metrics, not acted on)
+    unclassified_errors: int = 0
+
+
+# Longest part of a line that is examined: logwatch caps lines at 64 KiB anyway, and a
+# pathological line must not cost a regex scan of megabytes per rule.
+MAX_EXAMINED_CHARS: Final = 64 * 1024
+
+# Optional prefix before rclone's level marker: syslog priority (--log-systemd), Go log
+# date/time/microseconds, file:line (--log-format shortfile/longfile).
+_PREFIX = r"(?:<\d>)?(?:\d{4}/\d\d/\d\d )?(?:\d\d:\d\d:\d\d(?:\.\d+)? )?(?:[\w./-]+\.go:\d+: )?"
+
+# A line is "boring" when it is DEBUG or INFO: nothing in it can be a failure. Every
+# other line start is found by this one regex; its "\n" literal prefix lets the regex
+# engine jump from line to line at C speed, and the first alternative is the common
+# date-prefixed shape, so most lines are dismissed after ~30 character comparisons.
+# (JSON INFO lines carrying stats are found separately by a plain substring search.)
+_INTERESTING_LINE = re.compile(
+    r"\n(?![0-9/]{10} [0-9:]{8} (?:DEBUG : |INFO  : )"
+    r"|" + _PREFIX + r"(?:DEBUG|INFO) *: "
+    r'|\{"level":"(?:debug|info)")'
+)
+_JSON_STATS = '"stats":{'
+_TEXT_LEVEL = re.compile(
+    _PREFIX + r"(EMERGENCY|ALERT|CRITICAL|ERROR|WARNING|NOTICE|INFO|DEBUG) *: ?"
+)
+_DATE_PREFIX = re.compile(_PREFIX)
+
+_ERROR_LEVELS: Final = frozenset(
+    {"EMERGENCY", "ALERT", "CRITICAL", "ERROR", "error", "fatal", "panic", "critical", "alert",
+     "emergency"}
+)
+_QUIET_LEVELS: Final = frozenset({"DEBUG", "INFO", "debug", "info", "trace"})
+
+# Continuation lines of a --stats block (they carry no level marker).
+_STATS_LINE = re.compile(
+    r"(?:Transferred|Errors|Checks|Deleted|Renamed|Elapsed time|Transferring|Server Side \w+)"
+    r"\s*:|\s\*\s"
+)
+_STATS_AMOUNT = re.compile(
+    r"Transferred:\s*([\d.]+)\s*([A-Za-z]*)\s*/\s*([\d.]+)\s*([A-Za-z]*)\s*(?:,|$)"
+)
+_STATS_ERRORS = re.compile(r"Errors:\s*(\d+)")
+_STATS_ELAPSED = re.compile(r"Elapsed time:\s*(\S+)")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|µs|us|ns|y|w|d|h|m|s)")
+_DURATION_SECONDS: Final = {
+    "y": 365 * 86400.0, "w": 7 * 86400.0, "d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0,
+    "ms": 1e-3, "µs": 1e-6, "us": 1e-6, "ns": 1e-9,
+}
+_UNIT_POWERS: Final = {"k": 1, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5, "E": 6}
+_COPIED = "Copied ("
+_Value = TypeVar("_Value", int, float)
+
+
+def _unit_bytes(number: str, unit: str) -> int | None:
+    """'1.5', 'MiB' -> bytes. rclone prints binary units (MiB; older: MBytes)."""
+    try:
+        value = float(number)
+    except ValueError:
+        return None
+    power = _UNIT_POWERS.get(unit[:1], 0)
+    result = value * 1024**power
+    if "bit" in unit.lower():  # --stats-unit bits
+        result /= 8
+    return int(result)
+
+
+def _duration_seconds(text: str) -> float | None:
+    parts = _DURATION_PART.findall(text)
+    if not parts:
+        return None
+    return sum(float(amount) * _DURATION_SECONDS[unit] for amount, unit in parts)
+
+
+def _json_int(stats: dict[str, object], key: str) -> int | None:
+    value = stats.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return int(value)
+
+
+def _json_stats_line_starts(text: str) -> list[int]:
+    """Offsets of the newline before each line mentioning a JSON stats object."""
+    starts: list[int] = []
+    position = text.find(_JSON_STATS)
+    while position >= 0:
+        starts.append(text.rfind("\n", 0, position))
+        line_end = text.find("\n", position)
+        if line_end < 0:
+            break
+        position = text.find(_JSON_STATS, line_end)
+    return starts
+
+
+@dataclass
+class _BatchState:
+    failures: list[LogFailure] = field(default_factory=list)
+    unclassified_errors: int = 0
+    progressed: bool = False
+
+
+class RcloneLogParser:
+    """Parses one log file's lines, batch by batch, keeping the latest progress.
+
+    State is only the latest progress (stats lines each carry their own field, so a
+    stats block split across batches gives the same result as one batch). Pass
+    ``last_progress`` to resume after a restart without reporting old totals as new.
+    """
+
+    def __init__(self, rules: CompiledRules | None = None, last_progress: Progress | None = None):
+        self._rules = rules if rules is not None else compile_rules()
+        self._progress = last_progress
+
+    @property
+    def progress(self) -> Progress | None:
+        return self._progress
+
+    def feed(self, lines: Sequence[str]) -> ParseResult:
+        count = len(lines)
+        if count == 0:
+            return ParseResult([], self._progress, False, 0)
+        text = "\n" + "\n".join(lines)
+        if text.count("\n") != count:
+            # A "line" with an embedded newline would shift the numbering; rare, so the
+            # slow fix-up is fine.
+            lines = [line.replace("\n", " ") for line in lines]
+            text = "\n" + "\n".join(lines)
+        batch = _BatchState()
+        line_starts = [match.start() for match in _INTERESTING_LINE.finditer(text)]
+        stats_line_starts = _json_stats_line_starts(text)
+        if stats_line_starts:
+            line_starts = sorted(set(line_starts).union(stats_line_starts))
+        line_number = 0
+        scanned_to = 0
+        for start in line_starts:
+            line_number += text.count("\n", scanned_to, start)
+            scanned_to = start
+            self._examine(line_number, lines[line_number], batch)
+        if not batch.progressed:
+            batch.progressed = self._has_copied_line(text)
+        return ParseResult(
+            failures=batch.failures,
+            progress=self._progress,
+            progressed=batch.progressed,
+            lines=count,
+            unclassified_errors=batch.unclassified_errors,
+        )
+
+    def _has_copied_line(self, text: str) -> bool:
+        """Whether an INFO line says a file was copied: str.find at C speed, then a
+        check of the level on the few candidate lines."""
+        position = text.find(_COPIED)
+        while position >= 0:
+            line_start = text.rfind("\n", 0, position) + 1
+            line_end = text.find("\n", position)
+            if line_end < 0:
+                line_end = len(text)
+            line = text[line_start:line_end]
+            if line.startswith("{"):
+                if '"level":"info"' in line and '"msg":"' in line:
+                    return True
+            else:
+                level = _TEXT_LEVEL.match(line)
+                if level is not None and level.group(1) == "INFO" and _COPIED in line:
+                    return True
+            position = text.find(_COPIED, line_end)
+        return False
+
+    def _examine(self, line_number: int, line: str, batch: _BatchState) -> None:
+        examined = line[:MAX_EXAMINED_CHARS]
+        if examined.startswith("{") and self._examine_json(line_number, line, examined, batch):
+            return
+        level_match = _TEXT_LEVEL.match(examined)
+        if level_match is not None:
+            level = level_match.group(1)
+            if level in _QUIET_LEVELS:
+                return
+            self._apply_rules(line_number, line, examined[level_match.end():], level, batch)
+            return
+        prefix = _DATE_PREFIX.match(examined)
+        message = examined[prefix.end():] if prefix is not None else examined
+        if _STATS_LINE.match(message) is not None:
+            self._update_text_stats(message, batch)
+            return
+        self._apply_rules(line_number, line, message, None, batch)
+
+    def _examine_json(
+        self, line_number: int, line: str, examined: str, batch: _BatchState
+    ) -> bool:
+        """Handle a --use-json-log line; False if it is not one (then it is text)."""
+        if len(line) > MAX_EXAMINED_CHARS:
+            return False
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return False
+        if not isinstance(record, dict):
+            return False
+        stats = record.get("stats")
+        if isinstance(stats, dict):
+            self._update_json_stats(stats, batch)
+        level = record.get("level")
+        if not isinstance(level, str):
+            level = None
+        elif level in _QUIET_LEVELS:
+            return True
+        message = str(record.get("msg", ""))
+        obj = record.get("object")
+        if isinstance(obj, str) and obj:
+            message = f"{obj}: {message}"
+        self._apply_rules(
+            line_number, line, message[:MAX_EXAMINED_CHARS], level, batch
+        )
+        return True
+
+    def _apply_rules(
+        self, line_number: int, line: str, message: str, level: str | None, batch: _BatchState
+    ) -> None:
+        rule = self._rules.classify(message)
+        if rule is not None:
+            batch.failures.append(
+                LogFailure(line_number, line[:MAX_EXAMINED_CHARS], rule.failure_class, rule.name)
+            )
+        elif level in _ERROR_LEVELS:
+            batch.unclassified_errors += 1
+
+    def _update_text_stats(self, message: str, batch: _BatchState) -> None:
+        current = self._progress or Progress()
+        if message.startswith("Transferred:"):
+            amount = _STATS_AMOUNT.match(message)
+            if amount is None:
+                return
+            done, done_unit, total, total_unit = amount.groups()
+            if done_unit or total_unit:
+                self._set_progress(
+                    current,
+                    batch,
+                    bytes_transferred=_unit_bytes(done, done_unit or total_unit),
+                    bytes_total=_unit_bytes(total, total_unit or done_unit),
+                )
+            elif done.isdigit() and total.isdigit():
+                self._set_progress(
+                    current, batch, files_transferred=int(done), files_total=int(total)
+                )
+        elif message.startswith("Errors:"):
+            errors = _STATS_ERRORS.match(message)
+            if errors is not None:
+                self._set_progress(current, batch, errors=int(errors.group(1)))
+        elif message.startswith("Elapsed time:"):
+            elapsed = _STATS_ELAPSED.match(message)
+            if elapsed is not None:
+                seconds = _duration_seconds(elapsed.group(1))
+                if seconds is not None:
+                    self._set_progress(current, batch, elapsed_seconds=seconds)
+
+    def _update_json_stats(self, stats: dict[str, object], batch: _BatchState) -> None:
+        elapsed = stats.get("elapsedTime")
+        self._set_progress(
+            self._progress or Progress(),
+            batch,
+            bytes_transferred=_json_int(stats, "bytes"),
+            bytes_total=_json_int(stats, "totalBytes"),
+            files_transferred=_json_int(stats, "transfers"),
+            files_total=_json_int(stats, "totalTransfers"),
+            errors=_json_int(stats, "errors"),
+            elapsed_seconds=(
+                float(elapsed)
+                if isinstance(elapsed, int | float) and not isinstance(elapsed, bool)
+                else None
+            ),
+        )
+
+    def _set_progress(
+        self,
+        current: Progress,
+        batch: _BatchState,
+        *,
+        bytes_transferred: int | None = None,
+        bytes_total: int | None = None,
+        files_transferred: int | None = None,
+        files_total: int | None = None,
+        errors: int | None = None,
+        elapsed_seconds: float | None = None,
+    ) -> None:
+        """Overwrite the fields that were reported; note progress if bytes or files grew."""
+        if bytes_transferred is not None and bytes_transferred > (current.bytes_transferred or 0):
+            batch.progressed = True
+        if files_transferred is not None and files_transferred > (current.files_transferred or 0):
+            batch.progressed = True
+        self._progress = Progress(
+            bytes_transferred=_pick(bytes_transferred, current.bytes_transferred),
+            bytes_total=_pick(bytes_total, current.bytes_total),
+            files_transferred=_pick(files_transferred, current.files_transferred),
+            files_total=_pick(files_total, current.files_total),
+            errors=_pick(errors, current.errors),
+            elapsed_seconds=_pick(elapsed_seconds, current.elapsed_seconds),
+        )
+
+
+def _pick(new: _Value | None, old: _Value | None) -> _Value | None:
+    return new if new is not None else old
