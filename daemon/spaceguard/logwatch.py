@@ -1,0 +1,669 @@
+"""Follow migration log files with inotify (pyinotify) on the asyncio loop.
+
+One :class:`LogWatcher` owns one inotify instance, registered with ``loop.add_reader``
+(no thread, no timer: a quiet log costs no CPU), and follows many files. For each file
+it watches:
+
+* the file's **directory**, for the name appearing, disappearing or being renamed
+  (rotation, deletion, late creation);
+* the **open inode** itself (through ``/proc/self/fd/N``, so it is exactly the file we
+  read even if the name was replaced meanwhile), for appends and truncation, wherever
+  the file has been renamed to.
+
+Every event only says "look again": the follower re-examines its file with
+``fstat``/``stat`` and reads what is new, so a missed or coalesced event can only delay
+lines, never lose them, and :meth:`LogWatcher.recheck` (called by the daemon every few
+seconds) or an inotify queue overflow simply runs the same examination for every file.
+
+Positions: :class:`LogPosition` is (device, inode, offset of the end of the last
+complete line delivered). A partial last line is held back until its newline arrives,
+so the saved position never points into the middle of a line.
+
+Rotation:
+
+* rename-and-create: the old file is read to its end, then the new one from 0. The old
+  file stays open ("draining") in case its writer still appends before it reopens; it
+  is closed when its writer closes it, when it is deleted, or when it did not grow
+  between two rechecks. Lines appended to it after the switch are delivered, but a
+  guard restart in that window would not return to them (positions name one file).
+* copytruncate: the file got shorter than our offset (or the byte before our offset is
+  no longer a newline): start again at 0. Lines written between logrotate's copy and
+  its truncate are lost by copytruncate itself.
+* deletion: the deleted file is read to its end and closed (keeping a deleted log open
+  would pin its disk space), then we wait for the name to be created again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import stat
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+with warnings.catch_warnings():
+    # pyinotify imports asyncore (deprecated); we only use its inotify wrapper.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import pyinotify
+
+__all__ = [
+    "MAX_BYTES_PER_TURN",
+    "MAX_LINE_BYTES",
+    "READ_CHUNK_BYTES",
+    "LineCallback",
+    "LogPosition",
+    "LogWatcher",
+]
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK_BYTES: Final = 1 << 20
+MAX_LINE_BYTES: Final = 64 << 10
+# A large backlog (say after a restart) is read in slices so the loop keeps turning
+# (watchdog pings, other migrations' events) between them.
+MAX_BYTES_PER_TURN: Final = 8 << 20
+
+_DIR_MASK: Final = (
+    pyinotify.IN_CREATE
+    | pyinotify.IN_MOVED_TO
+    | pyinotify.IN_MOVED_FROM
+    | pyinotify.IN_DELETE
+    | pyinotify.IN_ATTRIB
+)
+# IN_ATTRIB also reports an unlink (link count change). No IN_MOVE_SELF: pyinotify
+# would try (and fail, noisily) to track the new path of a watch it cannot know.
+_INODE_MASK: Final = pyinotify.IN_MODIFY | pyinotify.IN_ATTRIB | pyinotify.IN_CLOSE_WRITE
+
+LineCallback = Callable[[str, list[str]], None]
+
+
+@dataclass(frozen=True)
+class LogPosition:
+    """Where reading stopped: the end of the last complete line delivered."""
+
+    dev: int
+    inode: int
+    offset: int
+
+    def to_json(self) -> dict[str, int]:
+        return {"dev": self.dev, "inode": self.inode, "offset": self.offset}
+
+    @classmethod
+    def from_json(cls, data: object) -> LogPosition:
+        """Read what :meth:`to_json` wrote; ValueError if it is not that."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"log position must be an object, not {type(data).__name__}")
+        values: dict[str, int] = {}
+        for name in ("dev", "inode", "offset"):
+            value = data.get(name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"log position field {name!r} must be an integer >= 0")
+            values[name] = value
+        return cls(**values)
+
+    @classmethod
+    def end_of(cls, path: Path) -> LogPosition | None:
+        """Position after the last complete line now in ``path`` (to skip old content);
+        None if the file does not exist."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except FileNotFoundError:
+            return None
+        try:
+            st = os.fstat(fd)
+            end = st.st_size
+            while end > 0:
+                start = max(0, end - MAX_LINE_BYTES)
+                newline = os.pread(fd, end - start, start).rfind(b"\n")
+                if newline >= 0:
+                    return cls(st.st_dev, st.st_ino, start + newline + 1)
+                end = start
+            return cls(st.st_dev, st.st_ino, 0)
+        finally:
+            os.close(fd)
+
+
+class _OpenLog:
+    """One open log inode and how far it has been read."""
+
+    def __init__(self, fd: int, st: os.stat_result, offset: int) -> None:
+        self.fd = fd
+        self.dev = st.st_dev
+        self.inode = st.st_ino
+        self.offset = offset  # end of the last complete line delivered
+        self.read_pos = offset  # bytes consumed: offset + the held-back partial line
+        self.partial = bytearray()
+        self.discarding = False  # the partial line hit the cap: drop bytes up to "\n"
+        self.watch: int | None = None
+        self.writer_closed = False
+        self.read_pos_at_last_recheck = -1
+
+    @property
+    def identity(self) -> tuple[int, int]:
+        return (self.dev, self.inode)
+
+    def position(self) -> LogPosition:
+        return LogPosition(self.dev, self.inode, self.offset)
+
+    def read_lines(self, chunk_bytes: int, max_line: int) -> tuple[list[str], int] | None:
+        """Read one chunk; return its complete lines and the offset after them, or None
+        at end of file."""
+        data = os.pread(self.fd, chunk_bytes, self.read_pos)
+        if not data:
+            return None
+        chunk_start = self.read_pos
+        self.read_pos += len(data)
+        last_newline = data.rfind(b"\n")
+        if last_newline < 0:
+            self._hold_partial(data, max_line)
+            return [], self.offset
+        if self.partial or self.discarding:
+            first_newline = data.find(b"\n")
+            if self.discarding:
+                first = bytes(self.partial)
+            else:
+                first = bytes(self.partial + data[:first_newline])[:max_line]
+            self.partial = bytearray()
+            self.discarding = False
+            lines = [first.decode("utf-8", "replace")]
+            if first_newline < last_newline:
+                lines += _split_lines(data[first_newline + 1 : last_newline], max_line)
+        else:
+            lines = _split_lines(data[:last_newline], max_line)
+        self._hold_partial(data[last_newline + 1 :], max_line)
+        return lines, chunk_start + last_newline + 1
+
+    def take_partial(self) -> str | None:
+        """The held-back unterminated last line, for a file that will not grow any more."""
+        if not self.partial:
+            return None
+        text = self.partial.decode("utf-8", "replace")
+        self.partial = bytearray()
+        self.discarding = False
+        return text
+
+    def _hold_partial(self, data: bytes, max_line: int) -> None:
+        if self.discarding or not data:
+            return
+        self.partial += data
+        if len(self.partial) > max_line:
+            del self.partial[max_line:]
+            self.discarding = True
+
+
+def _split_lines(block: bytes, max_line: int) -> list[str]:
+    # "\n" never occurs inside a UTF-8 sequence, so decoding the block then splitting
+    # equals splitting then decoding each line, at C speed.
+    lines = block.decode("utf-8", "replace").split("\n")
+    if len(block) > max_line and max(map(len, lines)) > max_line:
+        lines = [line[:max_line] for line in lines]
+    return lines
+
+
+class _Watches:
+    """inotify watches shared between followers (same directory, same inode)."""
+
+    def __init__(self, manager: Any) -> None:
+        self._manager = manager
+        self.dir_keys: dict[int, set[str]] = {}
+        self.inode_keys: dict[int, set[str]] = {}
+
+    def watch_dir(self, directory: Path, key: str) -> int | None:
+        return self._add(str(directory), _DIR_MASK, self.dir_keys, key)
+
+    def watch_inode(self, fd: int, key: str) -> int | None:
+        # /proc/self/fd/N resolves to the inode we hold open, not to whatever the name
+        # points at now.
+        return self._add(f"/proc/self/fd/{fd}", _INODE_MASK, self.inode_keys, key)
+
+    def unwatch_dir(self, wd: int, key: str) -> None:
+        self._remove(wd, self.dir_keys, key)
+
+    def unwatch_inode(self, wd: int, key: str) -> None:
+        self._remove(wd, self.inode_keys, key)
+
+    def forget(self, wd: int) -> set[str]:
+        """The kernel dropped this watch (IN_IGNORED); return the keys that used it."""
+        return self.dir_keys.pop(wd, set()) | self.inode_keys.pop(wd, set())
+
+    def _add(self, path: str, mask: int, table: dict[int, set[str]], key: str) -> int | None:
+        try:
+            result = self._manager.add_watch(path, mask, quiet=False)
+        except pyinotify.WatchManagerError as exc:
+            log.debug("cannot watch %s for %s: %s", path, key, exc)
+            return None
+        wd = result.get(path, -1)
+        if not isinstance(wd, int) or wd < 0:
+            return None
+        table.setdefault(wd, set()).add(key)
+        return wd
+
+    def _remove(self, wd: int, table: dict[int, set[str]], key: str) -> None:
+        keys = table.get(wd)
+        if keys is None:
+            return
+        keys.discard(key)
+        if keys:
+            return
+        del table[wd]
+        # It may already be gone with its file or directory.
+        with contextlib.suppress(pyinotify.WatchManagerError):
+            self._manager.rm_watch(wd, quiet=False)
+
+
+class _Follower:
+    """One followed path: its current file, rotated files still draining, position."""
+
+    def __init__(
+        self,
+        key: str,
+        path: Path,
+        resume: LogPosition | None,
+        on_lines: LineCallback,
+        watches: _Watches,
+        chunk_bytes: int,
+        max_line: int,
+    ) -> None:
+        self.key = key
+        self.path = path
+        self.on_lines = on_lines
+        self.resume = resume
+        self.last_position = resume
+        self.current: _OpenLog | None = None
+        self.draining: list[_OpenLog] = []
+        self.dir_watch: int | None = None
+        self.closed = False
+        self.continuation_scheduled = False
+        self._watches = watches
+        self._chunk_bytes = chunk_bytes
+        self._max_line = max_line
+        self._last_problem: str | None = None
+
+    # -- positions -------------------------------------------------------------------
+
+    def position(self) -> LogPosition | None:
+        if self.current is not None:
+            return self.current.position()
+        return self.last_position
+
+    # -- examination -----------------------------------------------------------------
+
+    def ensure_dir_watch(self) -> None:
+        if self.dir_watch is None:
+            self.dir_watch = self._watches.watch_dir(self.path.parent, self.key)
+
+    def poll(self, budget: int, at_recheck: bool = False) -> bool:
+        """Read whatever is new; True if the budget ran out with data left to read."""
+        try:
+            return self._poll(budget, at_recheck)
+        except OSError as exc:
+            self._report_problem(f"cannot read {self.path}: {exc}")
+            return False
+
+    def _poll(self, budget: int, at_recheck: bool) -> bool:
+        # Rotated files first: their lines are older than the current file's.
+        for old in list(self.draining):
+            budget = self._read(old, budget)
+            if self.closed:
+                return False
+            if budget <= 0:
+                return True
+            if old.writer_closed or os.fstat(old.fd).st_nlink == 0:
+                self._finish(old)
+            elif at_recheck:
+                if old.read_pos == old.read_pos_at_last_recheck:
+                    self._finish(old)
+                else:
+                    old.read_pos_at_last_recheck = old.read_pos
+        if self.closed:
+            return False
+        for _ in range(3):  # at most: drain old, switch to new, read new
+            if self.current is None and not self._open_current():
+                return False
+            current = self.current
+            assert current is not None
+            self._check_truncation(current)
+            budget = self._read(current, budget)
+            if self.closed:
+                return False
+            if budget <= 0:
+                return True
+            try:
+                st = os.stat(self.path)
+            except FileNotFoundError:
+                st = None
+            if st is not None and (st.st_dev, st.st_ino) == current.identity:
+                return False
+            if st is None:
+                if os.fstat(current.fd).st_nlink > 0:
+                    return False  # renamed away, no new file yet: keep following it
+                # Deleted: it is read to the end; wait for the name to be created again.
+                self.current = None
+                self._finish(current)
+                return False
+            # Replaced by a new file: the old one is read to its end; switch.
+            self.current = None
+            self.last_position = current.position()  # in case the new name vanishes
+            if os.fstat(current.fd).st_nlink == 0:
+                self._finish(current)
+            else:
+                self.draining.append(current)
+        return True  # replaced again and again meanwhile: carry on next turn
+
+    def _open_current(self) -> bool:
+        resume = self.resume
+        opened = self._open(self.path)
+        if opened is None:
+            if resume is not None:
+                # The name is gone; the saved file may live on under its rotated name.
+                found = self._find_inode(resume)
+                if found is not None:
+                    self.resume = None
+                    self._adopt(*found, offset=resume.offset)
+                    return True
+            return False
+        fd, st = opened
+        if resume is None:
+            self._adopt(fd, st, offset=0)
+            return True
+        self.resume = None
+        if (st.st_dev, st.st_ino) == (resume.dev, resume.inode):
+            self._adopt(fd, st, offset=resume.offset)
+            return True
+        found = self._find_inode(resume)
+        if found is None:
+            log.warning(
+                "%s: the file of the saved log position (inode %d) is gone; "
+                "reading %s from the start",
+                self.key,
+                resume.inode,
+                self.path,
+            )
+            self._adopt(fd, st, offset=0)
+            return True
+        # Rotated while we were away: finish the saved file first. The poll loop then
+        # sees that the name points elsewhere and switches to it.
+        os.close(fd)
+        self._adopt(*found, offset=resume.offset)
+        return True
+
+    def _adopt(self, fd: int, st: os.stat_result, offset: int) -> None:
+        if offset > st.st_size:
+            offset = 0  # truncated since the position was saved
+        reader = _OpenLog(fd, st, offset)
+        reader.watch = self._watches.watch_inode(fd, self.key)
+        self.current = reader
+        self._last_problem = None
+
+    def _open(self, path: Path) -> tuple[int, os.stat_result] | None:
+        try:
+            # O_NONBLOCK: a FIFO at the log path must not hang the loop.
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            self._report_problem(f"cannot open {path}: {exc}")
+            return None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            self._report_problem(f"{path} is not a regular file")
+            return None
+        return fd, st
+
+    def _find_inode(self, position: LogPosition) -> tuple[int, os.stat_result] | None:
+        try:
+            entries = list(os.scandir(self.path.parent))
+        except OSError:
+            return None
+        for entry in entries:
+            try:
+                if entry.inode() != position.inode:
+                    continue
+            except OSError:
+                continue
+            opened = self._open(Path(entry.path))
+            if opened is None:
+                continue
+            fd, st = opened
+            if (st.st_dev, st.st_ino) == (position.dev, position.inode):
+                return fd, st
+            os.close(fd)
+        return None
+
+    def _check_truncation(self, reader: _OpenLog) -> None:
+        size = os.fstat(reader.fd).st_size
+        truncated = size < reader.read_pos
+        if not truncated and reader.offset > 0:
+            # Truncated and refilled past our offset before we looked: the byte before
+            # the offset was a newline when we read it.
+            truncated = os.pread(reader.fd, 1, reader.offset - 1) != b"\n"
+        if not truncated:
+            return
+        log.info("%s: %s was truncated; reading it from the start", self.key, self.path)
+        rest = reader.take_partial()
+        reader.offset = reader.read_pos = 0
+        reader.read_pos_at_last_recheck = -1
+        if rest is not None:
+            self._deliver([rest])
+
+    def _read(self, reader: _OpenLog, budget: int) -> int:
+        while budget > 0 and not self.closed:
+            read_from = reader.read_pos
+            result = reader.read_lines(min(self._chunk_bytes, budget), self._max_line)
+            if result is None:
+                break
+            lines, offset = result
+            budget -= reader.read_pos - read_from
+            if lines:
+                try:
+                    self._deliver(lines)
+                finally:
+                    reader.offset = offset
+        return budget
+
+    def _finish(self, reader: _OpenLog) -> None:
+        """Close a file that will not be read again, delivering its unterminated tail."""
+        rest = reader.take_partial()
+        reader.offset = reader.read_pos
+        if reader is not self.current and reader in self.draining:
+            self.draining.remove(reader)
+        if self.current is None and not self.draining:
+            self.last_position = reader.position()
+        self._close_reader(reader)
+        if rest is not None:
+            self._deliver([rest])
+
+    def _close_reader(self, reader: _OpenLog) -> None:
+        if reader.watch is not None:
+            self._watches.unwatch_inode(reader.watch, self.key)
+            reader.watch = None
+        os.close(reader.fd)
+
+    def _deliver(self, lines: list[str]) -> None:
+        try:
+            self.on_lines(self.key, lines)
+        except Exception:
+            # A failing consumer must not stop the watcher; the lines count as delivered
+            # (re-delivering them would fail the same way forever).
+            log.exception("%s: line callback failed", self.key)
+
+    def _report_problem(self, problem: str) -> None:
+        if problem != self._last_problem:  # once per distinct problem, not every recheck
+            log.warning("%s: %s", self.key, problem)
+            self._last_problem = problem
+
+    def note_writer_closed(self, wd: int) -> None:
+        for reader in self.draining:
+            if reader.watch == wd:
+                reader.writer_closed = True
+
+    def close(self) -> None:
+        self.closed = True
+        for reader in [*self.draining, *([self.current] if self.current else [])]:
+            self._close_reader(reader)
+        if self.current is not None:
+            self.last_position = self.current.position()
+        self.current = None
+        self.draining = []
+        if self.dir_watch is not None:
+            self._watches.unwatch_dir(self.dir_watch, self.key)
+            self.dir_watch = None
+
+
+class LogWatcher:
+    """Follows many log files on one inotify instance, on the running asyncio loop.
+
+    Callbacks ``on_lines(key, lines)`` run on the loop thread with complete lines (no
+    trailing newline), in file order, in batches of up to one read chunk.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        read_chunk_bytes: int = READ_CHUNK_BYTES,
+        max_line_bytes: int = MAX_LINE_BYTES,
+        max_bytes_per_turn: int = MAX_BYTES_PER_TURN,
+    ) -> None:
+        self._loop = loop if loop is not None else asyncio.get_running_loop()
+        self._chunk_bytes = read_chunk_bytes
+        self._max_line = max_line_bytes
+        self._max_bytes_per_turn = max_bytes_per_turn
+        self._followers: dict[str, _Follower] = {}
+        self._manager = pyinotify.WatchManager()
+        self._watches = _Watches(self._manager)
+        self._notifier = pyinotify.Notifier(self._manager, default_proc_fun=self._on_event)
+        self._fd: int | None = self._manager.get_fd()
+        self._loop.add_reader(self._fd, self._on_readable)
+
+    # -- public API ------------------------------------------------------------------
+
+    def add(
+        self, key: str, path: Path, position: LogPosition | None, on_lines: LineCallback
+    ) -> None:
+        """Follow ``path`` from ``position`` (None: from the start of the file).
+
+        A missing file (or directory) is not an error: it is read once it appears.
+        The first read happens on the next loop turn, not inside this call.
+        """
+        if self._fd is None:
+            raise RuntimeError("LogWatcher is closed")
+        if key in self._followers:
+            raise ValueError(f"log {key!r} is already followed")
+        follower = _Follower(
+            key,
+            Path(os.path.abspath(path)),
+            position,
+            on_lines,
+            self._watches,
+            self._chunk_bytes,
+            self._max_line,
+        )
+        self._followers[key] = follower
+        follower.ensure_dir_watch()  # before the first read, so no change slips between
+        self._schedule(follower)
+
+    def remove(self, key: str) -> None:
+        follower = self._followers.pop(key, None)
+        if follower is not None:
+            follower.close()
+
+    def positions(self) -> dict[str, LogPosition]:
+        result: dict[str, LogPosition] = {}
+        for key, follower in self._followers.items():
+            position = follower.position()
+            if position is not None:
+                result[key] = position
+        return result
+
+    def recheck(self) -> None:
+        """Examine every file by stat, as if an event had come for each (backs inotify
+        up: the daemon calls this every few seconds)."""
+        for follower in list(self._followers.values()):
+            follower.ensure_dir_watch()
+            self._poll(follower, at_recheck=True)
+
+    def on_queue_overflow(self) -> None:
+        """inotify dropped events: every file may have changed."""
+        log.warning("inotify event queue overflowed; rechecking every log")
+        self.recheck()
+
+    def close(self) -> None:
+        if self._fd is None:
+            return
+        for follower in self._followers.values():
+            follower.close()
+        self._followers.clear()
+        self._loop.remove_reader(self._fd)
+        self._notifier.stop()  # closes the inotify fd (and with it every watch)
+        self._fd = None
+
+    # -- inotify ---------------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        try:
+            self._notifier.read_events()
+        except (pyinotify.NotifierError, UnicodeDecodeError, OSError) as exc:
+            # pyinotify could not decode a batch (e.g. a non-UTF-8 file name in a
+            # watched directory): those events are lost, so look at everything.
+            log.warning("reading inotify events failed: %s", exc)
+            self.on_queue_overflow()
+        self._notifier.process_events()
+
+    def _on_event(self, event: Any) -> None:
+        try:
+            self._dispatch(event)
+        except Exception:
+            log.exception("handling inotify event %r failed", event)
+
+    def _dispatch(self, event: Any) -> None:
+        mask: int = event.mask
+        if mask & pyinotify.IN_Q_OVERFLOW:
+            self.on_queue_overflow()
+            return
+        wd: int = event.wd
+        if mask & pyinotify.IN_IGNORED:
+            # The watched directory (or inode) is gone; recheck() will watch it again.
+            for key in self._watches.forget(wd):
+                follower = self._followers.get(key)
+                if follower is not None and follower.dir_watch == wd:
+                    follower.dir_watch = None
+            return
+        dir_keys = self._watches.dir_keys.get(wd)
+        if dir_keys:
+            name = event.name
+            for key in list(dir_keys):
+                follower = self._followers.get(key)
+                if follower is not None and follower.path.name == name:
+                    self._poll(follower)
+        inode_keys = self._watches.inode_keys.get(wd)
+        if inode_keys:
+            for key in list(inode_keys):
+                follower = self._followers.get(key)
+                if follower is None:
+                    continue
+                if mask & pyinotify.IN_CLOSE_WRITE:
+                    follower.note_writer_closed(wd)
+                self._poll(follower)
+
+    # -- reading ---------------------------------------------------------------------
+
+    def _schedule(self, follower: _Follower) -> None:
+        if not follower.continuation_scheduled:
+            follower.continuation_scheduled = True
+            self._loop.call_soon(self._continue, follower)
+
+    def _continue(self, follower: _Follower) -> None:
+        follower.continuation_scheduled = False
+        if self._followers.get(follower.key) is follower:
+            self._poll(follower)
+
+    def _poll(self, follower: _Follower, at_recheck: bool = False) -> None:
+        if follower.poll(self._max_bytes_per_turn, at_recheck):
+            self._schedule(follower)  # more to read: continue after other callbacks
