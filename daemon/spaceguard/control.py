@@ -1,0 +1,663 @@
+"""The control socket: newline-delimited JSON requests from `spaceguardctl`, on the guard's loop.
+
+One request per line, one reply per line, several per connection::
+
+    → {"v": 1, "verb": "pause", "args": {"account": "alice", "reason": "disk swap"}, "id": 7}
+    ← {"v": 1, "ok": true, "result": {"message": "alice: paused ..."}, "id": 7}
+    ← {"v": 1, "ok": false, "error": {"code": "forbidden", "message": "..."}}
+
+Requests are parsed with `json` only (never pickle, never eval) and every argument is
+checked before the backend sees it. Who may do what comes from the kernel (SO_PEERCRED),
+not from anything the client says. Every client is its own task with a deadline for each
+line and each reply, and their number is capped, so a bad or slow client costs the loop
+nothing: the guard's decisions and watchdog keep their timing.
+
+The socket is either created here (mode 0660, group set to the admin or reader group) or
+inherited from systemd socket activation (`LISTEN_FDS`, see systemd/spaceguard.socket).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import json
+import logging
+import math
+import os
+import pwd
+import re
+import socket
+import stat
+import struct
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from . import __version__
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1
+MAX_LINE_BYTES = 64 * 1024  # a request line, without its newline
+SD_LISTEN_FDS_START = 3  # the first fd systemd passes (sd_listen_fds(3))
+IDENTITY_CACHE_SECONDS = 10.0  # group changes show up within this long
+
+ACCOUNT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")
+INCIDENT_ID_RE = re.compile(r"^[A-Za-z0-9_.@:-]{1,200}$")
+MAX_REASON_CHARS = 500
+MAX_PATH_CHARS = 4096
+MAX_REQUEST_ID_CHARS = 200
+MAX_REQUEST_ID_INT = 2**53  # what a JSON number can hold exactly in every client
+
+READ_VERBS = frozenset({"status", "incidents", "show", "check-config", "version"})
+CHANGE_VERBS = frozenset({"pause", "resume", "retry", "ack", "reload"})
+VERBS = READ_VERBS | CHANGE_VERBS
+
+
+class ControlBackend(Protocol):
+    def status(self) -> dict[str, Any]: ...
+    async def operator(self, verb: str, account: str, reason: str, force: bool, who: str) -> tuple[bool, str]: ...  # verb: pause|resume|retry  # noqa: E501
+    def incidents(self, account: str | None) -> list[dict[str, Any]]: ...
+    def incident(self, incident_id: str) -> dict[str, Any] | None: ...
+    def ack(self, incident_id: str, who: str) -> tuple[bool, str]: ...
+    async def reload(self) -> tuple[bool, str]: ...
+    def check_config(self, path: str | None) -> tuple[bool, str]: ...
+
+
+class ControlError(Exception):
+    """The control socket cannot be set up; phrased for the operator."""
+
+
+# --- who is asking --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Peer:
+    """The process at the other end of a connection, as the kernel reports it."""
+
+    uid: int
+    gid: int
+    pid: int
+    user: str = ""  # "" when the uid has no passwd entry
+    gids: frozenset[int] = frozenset()  # primary and supplementary groups
+
+    @property
+    def who(self) -> str:
+        return f"uid {self.uid} ({self.user or 'no passwd entry'})"
+
+
+@dataclass(frozen=True)
+class Access:
+    """Which groups may read and which may change; gids are None when a group is unset or
+    does not exist (then only root has that right)."""
+
+    reader_group: str = ""
+    admin_group: str = ""
+    reader_gid: int | None = None
+    admin_gid: int | None = None
+
+    def may_change(self, peer: Peer) -> bool:
+        return peer.uid == 0 or (self.admin_gid is not None and self.admin_gid in peer.gids)
+
+    def may_read(self, peer: Peer) -> bool:
+        return (self.may_change(peer)
+                or (self.reader_gid is not None and self.reader_gid in peer.gids))
+
+    def allows(self, peer: Peer, verb: str) -> bool:
+        return self.may_read(peer) if verb in READ_VERBS else self.may_change(peer)
+
+    def requirement(self, verb: str) -> str:
+        """What a caller needs for `verb`, for the refusal message."""
+        groups = [self.admin_group] if verb in CHANGE_VERBS else [self.reader_group,
+                                                                  self.admin_group]
+        named = [f"group {name!r}" for name in dict.fromkeys(groups) if name]
+        if not named:
+            return "root (no group is configured for it)"
+        return "root or membership in " + " or ".join(named)
+
+
+class IdentityCache:
+    """uid → (user name, groups) and group name → gid, kept briefly: the lookups read
+    /etc/passwd and /etc/group, and a burst of clients should not repeat them."""
+
+    def __init__(self, ttl: float = IDENTITY_CACHE_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl, self.clock = ttl, clock
+        self._users: dict[tuple[int, int], tuple[float, str, frozenset[int]]] = {}
+        self._groups: dict[str, tuple[float, int | None]] = {}
+
+    def user(self, uid: int, gid: int) -> tuple[str, frozenset[int]]:
+        now = self.clock()
+        cached = self._users.get((uid, gid))
+        if cached is not None and now - cached[0] < self.ttl:
+            return cached[1], cached[2]
+        try:
+            name = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            name = ""
+        gids = {gid}
+        if name:
+            with contextlib.suppress(OSError):
+                gids.update(os.getgrouplist(name, gid))
+        if len(self._users) > 1024:  # bounded: uids are few, but never trust that
+            self._users.clear()
+        self._users[(uid, gid)] = (now, name, frozenset(gids))
+        return name, frozenset(gids)
+
+    def group(self, name: str) -> int | None:
+        if not name:
+            return None
+        now = self.clock()
+        cached = self._groups.get(name)
+        if cached is not None and now - cached[0] < self.ttl:
+            return cached[1]
+        try:
+            gid: int | None = grp.getgrnam(name).gr_gid
+        except KeyError:
+            gid = None
+        self._groups[name] = (now, gid)
+        return gid
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the connecting process, from the kernel (SO_PEERCRED)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+# --- one request ------------------------------------------------------------------------------
+
+
+class RequestError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def error_reply(code: str, message: str, request_id: str | int | None = None) -> dict[str, Any]:
+    reply: dict[str, Any] = {"v": PROTOCOL_VERSION, "ok": False,
+                             "error": {"code": code, "message": message}}
+    if request_id is not None:
+        reply["id"] = request_id
+    return reply
+
+
+def _account(name: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise RequestError("bad-request", f"{name} must be a string, got {_kind(value)}")
+    if not ACCOUNT_RE.match(value):
+        raise RequestError("bad-request", f"{name} {_clip(value)!r} is not an account name "
+                                          "(letters, digits, '_.@-', at most 128)")
+    return value
+
+
+def _incident_id(name: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise RequestError("bad-request", f"{name} must be a string, got {_kind(value)}")
+    if not INCIDENT_ID_RE.match(value):
+        raise RequestError("bad-request", f"{name} {_clip(value)!r} is not an incident id "
+                                          "(letters, digits, '_.@:-', at most 200)")
+    return value
+
+
+def _reason(name: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise RequestError("bad-request", f"{name} must be a string, got {_kind(value)}")
+    if len(value) > MAX_REASON_CHARS:
+        raise RequestError("bad-request", f"{name} is {len(value)} characters; "
+                                          f"at most {MAX_REASON_CHARS}")
+    # it ends up in the journal and in STATUS=: one printable line, or it could forge entries
+    if any(not char.isprintable() for char in value):
+        raise RequestError("bad-request", f"{name} must be one line of printable text")
+    return value
+
+
+def _flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise RequestError("bad-request", f"{name} must be true or false, got {_kind(value)}")
+    return value
+
+
+def _config_path(name: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise RequestError("bad-request", f"{name} must be a string, got {_kind(value)}")
+    if not value.startswith("/") or len(value) > MAX_PATH_CHARS or "\0" in value:
+        raise RequestError("bad-request", f"{name} must be an absolute path "
+                                          f"(at most {MAX_PATH_CHARS} characters)")
+    return value
+
+
+ArgCheck = Callable[[str, object], Any]
+
+# verb → {argument: (check, required)}
+ARGUMENTS: Mapping[str, Mapping[str, tuple[ArgCheck, bool]]] = {
+    "status": {},
+    "version": {},
+    "incidents": {"account": (_account, False)},
+    "show": {"incident": (_incident_id, True)},
+    "check-config": {"path": (_config_path, False)},
+    "pause": {"account": (_account, True), "reason": (_reason, False)},
+    "resume": {"account": (_account, True), "force": (_flag, False)},
+    "retry": {"account": (_account, True)},
+    "ack": {"incident": (_incident_id, True)},
+    "reload": {},
+}
+assert set(ARGUMENTS) == VERBS
+
+
+def _kind(value: object) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+            int: "a number", float: "a number", type(None): "null"}.get(type(value),
+                                                                        type(value).__name__)
+
+
+def _clip(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _check_args(verb: str, raw: object) -> dict[str, Any]:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RequestError("bad-request", f"args must be an object, got {_kind(raw)}")
+    spec = ARGUMENTS[verb]
+    unknown = sorted(set(raw) - set(spec))
+    if unknown:
+        allowed = ", ".join(spec) or "none"
+        raise RequestError("bad-request", f"{verb}: unknown argument {_clip(unknown[0])!r} "
+                                          f"(allowed: {allowed})")
+    args: dict[str, Any] = {}
+    for name, (check, required) in spec.items():
+        if name in raw:
+            args[name] = check(name, raw[name])
+        elif required:
+            raise RequestError("bad-request", f"{verb}: missing argument {name!r}")
+    return args
+
+
+def _request_id(request: dict[str, Any]) -> str | int | None:
+    if "id" not in request:
+        return None
+    value = request["id"]
+    if isinstance(value, str) and len(value) <= MAX_REQUEST_ID_CHARS:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) <= MAX_REQUEST_ID_INT:
+        return value
+    raise RequestError("bad-request", f"id must be a string of at most {MAX_REQUEST_ID_CHARS} "
+                                      f"characters or an integer, got {_kind(value)}")
+
+
+def _parse(line: bytes) -> dict[str, Any]:
+    if len(line) > MAX_LINE_BYTES:
+        raise RequestError("too-long", f"request is {len(line)} bytes; at most {MAX_LINE_BYTES}")
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise RequestError("bad-json", f"request is not UTF-8 (byte {error.start})") from None
+    if not text.strip():
+        raise RequestError("bad-json", "empty request line")
+    try:
+        request = json.loads(text)
+    except RecursionError:  # deeply nested arrays: the parser recurses
+        raise RequestError("bad-json", "request is nested too deeply") from None
+    except ValueError as error:  # JSONDecodeError, and integers too long to convert
+        raise RequestError("bad-json", f"request is not valid JSON: {error}") from None
+    if not isinstance(request, dict):
+        raise RequestError("bad-request", f"request must be a JSON object, got {_kind(request)}")
+    return request
+
+
+def _check_envelope(request: dict[str, Any]) -> str:
+    """Check v, verb and the top-level keys; return the verb."""
+    unknown = sorted(set(request) - {"v", "verb", "args", "id"})
+    if unknown:
+        raise RequestError("bad-request", f"unknown key {_clip(unknown[0])!r} "
+                                          "(a request has v, verb, args and id)")
+    if "v" not in request:
+        raise RequestError("bad-request", f"missing protocol version \"v\" "
+                                          f"(this guard speaks {PROTOCOL_VERSION})")
+    version = request["v"]
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise RequestError("bad-request", f"v must be an integer, got {_kind(version)}")
+    if version != PROTOCOL_VERSION:
+        raise RequestError("unsupported-version", f"protocol version {_clip(str(version))} is "
+                                                  f"not supported (this guard speaks "
+                                                  f"{PROTOCOL_VERSION})")
+    verb = request.get("verb")
+    if not isinstance(verb, str):
+        raise RequestError("bad-request", f"verb must be a string, got {_kind(verb)}")
+    if verb not in VERBS:
+        raise RequestError("unknown-verb", f"unknown verb {_clip(verb)!r} "
+                                           f"(known: {', '.join(sorted(VERBS))})")
+    return verb
+
+
+def _outcome(verb: str, outcome: object) -> dict[str, Any]:
+    """A backend's (ok, message) as a result, or a `refused` error."""
+    if (not isinstance(outcome, tuple) or len(outcome) != 2 or not isinstance(outcome[0], bool)
+            or not isinstance(outcome[1], str)):
+        raise RequestError("internal", f"{verb}: the guard returned {_kind(outcome)} "
+                                       "instead of (ok, message)")
+    ok, message = outcome
+    if not ok:
+        raise RequestError("invalid-config" if verb == "check-config" else "refused", message)
+    return {"message": message}
+
+
+async def _dispatch(verb: str, args: dict[str, Any], peer: Peer,
+                    backend: ControlBackend) -> object:
+    if verb == "version":
+        return {"version": __version__, "protocol": PROTOCOL_VERSION}
+    if verb == "status":
+        return backend.status()
+    if verb == "incidents":
+        return backend.incidents(args.get("account"))
+    if verb == "show":
+        record = backend.incident(args["incident"])
+        if record is None:
+            raise RequestError("not-found", f"no incident {args['incident']!r}")
+        return record
+    if verb == "check-config":
+        return _outcome(verb, backend.check_config(args.get("path")))
+    if verb in ("pause", "resume", "retry"):
+        return _outcome(verb, await backend.operator(verb, args["account"],
+                                                     args.get("reason", ""),
+                                                     args.get("force", False), peer.who))
+    if verb == "ack":
+        return _outcome(verb, backend.ack(args["incident"], peer.who))
+    if verb == "reload":
+        return _outcome(verb, await backend.reload())
+    raise RequestError("unknown-verb", f"unknown verb {verb!r}")  # unreachable: VERBS checked
+
+
+def jsonable(value: object, depth: int = 0) -> object:
+    """`value` as plain JSON data; non-finite floats become null (JSON has no NaN, and
+    `jq` rejects Python's `Infinity`). Raises TypeError for anything else."""
+    if depth > 64:
+        raise TypeError("result is nested too deeply")
+    if value is None or isinstance(value, str | bool | int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        if not all(isinstance(key, str) for key in value):
+            raise TypeError("result has an object key that is not a string")
+        return {key: jsonable(item, depth + 1) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(item, depth + 1) for item in value]
+    raise TypeError(f"result contains {type(value).__name__}, which JSON cannot carry")
+
+
+async def handle_line(line: bytes, peer: Peer, backend: ControlBackend,
+                      access: Access | None = None) -> dict[str, Any]:
+    """One request line (without its newline) → one reply. Never raises (except for
+    cancellation): bad input and backend failures both come back as error replies."""
+    access = access or Access()
+    request_id: str | int | None = None
+    verb = ""
+    try:
+        request = _parse(line)
+        request_id = _request_id(request)
+        verb = _check_envelope(request)
+        if verb == "check-config" and isinstance(request.get("args"), dict) \
+                and "path" in request["args"] and not access.may_change(peer):
+            # checking another file makes the guard (root) read it: only for those who
+            # could change the guard anyway
+            raise RequestError("forbidden", f"check-config with a path needs "
+                                            f"{access.requirement('reload')}; you are "
+                                            f"{peer.who}")
+        if not access.allows(peer, verb):
+            raise RequestError("forbidden", f"{verb} needs {access.requirement(verb)}; "
+                                            f"you are {peer.who}")
+        args = _check_args(verb, request.get("args"))
+        result = jsonable(await _dispatch(verb, args, peer, backend))
+    except RequestError as error:
+        if error.code == "forbidden":
+            log.warning("control: refused %s for %s, pid %d: %s", verb, peer.who, peer.pid,
+                        error.message)
+        return error_reply(error.code, error.message, request_id)
+    except TypeError as error:  # from jsonable: the backend returned something odd
+        log.error("control: %s: cannot send the result: %s", verb, error)
+        return error_reply("internal", f"{verb}: {error}", request_id)
+    except Exception as error:
+        log.error("control: %s for %s failed: %s", verb, peer.who, error, exc_info=True)
+        return error_reply("internal", f"{verb} failed: {type(error).__name__}: {error}",
+                           request_id)
+    reply: dict[str, Any] = {"v": PROTOCOL_VERSION, "ok": True, "result": result}
+    if request_id is not None:
+        reply["id"] = request_id
+    return reply
+
+
+def encode_reply(reply: Mapping[str, Any]) -> bytes:
+    return json.dumps(reply, ensure_ascii=False, allow_nan=False,
+                      separators=(",", ":")).encode("utf-8") + b"\n"
+
+
+# --- the listening socket -----------------------------------------------------------------
+
+
+def inherited_socket(environ: Mapping[str, str] | None = None,
+                     pid: int | None = None) -> socket.socket | None:
+    """The listening socket systemd passed (socket activation), or None.
+
+    sd_listen_fds(): the fds are for us only when LISTEN_PID is our pid (a child of ours
+    inherits the environment but must not take them). The variables are removed so that
+    processes we start do not see them either.
+    """
+    env = os.environ if environ is None else environ
+    listen_pid, listen_fds = env.get("LISTEN_PID", ""), env.get("LISTEN_FDS", "")
+    if not (listen_pid.isdigit() and listen_fds.isdigit() and int(listen_fds) >= 1):
+        return None
+    if int(listen_pid) != (os.getpid() if pid is None else pid):
+        return None
+    if environ is None:
+        for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+            os.environ.pop(name, None)
+    if int(listen_fds) > 1:
+        log.warning("control: systemd passed %s sockets; using the first (fd %d)", listen_fds,
+                    SD_LISTEN_FDS_START)
+    try:
+        sock = socket.socket(fileno=SD_LISTEN_FDS_START)
+    except OSError as error:
+        raise ControlError(f"LISTEN_FDS is set but fd {SD_LISTEN_FDS_START} is not a socket: "
+                           f"{error.strerror}") from None
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        sock.detach()
+        raise ControlError(f"the socket systemd passed (fd {SD_LISTEN_FDS_START}) is not a Unix "
+                           "stream socket: check ListenStream= in spaceguard.socket")
+    os.set_inheritable(sock.fileno(), False)
+    sock.setblocking(False)
+    return sock
+
+
+def _remove_stale_socket(path: Path) -> None:
+    """Remove a socket file nothing listens on; refuse to touch anything else."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ControlError(f"{path} exists and is not a socket; not removing it "
+                           "(check control_socket in the config)")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    try:
+        probe.connect(str(path))
+    except ConnectionRefusedError:
+        path.unlink(missing_ok=True)  # stale: left by a guard that died
+        return
+    except BlockingIOError:
+        pass  # backlog full: someone is listening
+    except OSError as error:
+        raise ControlError(f"{path}: cannot check the existing socket: {error.strerror}") from None
+    finally:
+        probe.close()
+    raise ControlError(f"{path}: another process is already listening (another spaceguard?)")
+
+
+def bind_socket(path: Path, group: str, backlog: int) -> socket.socket:
+    """Create the listening socket: parent dir, stale file removed, mode 0660, group."""
+    try:
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    except OSError as error:
+        raise ControlError(f"cannot create {path.parent}: {error.strerror}") from None
+    _remove_stale_socket(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        # permissions are set before listen(): nobody can connect in between
+        os.chmod(path, 0o660)
+        if group:
+            try:
+                os.chown(path, -1, grp.getgrnam(group).gr_gid)
+            except KeyError:
+                log.warning("control: group %r does not exist; only the guard's own user "
+                            "and group can connect to %s", group, path)
+            except PermissionError:
+                # unprivileged guard (User=spaceguard) not in that group: still serve root
+                log.warning("control: cannot give %s to group %r (the guard's user must be a "
+                            "member; or use spaceguard.socket)", path, group)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as error:
+        sock.close()
+        raise ControlError(f"cannot listen on {path}: {error.strerror}") from None
+    return sock
+
+
+# --- the server ---------------------------------------------------------------------------------
+
+
+class ControlServer:
+    """Serves the control socket on the running loop; one task per client."""
+
+    def __init__(self, path: Path, reader_group: str, admin_group: str,
+                 backend: ControlBackend, idle_timeout: float = 5.0,
+                 max_clients: int = 256) -> None:
+        self.path = path
+        self.reader_group, self.admin_group = reader_group, admin_group
+        self.backend = backend
+        self.idle_timeout = idle_timeout
+        self.max_clients = max_clients
+        self.identities = IdentityCache()
+        self.inherited = False
+        self._server: asyncio.AbstractServer | None = None
+        self._bound_inode: tuple[int, int] | None = None
+        self._clients: set[asyncio.Task[Any]] = set()
+        self.served_requests = 0
+        self.refused_busy = 0
+
+    @property
+    def client_count(self) -> int:
+        return len(self._clients)
+
+    async def start(self) -> None:
+        sock = inherited_socket()
+        if sock is not None:
+            self.inherited = True
+            log.info("control: using the socket from systemd (%s)", sock.getsockname() or "?")
+        else:
+            for name in (self.admin_group, self.reader_group):
+                if name and self.identities.group(name) is None:
+                    log.warning("control: configured group %r does not exist", name)
+            socket_group = next((name for name in (self.admin_group, self.reader_group)
+                                 if name and self.identities.group(name) is not None), "")
+            sock = bind_socket(self.path, socket_group, backlog=max(128, 2 * self.max_clients))
+            st = self.path.stat()
+            self._bound_inode = (st.st_dev, st.st_ino)
+            log.info("control: listening on %s", self.path)
+        # readuntil() enforces the line limit: a client cannot grow the buffer past it
+        self._server = await asyncio.start_unix_server(self._client_connected, sock=sock,
+                                                       limit=MAX_LINE_BYTES)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._clients):
+            task.cancel()
+        if self._clients:
+            await asyncio.gather(*self._clients, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+        if self._bound_inode is not None:  # ours to remove; systemd's socket is not
+            with contextlib.suppress(OSError):
+                st = self.path.lstat()
+                if (st.st_dev, st.st_ino) == self._bound_inode:
+                    self.path.unlink()
+            self._bound_inode = None
+
+    def access(self) -> Access:
+        return Access(self.reader_group, self.admin_group,
+                      self.identities.group(self.reader_group),
+                      self.identities.group(self.admin_group))
+
+    def _peer(self, writer: asyncio.StreamWriter) -> Peer:
+        sock = writer.get_extra_info("socket")
+        pid, uid, gid = peer_credentials(sock)
+        user, gids = self.identities.user(uid, gid)
+        return Peer(uid=uid, gid=gid, pid=pid, user=user, gids=gids)
+
+    async def _client_connected(self, reader: asyncio.StreamReader,
+                                writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        if len(self._clients) >= self.max_clients:
+            self.refused_busy += 1
+            with contextlib.suppress(OSError):
+                writer.write(encode_reply(error_reply(
+                    "busy", f"too many clients ({self.max_clients}); try again")))
+            writer.close()
+            return
+        self._clients.add(task)
+        try:
+            await self._serve(reader, writer)
+        except OSError:
+            pass  # the client went away, or did not read its replies (TimeoutError)
+        except Exception:  # a bug here must cost one client, not the guard
+            log.exception("control: client task failed")
+        finally:
+            self._clients.discard(task)
+            writer.close()
+
+    async def _send(self, writer: asyncio.StreamWriter, reply: Mapping[str, Any]) -> None:
+        writer.write(encode_reply(reply))
+        # a client that does not read its replies must not hold the task forever
+        async with asyncio.timeout(self.idle_timeout):
+            await writer.drain()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            peer = self._peer(writer)
+        except (OSError, struct.error) as error:
+            log.error("control: cannot read the peer's credentials: %s", error)
+            await self._send(writer, error_reply("internal", "cannot identify the caller"))
+            return
+        while True:
+            last = False
+            try:
+                async with asyncio.timeout(self.idle_timeout):
+                    line = await reader.readuntil(b"\n")
+            except TimeoutError:
+                await self._send(writer, error_reply(
+                    "timeout", f"no complete request within {self.idle_timeout:g} s; closing"))
+                return
+            except asyncio.LimitOverrunError:
+                await self._send(writer, error_reply(
+                    "too-long", f"request line longer than {MAX_LINE_BYTES} bytes; closing"))
+                return
+            except asyncio.IncompleteReadError as eof:
+                if not eof.partial.strip():
+                    return  # the client is done
+                line, last = eof.partial, True  # a last request without its newline
+            reply = await handle_line(line.rstrip(b"\r\n"), peer, self.backend, self.access())
+            self.served_requests += 1
+            await self._send(writer, reply)
+            if last:
+                return
+
