@@ -7,6 +7,7 @@ returns a complete `Config` or raises `ConfigError`.
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -164,7 +165,10 @@ def parse_size(value: object) -> int:
     if not match or match.group(2).lower() not in _SIZE_UNITS:
         raise ValueError(f"cannot read {value!r} as a size "
                          "(use e.g. 1048576, \"500MiB\", \"50GiB\")")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    amount = float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+    if not math.isfinite(amount):  # hundreds of digits: int() would raise OverflowError
+        raise ValueError(f"{value!r} is too large to be a size")
+    return int(amount)
 
 
 def parse_threshold(value: object, *, sizes: bool = True) -> Threshold:
@@ -191,6 +195,8 @@ def parse_duration(value: object) -> float:
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError(f"a duration cannot be negative: {value}")
+        if not math.isfinite(value):  # TOML has nan and inf; neither is a duration
+            raise ValueError(f"a duration must be a finite number of seconds, got {value}")
         return float(value)
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"expected a duration like \"30s\" or \"15m\", got {value!r}")
@@ -202,6 +208,8 @@ def parse_duration(value: object) -> float:
     total = 0.0
     for match in _DURATION_RE.finditer(text):
         total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if not math.isfinite(total):
+        raise ValueError(f"{value!r} is too long to be a duration")
     return total
 
 
@@ -511,7 +519,8 @@ def _check_unique(source: Path, migrations: tuple[MigrationConfig, ...]) -> None
         accounts[migration.account] = index
         for unit in migration.units:
             if unit in units and units[unit] != index:
-                raise ConfigError(f"{source}: migrations[{index}].unit: {unit!r} is already "
+                key = "unit" if unit == migration.unit else "resume_unit"
+                raise ConfigError(f"{source}: migrations[{index}].{key}: {unit!r} is already "
                                   f"managed by migrations[{units[unit]}] (one unit, one migration)")
             units[unit] = index
 
