@@ -63,6 +63,7 @@ LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "notice": journal.NO
 TICK_INTERVAL = 1.0
 CONTEXT_LINES = 200  # per migration, for incident context
 POSITION_SAVE_INTERVAL = 1.0
+STATUS_INTERVAL = 1.0
 
 
 class Guard:
@@ -93,6 +94,8 @@ class Guard:
         self.tasks: set[asyncio.Task[Any]] = set()
         self._durable_key: tuple[Any, ...] = ()
         self._positions_dirty = False
+        self._status_key: tuple[Any, ...] = ()
+        self._status_sent = 0.0
         self.systemd = SystemdClient(config.guard.bus_address, self._units(config),
                                      self._on_unit, self._on_connection)
         self.logwatch = LogWatcher()
@@ -234,6 +237,16 @@ class Guard:
             self._execute(action)
         self._save()
         if self.ready:
+            self._update_status()
+
+    def _update_status(self, force: bool = False) -> None:
+        """STATUS= goes to PID 1, which is on the path of every freeze: send it when what
+        an operator acts on changes (holds, failures, bus, config), else once a second."""
+        key = (self.state.migrations, self.state.bus_connected, self.config_problem,
+               tuple((v.up, v.low) for v in self.state.volumes.values()))
+        now = time.monotonic()
+        if force or key != self._status_key or now - self._status_sent >= STATUS_INTERVAL:
+            self._status_key, self._status_sent = key, now
             self.notifier.status(self.status_line())
 
     # -- actions out ----------------------------------------------------------------------
@@ -264,12 +277,15 @@ class Guard:
     async def _unit_action(self, action: UnitAction) -> None:
         method = {"freeze": self.systemd.freeze, "thaw": self.systemd.thaw,
                   "stop": self.systemd.stop, "start": self.systemd.start}[action.kind]
+        started = time.monotonic()
         try:
             await method(action.unit)
         except Exception as error:  # any failure is reported back to the policy
             self.counters.actions[(action.kind, action.reason, "error")] += 1
             self.handle(ActionDone(action, False, str(error) or type(error).__name__))
         else:
+            log.info("%s %s: D-Bus call took %.1f ms", action.kind, action.unit,
+                     (time.monotonic() - started) * 1000)
             self.counters.actions[(action.kind, action.reason, "ok")] += 1
             if action.reason == "retry":
                 self.counters.retries[action.account] += 1
