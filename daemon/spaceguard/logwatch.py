@@ -41,6 +41,7 @@ import logging
 import os
 import stat
 import warnings
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,7 @@ MAX_LINE_BYTES: Final = 64 << 10
 # A large backlog (say after a restart) is read in slices so the loop keeps turning
 # (watchdog pings, other migrations' events) between them.
 MAX_BYTES_PER_TURN: Final = 8 << 20
+HEAD_CHECK_BYTES: Final = 256
 
 _DIR_MASK: Final = (
     pyinotify.IN_CREATE
@@ -84,14 +86,23 @@ LineCallback = Callable[[str, list[str]], None]
 
 @dataclass(frozen=True)
 class LogPosition:
-    """Where reading stopped: the end of the last complete line delivered."""
+    """Where reading stopped: the end of the last complete line delivered.
+
+    ``head_crc32`` is the CRC-32 of the file's first ``min(offset, 256)`` bytes: ext4
+    readily reuses the inode number of a deleted log for the next file created, so
+    (dev, inode) alone could resume a *new* file in the middle. None: not checked.
+    """
 
     dev: int
     inode: int
     offset: int
+    head_crc32: int | None = None
 
     def to_json(self) -> dict[str, int]:
-        return {"dev": self.dev, "inode": self.inode, "offset": self.offset}
+        data = {"dev": self.dev, "inode": self.inode, "offset": self.offset}
+        if self.head_crc32 is not None:
+            data["head_crc32"] = self.head_crc32
+        return data
 
     @classmethod
     def from_json(cls, data: object) -> LogPosition:
@@ -104,7 +115,18 @@ class LogPosition:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"log position field {name!r} must be an integer >= 0")
             values[name] = value
-        return cls(**values)
+        head = data.get("head_crc32")
+        if head is not None and (isinstance(head, bool) or not isinstance(head, int) or head < 0):
+            raise ValueError("log position field 'head_crc32' must be an integer >= 0")
+        return cls(values["dev"], values["inode"], values["offset"], head)
+
+    def matches_head(self, fd: int) -> bool:
+        """Whether the open file starts as the file this position was taken in did."""
+        if self.head_crc32 is None:
+            return True
+        length = min(self.offset, HEAD_CHECK_BYTES)
+        head = os.pread(fd, length, 0)
+        return len(head) == length and zlib.crc32(head) == self.head_crc32
 
     @classmethod
     def end_of(cls, path: Path) -> LogPosition | None:
@@ -121,11 +143,16 @@ class LogPosition:
                 start = max(0, end - MAX_LINE_BYTES)
                 newline = os.pread(fd, end - start, start).rfind(b"\n")
                 if newline >= 0:
-                    return cls(st.st_dev, st.st_ino, start + newline + 1)
+                    offset = start + newline + 1
+                    return cls(st.st_dev, st.st_ino, offset, _head_crc32(fd, offset))
                 end = start
-            return cls(st.st_dev, st.st_ino, 0)
+            return cls(st.st_dev, st.st_ino, 0, _head_crc32(fd, 0))
         finally:
             os.close(fd)
+
+
+def _head_crc32(fd: int, offset: int) -> int:
+    return zlib.crc32(os.pread(fd, min(offset, HEAD_CHECK_BYTES), 0))
 
 
 class _OpenLog:
@@ -142,13 +169,21 @@ class _OpenLog:
         self.watch: int | None = None
         self.writer_closed = False
         self.read_pos_at_last_recheck = -1
+        self._head_crc: tuple[int, int] | None = None  # (length, crc) of the first bytes
 
     @property
     def identity(self) -> tuple[int, int]:
         return (self.dev, self.inode)
 
     def position(self) -> LogPosition:
-        return LogPosition(self.dev, self.inode, self.offset)
+        length = min(self.offset, HEAD_CHECK_BYTES)
+        if self._head_crc is None or self._head_crc[0] != length:
+            # Reads at most 256 bytes, and only until the file is that long.
+            try:
+                self._head_crc = (length, _head_crc32(self.fd, length))
+            except OSError:
+                return LogPosition(self.dev, self.inode, self.offset)
+        return LogPosition(self.dev, self.inode, self.offset, self._head_crc[1])
 
     def read_lines(self, chunk_bytes: int, max_line: int) -> tuple[list[str], int] | None:
         """Read one chunk; return its complete lines and the offset after them, or None
@@ -373,7 +408,12 @@ class _Follower:
             return True
         self.resume = None
         if (st.st_dev, st.st_ino) == (resume.dev, resume.inode):
-            self._adopt(fd, st, offset=resume.offset)
+            if resume.matches_head(fd):
+                self._adopt(fd, st, offset=resume.offset)
+            else:
+                log.info("%s: %s was replaced or truncated; reading it from the start",
+                         self.key, self.path)
+                self._adopt(fd, st, offset=0)
             return True
         found = self._find_inode(resume)
         if found is None:
@@ -431,7 +471,9 @@ class _Follower:
             if opened is None:
                 continue
             fd, st = opened
-            if (st.st_dev, st.st_ino) == (position.dev, position.inode):
+            if (st.st_dev, st.st_ino) == (position.dev, position.inode) and (
+                position.matches_head(fd)
+            ):
                 return fd, st
             os.close(fd)
         return None
@@ -505,10 +547,10 @@ class _Follower:
 
     def close(self) -> None:
         self.closed = True
-        for reader in [*self.draining, *([self.current] if self.current else [])]:
-            self._close_reader(reader)
         if self.current is not None:
             self.last_position = self.current.position()
+        for reader in [*self.draining, *([self.current] if self.current else [])]:
+            self._close_reader(reader)
         self.current = None
         self.draining = []
         if self.dir_watch is not None:
