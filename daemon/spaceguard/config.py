@@ -29,6 +29,7 @@ class Threshold:
 
     amount: int | None = None
     percent: float | None = None
+    counts_inodes: bool = False
 
     def limit(self, total: int) -> int:
         if self.percent is not None:
@@ -38,7 +39,14 @@ class Threshold:
     def __str__(self) -> str:
         if self.percent is not None:
             return f"{self.percent:g}%"
-        return str(self.amount)
+        amount = self.amount or 0
+        if self.counts_inodes:
+            return f"{amount} inodes"
+        for unit, factor in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2),
+                             ("KiB", 1024)):
+            if amount >= factor:
+                return f"{amount / factor:.4g}{unit}"
+        return f"{amount}B"
 
 
 @dataclass(frozen=True)
@@ -184,7 +192,7 @@ def parse_threshold(value: object, *, sizes: bool = True) -> Threshold:
     if not sizes:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"expected an inode count or a percentage like \"1%\", got {value!r}")
-        return Threshold(amount=value)
+        return Threshold(amount=value, counts_inodes=True)
     return Threshold(amount=parse_size(value))
 
 
@@ -353,7 +361,8 @@ def _read_volume(source: Path, name: str, raw: object) -> VolumeConfig:
     if resume_inodes is None:
         resume_inodes = (Threshold(percent=min(100.0, pause_inodes.percent * 2))
                          if pause_inodes.percent is not None
-                         else Threshold(amount=(pause_inodes.amount or 0) * 2))
+                         else Threshold(amount=(pause_inodes.amount or 0) * 2,
+                                        counts_inodes=True))
     volume = VolumeConfig(
         name=name,
         path=section.get("path", _abs_path, required=True),
