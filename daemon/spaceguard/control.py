@@ -544,6 +544,9 @@ class ControlServer:
         self.backend = backend
         self.idle_timeout = idle_timeout
         self.max_clients = max_clients
+        # connections wait here while the clients before them are served; beyond it a
+        # client's connect() fails (asyncio clients) or blocks (spaceguardctl)
+        self.backlog = max(128, 2 * max_clients)
         self.identities = IdentityCache()
         self.inherited = False
         self._server: asyncio.AbstractServer | None = None
@@ -567,13 +570,15 @@ class ControlServer:
                     log.warning("control: configured group %r does not exist", name)
             socket_group = next((name for name in (self.admin_group, self.reader_group)
                                  if name and self.identities.group(name) is not None), "")
-            sock = bind_socket(self.path, socket_group, backlog=max(128, 2 * self.max_clients))
+            sock = bind_socket(self.path, socket_group, backlog=self.backlog)
             st = self.path.stat()
             self._bound_inode = (st.st_dev, st.st_ino)
             log.info("control: listening on %s", self.path)
-        # readuntil() enforces the line limit: a client cannot grow the buffer past it
+        # readuntil() enforces the line limit: a client cannot grow the buffer past it.
+        # asyncio calls listen() again, so the backlog is given here too.
         self._server = await asyncio.start_unix_server(self._client_connected, sock=sock,
-                                                       limit=MAX_LINE_BYTES)
+                                                       limit=MAX_LINE_BYTES,
+                                                       backlog=self.backlog)
 
     async def close(self) -> None:
         if self._server is not None:
@@ -619,6 +624,10 @@ class ControlServer:
             await self._serve(reader, writer)
         except OSError:
             pass  # the client went away, or did not read its replies (TimeoutError)
+        except asyncio.CancelledError:
+            # close() cancels us; ending normally keeps asyncio's stream callback (3.11)
+            # from logging the cancellation as an error
+            pass
         except Exception:  # a bug here must cost one client, not the guard
             log.exception("control: client task failed")
         finally:

@@ -245,7 +245,7 @@ def _migration_row(migration: Mapping[str, Any], now: float) -> list[str]:
         retry_text += f"/{migration['max_retries']}"
     return [_cell(migration.get("account")), _cell(migration.get("unit")),
             _cell(migration.get("state")), _cell(_hold_text(migration.get("hold"), now), 60),
-            _cell(_failure_text(migration.get("failure"), now), 80), retry_text,
+            _cell(_failure_text(migration.get("failure"), now), 100), retry_text,
             human_bytes(migration.get("transferred_bytes")),
             relative_time(migration.get("last_progress_at"), now)]
 
@@ -328,8 +328,9 @@ def _positive_seconds(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # the common options are accepted before and after the verb, as systemctl does; after
-    # the verb they default to SUPPRESS so they do not overwrite what came before
+    # the common options are accepted before and after the verb, as systemctl does. They
+    # default to SUPPRESS (the parsers share these option objects, so a default would let
+    # the verb's parser overwrite a value given before the verb); parse() fills them in.
     common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
     common.add_argument("--socket", metavar="PATH",
                         help=f"control socket (default $SPACEGUARD_SOCKET or {DEFAULT_SOCKET})")
@@ -340,8 +341,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog="spaceguardctl", parents=[common],
         description="See and steer spaceguard, which guards the rclone migrations.",
         epilog="exit codes: 0 ok, 1 refused or failed, 2 usage, 3 cannot connect, 4 forbidden")
-    parser.set_defaults(socket=os.environ.get("SPACEGUARD_SOCKET") or DEFAULT_SOCKET,
-                        json=False, timeout=DEFAULT_TIMEOUT)
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     def verb(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -389,8 +388,17 @@ def request_args(options: argparse.Namespace) -> dict[str, Any]:
     return {}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     options = build_parser().parse_args(argv)
+    options.socket = getattr(options, "socket", None) \
+        or os.environ.get("SPACEGUARD_SOCKET") or DEFAULT_SOCKET
+    options.json = getattr(options, "json", False)
+    options.timeout = getattr(options, "timeout", DEFAULT_TIMEOUT)
+    return options
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parse(argv)
     try:
         result = call(options.socket, options.verb, request_args(options), options.timeout)
     except CtlError as error:
