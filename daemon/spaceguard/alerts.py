@@ -21,6 +21,7 @@ Alertmanager receivers (``kind="alertmanager"``)
     ``resend_interval_s`` until it is resolved (otherwise Alertmanager resolves it by itself
     once that ``endsAt`` passes); a resolved alert is sent with its real ``endsAt`` and then
     forgotten. Alertmanager de-duplicates repeated sends of the same alert (same labels).
+    Alerts due for delivery share one request; re-sends at least half-way due ride along.
 
 Webhook receivers (``kind="webhook"``)
     One ``POST {url}`` per state change, ``Content-Type: application/json``,
@@ -58,6 +59,7 @@ Retries
     jitter (each delay is drawn from [delay/2, delay]). A receiver answering 4xx is retried
     too: the alerts are validated before they are queued, so a 4xx is a configuration
     problem (credentials, URL) that someone will fix, and dropping alerts would hide it.
+    An unexpected exception is logged with its traceback and retried the same way.
 
 Spool
     Each receiver's state lives in ``spool_dir/<receiver>.json``: its undelivered states,
@@ -450,17 +452,27 @@ class AlertSender:
                 ):
                     oldest = _Send(key, tracked.pending[0])
             return [oldest] if oldest is not None else []
-        sends = []
-        for key, tracked in state.tracked.items():
-            if tracked.pending:
-                sends.append(_Send(key, tracked.pending[-1]))
-            elif tracked.delivered_firing is not None and self._resend_due(tracked, now_monotonic):
-                sends.append(_Send(key, tracked.delivered_firing))
+        sends = [_Send(key, t.pending[-1]) for key, t in state.tracked.items() if t.pending]
+        resendable = [
+            (key, tracked, firing)
+            for key, tracked in state.tracked.items()
+            if (firing := tracked.delivered_firing) is not None and not tracked.pending
+        ]
+        if sends or any(self._resend_due(t, now_monotonic, 1.0) for _, t, _ in resendable):
+            # A request goes out anyway: take along the alerts that are at least half-way
+            # to their re-send, so that many alerts share one request per interval.
+            for key, tracked, firing in resendable:
+                if self._resend_due(tracked, now_monotonic, 0.5):
+                    sends.append(_Send(key, firing))
         return sends
 
-    def _resend_due(self, tracked: _TrackedAlert, now_monotonic: float) -> bool:
+    def _resend_due(
+        self, tracked: _TrackedAlert, now_monotonic: float, fraction_of_interval: float
+    ) -> bool:
         last = tracked.last_sent_monotonic
-        return last is None or now_monotonic - last >= self._resend_interval_s
+        return (
+            last is None or now_monotonic - last >= fraction_of_interval * self._resend_interval_s
+        )
 
     def _seconds_until_work(self, state: _ReceiverState, now_monotonic: float) -> float | None:
         deadlines = []
@@ -484,7 +496,14 @@ class AlertSender:
         receiver = state.receiver
         body = self._request_body(receiver, sends)
         try:
-            await asyncio.to_thread(post_json, receiver, body)
+            try:
+                await asyncio.to_thread(post_json, receiver, body)
+            except DeliveryError:
+                raise
+            except Exception as unexpected:
+                # A bug must not end delivery for good: log it, retry like any failure.
+                log.exception("alert receiver %s: unexpected delivery error", receiver.name)
+                raise DeliveryError(f"unexpected {type(unexpected).__name__}") from unexpected
         except DeliveryError as error:
             state.sent_error += len(sends)
             state.consecutive_failures += 1

@@ -292,6 +292,20 @@ def test_firing_alert_is_resent_to_alertmanager_only(
     assert len(webhook_sends) == 1
 
 
+def test_resends_of_several_alerts_share_requests(server: RecordingServer, tmp_path: Path) -> None:
+    sender = make_sender([am_receiver(server)], tmp_path, resend_interval_s=0.4)
+    sender.fire(paused_alert("alice"))
+    run_sender_until(sender, all_delivered(sender))
+    time.sleep(0.25)  # alice is now past half her re-send interval
+    sender.fire(paused_alert("bob"))
+    run_sender_until(sender, lambda: len(server.recorded()) >= 4)
+
+    accounts = [sorted(a["labels"]["account"] for a in r.body) for r in server.recorded()]
+    assert accounts[0] == ["alice"]
+    # bob's first send took alice along; from then on they travel together.
+    assert accounts[1:] == [["alice", "bob"]] * (len(accounts) - 1)
+
+
 def test_webhook_body_and_bearer_token(server: RecordingServer, tmp_path: Path) -> None:
     receiver = webhook_receiver(server, bearer_token="s3cret-token")
     assert "s3cret" not in repr(receiver)
@@ -468,6 +482,31 @@ def test_server_errors_are_retried_until_accepted(
     assert stats.sent_ok == 1
     assert stats.sent_error == len(server.recorded()) - 1
     assert {r.body["key"] for r in server.recorded()} == {"paused/alice"}
+
+
+def test_unexpected_error_is_logged_and_retried(
+    server: RecordingServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    real_post = alerts.post_json
+    calls = 0
+
+    def buggy_then_fine(receiver: AlertReceiver, body: bytes) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug")
+        real_post(receiver, body)
+
+    monkeypatch.setattr(alerts, "post_json", buggy_then_fine)
+    sender = make_sender([webhook_receiver(server)], tmp_path)
+    sender.fire(paused_alert())
+    with caplog.at_level(logging.ERROR, logger="spaceguard.alerts"):
+        run_sender_until(sender, all_delivered(sender))
+    assert "unexpected delivery error" in caplog.text and "a bug" in caplog.text
+    assert sender.stats()["hook"] == ReceiverStats(1, 1, 0, 0.0)
 
 
 def test_restart_delivers_the_spool_exactly_once(
