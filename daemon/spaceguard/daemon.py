@@ -64,6 +64,7 @@ TICK_INTERVAL = 1.0
 CONTEXT_LINES = 200  # per migration, for incident context
 POSITION_SAVE_INTERVAL = 1.0
 STATUS_INTERVAL = 1.0
+DEFER_SECONDS = 0.002
 
 
 class Guard:
@@ -94,6 +95,8 @@ class Guard:
         self.tasks: set[asyncio.Task[Any]] = set()
         self._durable_key: tuple[Any, ...] = ()
         self._positions_dirty = False
+        self._deferred: list[Action] = []
+        self._flush_handle: asyncio.TimerHandle | None = None
         self._status_key: tuple[Any, ...] = ()
         self._status_sent = 0.0
         self.systemd = SystemdClient(config.guard.bus_address, self._units(config),
@@ -153,6 +156,9 @@ class Guard:
     async def shutdown(self) -> None:
         for sampler in self.samplers.values():
             sampler.stop()
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_deferred()
         self._save(force=True)
         self.logwatch.close()
         await self.control.close()
@@ -233,11 +239,29 @@ class Guard:
     def handle(self, event: Event) -> None:
         """The one place where events meet the policy (always on the loop thread)."""
         self.state, actions = decide(self.config, self.state, event, time.time())
-        for action in actions:
-            self._execute(action)
-        self._save()
+        unit_actions = [action for action in actions if isinstance(action, UnitAction)]
+        for unit_action in unit_actions:
+            self._execute(unit_action)
+        self._save()  # in the background: an fsync must not hold up the calls just made
+        others: list[Action] = [a for a in actions if not isinstance(a, UnitAction)]
+        if unit_actions or self._deferred:
+            # The alert spool fsyncs too: let the D-Bus calls go out first (they are written
+            # on the next loop turns), keeping every other effect in its order.
+            self._deferred.extend(others)
+            if self._deferred and self._flush_handle is None:
+                self._flush_handle = asyncio.get_running_loop().call_later(
+                    DEFER_SECONDS, self._flush_deferred)
+        else:
+            for action in others:
+                self._execute(action)
         if self.ready:
             self._update_status()
+
+    def _flush_deferred(self) -> None:
+        self._flush_handle = None
+        deferred, self._deferred = self._deferred, []
+        for action in deferred:
+            self._execute(action)
 
     def _update_status(self, force: bool = False) -> None:
         """STATUS= goes to PID 1, which is on the path of every freeze: send it when what
@@ -336,14 +360,20 @@ class Guard:
                tuple((v.low, v.low_reason) for v in state.volumes.values()))
         if not force and key == self._durable_key:
             return
-        positions = {k: v.to_json() for k, v in self.logwatch.positions().items()}
-        try:
-            self.store.save(state, positions)
-        except OSError as error:
-            log.error("cannot save state to %s: %s", self.store.path, error)
-            return
+        positions = self._positions()
+        if force:
+            try:
+                self.store.save(state, positions)
+            except OSError as error:
+                log.error("cannot save state to %s: %s", self.store.path, error)
+                return
+        else:
+            self.store.save_soon(state, positions)
         self._durable_key = key
         self._positions_dirty = False
+
+    def _positions(self) -> dict[str, dict[str, int]]:
+        return {key: position.to_json() for key, position in self.logwatch.positions().items()}
 
     # -- timers -----------------------------------------------------------------------------
 
@@ -357,7 +387,8 @@ class Guard:
                 self.logwatch.recheck()  # backs inotify up: a missed event cannot blind us
             if self._positions_dirty and time.monotonic() - last_positions >= \
                     POSITION_SAVE_INTERVAL:
-                self._save(force=True)
+                self._positions_dirty = False
+                self.store.save_soon(self.state, self._positions())
                 last_positions = time.monotonic()
 
     async def _become_ready(self) -> None:

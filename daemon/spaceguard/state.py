@@ -15,6 +15,7 @@ import os
 import tempfile
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,8 @@ class StateStore:
         self.path = state_dir / "state.json"
         self.problem = ""  # set when the saved file had to be set aside: reported in status
         self._last: bytes = b""
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-writer")
+        self._pending: list[Future[None]] = []
 
     def load(self) -> Saved | None:
         try:
@@ -147,13 +150,44 @@ class StateStore:
         self._last = raw
         return saved
 
-    def save(self, state: GuardState, log_positions: Mapping[str, Mapping[str, int]]) -> bool:
-        """Write if anything durable changed; returns whether it wrote."""
+    def _encode(self, state: GuardState,
+                log_positions: Mapping[str, Mapping[str, int]]) -> bytes | None:
         data = json.dumps({"version": STATE_VERSION, "state": durable(state),
                            "log_positions": log_positions}, sort_keys=True).encode()
-        if data == self._last:
+        return None if data == self._last else data
+
+    def save(self, state: GuardState, log_positions: Mapping[str, Mapping[str, int]]) -> bool:
+        """Write now if anything durable changed; returns whether it wrote."""
+        self.flush()
+        data = self._encode(state, log_positions)
+        if data is None:
             return False
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.path, data)
-        self._last = data
+        self._write(data)
         return True
+
+    def save_soon(self, state: GuardState,
+                  log_positions: Mapping[str, Mapping[str, int]]) -> None:
+        """Write in the background (in order), so that an fsync never delays the loop, and
+        so never a freeze that the same decision just sent out."""
+        data = self._encode(state, log_positions)
+        if data is None:
+            return
+        self._last = data
+        self._pending.append(self._executor.submit(self._write, data))
+        self._pending = [future for future in self._pending if not future.done()]
+
+    def flush(self) -> None:
+        """Wait for background writes (at shutdown)."""
+        for future in self._pending:
+            future.result()
+        self._pending.clear()
+
+    def _write(self, data: bytes) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.path, data)
+        except OSError as error:
+            log.error("cannot save state to %s: %s", self.path, error)
+            self._last = b""  # try again with the next change
+            return
+        self._last = data
