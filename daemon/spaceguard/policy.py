@@ -424,6 +424,14 @@ class _Decision:
             state = self._external_change(migration, state, event.unit, old, new, pending)
         elif event.unit in state.paused_units and not old.known:
             state = self._reconcile_saved(migration, state, event.unit, new)
+        elif not old.known and new.frozen and state.hold is not None \
+                and state.hold.by == "guard" and migration.pause == "freeze":
+            # The saved hold proves the guard meant to freeze it: it crashed between the
+            # FreezeUnit call and recording that the call succeeded. Adopt it, so it is
+            # thawed when the hold is released instead of staying frozen unnoticed.
+            self.log("notice", f"{migration.account}: {event.unit} is frozen and the saved "
+                     "state has a guard hold: adopting it as frozen by the guard")
+            state = replace(state, paused_units=state.paused_units | {event.unit})
         if new.running and not old.running:
             # a fresh run: log failures of an earlier run no longer classify this one
             state = replace(state, running_since=self.now, finished=False,
@@ -583,6 +591,8 @@ class _Decision:
             self.log("notice", f"{event.account}: resumed by {event.who}"
                      + (" despite low space (override until the volume recovers)"
                         if volume.low else ""))
+            # the guard's "paused" alert (if any) must not keep firing for a running migration
+            self.actions.append(ResolveAlert(f"paused/{event.account}"))
             self.actions.append(Reply(event.request_id, True, f"{event.account}: resuming"))
         else:
             if state.hold is not None:
