@@ -27,8 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.guardrig import GuardRig, read_status, wait_until, writer_unit  # noqa: E402
-from tests.sandbox import LoopVolume, SystemdSandbox  # noqa: E402
+from tests.guardrig import GuardRig, read_status, wait_until, writer_unit
+from tests.sandbox import LoopVolume, SystemdSandbox
 
 MIB = 1024 * 1024
 HEADROOM = 32 * MIB
@@ -209,8 +209,8 @@ def main() -> int:
             print(f"  threshold crossing -> unit frozen: median {statistics.median(reactions):.1f} "
                   f"ms, worst {max(reactions):.1f} ms, best {min(reactions):.1f} ms "
                   f"({len(reactions)} measured)")
-        print(f"  trials with ENOSPC: {enospc} of {args.trials}; "
-              f"least free space seen: {min(avails) / MIB:.1f} MiB")
+        print(f"  trials with ENOSPC: {enospc} of {args.trials}; frozen before crossing: "
+              f"{early}; least free space seen: {min(avails) / MIB:.1f} MiB")
         if calls:
             print(f"  of which the FreezeUnit call (guard's decision -> systemd replies frozen):"
                   f" median {statistics.median(calls):.1f} ms, worst {max(calls):.1f} ms")
