@@ -19,11 +19,14 @@ speed; only the few remaining lines are examined in Python.
 from __future__ import annotations
 
 import json
+import math
 import re
+from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Final, TypeVar
+from itertools import accumulate
+from typing import Final
 
 __all__ = [
     "DEFAULT_RULES",
@@ -350,14 +353,17 @@ _PREFIX = r"(?:<\d>)?(?:\d{4}/\d\d/\d\d )?(?:\d\d:\d\d:\d\d(?:\.\d+)? )?(?:[\w./
 
 # A line is "boring" when it is DEBUG or INFO: nothing in it can be a failure. Every
 # other line start is found by this one regex; its "\n" literal prefix lets the regex
-# engine jump from line to line at C speed, and the first alternative is the common
-# date-prefixed shape, so most lines are dismissed after ~30 character comparisons.
-# (JSON INFO lines carrying stats are found separately by a plain substring search.)
+# engine jump from line to line at C speed. The first alternative is the usual shape
+# ("2025/11/23 10:00:00 DEBUG : "), checked by the positions of its separators only
+# (cheaper than digit classes); the second covers --log-format and --log-systemd
+# prefixes. JSON INFO lines carrying stats are found by a plain substring search.
 _INTERESTING_LINE = re.compile(
-    r"\n(?![0-9/]{10} [0-9:]{8} (?:DEBUG : |INFO  : )"
+    r"\n(?!..../../.. ..:..:.. (?:DEBUG : |INFO  : )"
     r"|" + _PREFIX + r"(?:DEBUG|INFO) *: "
     r'|\{"level":"(?:debug|info)")'
 )
+# How much of the first line the regex above needs to see (it looks at a prefix only).
+_FIRST_LINE_CHECK_CHARS: Final = 256
 _JSON_STATS = '"stats":{'
 _TEXT_LEVEL = re.compile(
     _PREFIX + r"(EMERGENCY|ALERT|CRITICAL|ERROR|WARNING|NOTICE|INFO|DEBUG) *: ?"
@@ -370,24 +376,33 @@ _ERROR_LEVELS: Final = frozenset(
 )
 _QUIET_LEVELS: Final = frozenset({"DEBUG", "INFO", "debug", "info", "trace"})
 
-# Continuation lines of a --stats block (they carry no level marker).
-_STATS_LINE = re.compile(
-    r"(?:Transferred|Errors|Checks|Deleted|Renamed|Elapsed time|Transferring|Server Side \w+)"
-    r"\s*:|\s\*\s"
+# Continuation lines of a --stats block (they carry no level marker and no date).
+_STATS_LINE_STARTS: Final = (
+    "Transferred:",
+    "Errors:",
+    "Checks:",
+    "Deleted:",
+    "Renamed:",
+    "Elapsed time:",
+    "Transferring:",
+    "Server Side ",
+    " * ",
 )
+# Digit runs are bounded: int() refuses strings of over 4300 digits, and a figure that
+# long is garbage anyway.
 _STATS_AMOUNT = re.compile(
-    r"Transferred:\s*([\d.]+)\s*([A-Za-z]*)\s*/\s*([\d.]+)\s*([A-Za-z]*)\s*(?:,|$)"
+    r"Transferred:\s*([\d.]{1,24})\s*([A-Za-z]*)\s*/\s*([\d.]{1,24})\s*([A-Za-z]*)\s*(?:,|$)",
+    re.ASCII,
 )
-_STATS_ERRORS = re.compile(r"Errors:\s*(\d+)")
+_STATS_ERRORS = re.compile(r"Errors:\s*(\d{1,18})\b", re.ASCII)
 _STATS_ELAPSED = re.compile(r"Elapsed time:\s*(\S+)")
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|µs|us|ns|y|w|d|h|m|s)")
+_DURATION_PART = re.compile(r"(\d{1,18}(?:\.\d{1,18})?)(ms|µs|us|ns|y|w|d|h|m|s)")
 _DURATION_SECONDS: Final = {
     "y": 365 * 86400.0, "w": 7 * 86400.0, "d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0,
     "ms": 1e-3, "µs": 1e-6, "us": 1e-6, "ns": 1e-9,
 }
 _UNIT_POWERS: Final = {"k": 1, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5, "E": 6}
 _COPIED = "Copied ("
-_Value = TypeVar("_Value", int, float)
 
 
 def _unit_bytes(number: str, unit: str) -> int | None:
@@ -400,7 +415,7 @@ def _unit_bytes(number: str, unit: str) -> int | None:
     result = value * 1024**power
     if "bit" in unit.lower():  # --stats-unit bits
         result /= 8
-    return int(result)
+    return int(result) if math.isfinite(result) else None
 
 
 def _duration_seconds(text: str) -> float | None:
@@ -414,15 +429,18 @@ def _json_int(stats: dict[str, object], key: str) -> int | None:
     value = stats.get(key)
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
+    if isinstance(value, float) and not math.isfinite(value):  # json allows Infinity, NaN
+        return None
     return int(value)
 
 
 def _json_stats_line_starts(text: str) -> list[int]:
-    """Offsets of the newline before each line mentioning a JSON stats object."""
+    """Offsets of the lines mentioning a JSON stats object (found by substring search,
+    because the fast regex dismisses every JSON INFO line)."""
     starts: list[int] = []
     position = text.find(_JSON_STATS)
     while position >= 0:
-        starts.append(text.rfind("\n", 0, position))
+        starts.append(text.rfind("\n", 0, position) + 1)
         line_end = text.find("\n", position)
         if line_end < 0:
             break
@@ -430,9 +448,25 @@ def _json_stats_line_starts(text: str) -> list[int]:
     return starts
 
 
+def _line_numbers(text: str, lines: Sequence[str], offsets: list[int]) -> list[int]:
+    """Map ascending offsets in ``"\\n".join(lines)`` to indexes in ``lines``."""
+    if text.count("\n") == len(lines) - 1:
+        numbers: list[int] = []
+        number = scanned = 0
+        for offset in offsets:
+            number += text.count("\n", scanned, offset)
+            scanned = offset
+            numbers.append(number)
+        return numbers
+    # Some "line" had a newline inside: go by the lengths of the given lines instead.
+    line_starts = list(accumulate((len(line) + 1 for line in lines), initial=0))
+    return [bisect_right(line_starts, offset) - 1 for offset in offsets]
+
+
 @dataclass
 class _BatchState:
-    failures: list[LogFailure] = field(default_factory=list)
+    # (offset of the line in the batch text, matched rule), in line order
+    matches: list[tuple[int, ClassifyRule]] = field(default_factory=list)
     unclassified_errors: int = 0
     progressed: bool = False
 
@@ -440,14 +474,24 @@ class _BatchState:
 class RcloneLogParser:
     """Parses one log file's lines, batch by batch, keeping the latest progress.
 
-    State is only the latest progress (stats lines each carry their own field, so a
-    stats block split across batches gives the same result as one batch). Pass
-    ``last_progress`` to resume after a restart without reporting old totals as new.
+    State is only the latest progress figures (each stats line carries its own figure,
+    so a stats block split across batches gives the same result as one batch). Pass
+    ``last_progress`` to resume after a restart without taking old totals for progress.
     """
 
-    def __init__(self, rules: CompiledRules | None = None, last_progress: Progress | None = None):
+    def __init__(
+        self, rules: CompiledRules | None = None, last_progress: Progress | None = None
+    ) -> None:
         self._rules = rules if rules is not None else compile_rules()
         self._progress = last_progress
+        known = last_progress or Progress()
+        self._bytes_transferred = known.bytes_transferred
+        self._bytes_total = known.bytes_total
+        self._files_transferred = known.files_transferred
+        self._files_total = known.files_total
+        self._errors = known.errors
+        self._elapsed_seconds = known.elapsed_seconds
+        self._progress_changed = False
 
     @property
     def progress(self) -> Progress | None:
@@ -457,27 +501,45 @@ class RcloneLogParser:
         count = len(lines)
         if count == 0:
             return ParseResult([], self._progress, False, 0)
-        text = "\n" + "\n".join(lines)
-        if text.count("\n") != count:
-            # A "line" with an embedded newline would shift the numbering; rare, so the
-            # slow fix-up is fine.
-            lines = [line.replace("\n", " ") for line in lines]
-            text = "\n" + "\n".join(lines)
+        text = "\n".join(lines)
         batch = _BatchState()
-        line_starts = [match.start() for match in _INTERESTING_LINE.finditer(text)]
-        stats_line_starts = _json_stats_line_starts(text)
-        if stats_line_starts:
-            line_starts = sorted(set(line_starts).union(stats_line_starts))
-        line_number = 0
-        scanned_to = 0
-        for start in line_starts:
-            line_number += text.count("\n", scanned_to, start)
-            scanned_to = start
-            self._examine(line_number, lines[line_number], batch)
+        # Offsets of the lines worth a look. The regex finds the "\n" before each line,
+        # so the first line is checked on its own.
+        starts = [match.end() for match in _INTERESTING_LINE.finditer(text)]
+        if _INTERESTING_LINE.match("\n" + lines[0][:_FIRST_LINE_CHECK_CHARS]) is not None:
+            starts.insert(0, 0)
+        json_stats = _json_stats_line_starts(text)
+        if json_stats:
+            starts = sorted(set(starts).union(json_stats))
+        for start in starts:
+            end = text.find("\n", start)
+            if end < 0:
+                end = len(text)
+            line = text[start : min(end, start + MAX_EXAMINED_CHARS)]
+            self._examine(start, line, end - start, batch)
         if not batch.progressed:
             batch.progressed = self._has_copied_line(text)
+        failures: list[LogFailure] = []
+        if batch.matches:
+            numbers = _line_numbers(text, lines, [offset for offset, _ in batch.matches])
+            failures = [
+                LogFailure(
+                    number, lines[number][:MAX_EXAMINED_CHARS], rule.failure_class, rule.name
+                )
+                for number, (_, rule) in zip(numbers, batch.matches, strict=True)
+            ]
+        if self._progress_changed:
+            self._progress_changed = False
+            self._progress = Progress(
+                bytes_transferred=self._bytes_transferred,
+                bytes_total=self._bytes_total,
+                files_transferred=self._files_transferred,
+                files_total=self._files_total,
+                errors=self._errors,
+                elapsed_seconds=self._elapsed_seconds,
+            )
         return ParseResult(
-            failures=batch.failures,
+            failures=failures,
             progress=self._progress,
             progressed=batch.progressed,
             lines=count,
@@ -504,30 +566,28 @@ class RcloneLogParser:
             position = text.find(_COPIED, line_end)
         return False
 
-    def _examine(self, line_number: int, line: str, batch: _BatchState) -> None:
-        examined = line[:MAX_EXAMINED_CHARS]
-        if examined.startswith("{") and self._examine_json(line_number, line, examined, batch):
+    def _examine(self, start: int, line: str, full_length: int, batch: _BatchState) -> None:
+        if line.startswith(_STATS_LINE_STARTS):
+            self._update_text_stats(line, batch)
             return
-        level_match = _TEXT_LEVEL.match(examined)
+        if (
+            line.startswith("{")
+            and full_length <= MAX_EXAMINED_CHARS
+            and self._examine_json(start, line, batch)
+        ):
+            return
+        level_match = _TEXT_LEVEL.match(line)
         if level_match is not None:
             level = level_match.group(1)
-            if level in _QUIET_LEVELS:
-                return
-            self._apply_rules(line_number, line, examined[level_match.end():], level, batch)
+            if level not in _QUIET_LEVELS:
+                self._apply_rules(start, line[level_match.end() :], level, batch)
             return
-        prefix = _DATE_PREFIX.match(examined)
-        message = examined[prefix.end():] if prefix is not None else examined
-        if _STATS_LINE.match(message) is not None:
-            self._update_text_stats(message, batch)
-            return
-        self._apply_rules(line_number, line, message, None, batch)
+        prefix = _DATE_PREFIX.match(line)
+        message = line[prefix.end() :] if prefix is not None else line
+        self._apply_rules(start, message, None, batch)
 
-    def _examine_json(
-        self, line_number: int, line: str, examined: str, batch: _BatchState
-    ) -> bool:
+    def _examine_json(self, start: int, line: str, batch: _BatchState) -> bool:
         """Handle a --use-json-log line; False if it is not one (then it is text)."""
-        if len(line) > MAX_EXAMINED_CHARS:
-            return False
         try:
             record = json.loads(line)
         except ValueError:
@@ -546,94 +606,77 @@ class RcloneLogParser:
         obj = record.get("object")
         if isinstance(obj, str) and obj:
             message = f"{obj}: {message}"
-        self._apply_rules(
-            line_number, line, message[:MAX_EXAMINED_CHARS], level, batch
-        )
+        self._apply_rules(start, message[:MAX_EXAMINED_CHARS], level, batch)
         return True
 
     def _apply_rules(
-        self, line_number: int, line: str, message: str, level: str | None, batch: _BatchState
+        self, start: int, message: str, level: str | None, batch: _BatchState
     ) -> None:
-        rule = self._rules.classify(message)
+        rule = self._rules.classify(message) if message else None
         if rule is not None:
-            batch.failures.append(
-                LogFailure(line_number, line[:MAX_EXAMINED_CHARS], rule.failure_class, rule.name)
-            )
+            batch.matches.append((start, rule))
         elif level in _ERROR_LEVELS:
             batch.unclassified_errors += 1
 
-    def _update_text_stats(self, message: str, batch: _BatchState) -> None:
-        current = self._progress or Progress()
-        if message.startswith("Transferred:"):
-            amount = _STATS_AMOUNT.match(message)
+    def _update_text_stats(self, line: str, batch: _BatchState) -> None:
+        if line.startswith("Transferred:"):
+            amount = _STATS_AMOUNT.match(line)
             if amount is None:
                 return
             done, done_unit, total, total_unit = amount.groups()
             if done_unit or total_unit:
-                self._set_progress(
-                    current,
+                self._set_bytes(
+                    _unit_bytes(done, done_unit or total_unit),
+                    _unit_bytes(total, total_unit or done_unit),
                     batch,
-                    bytes_transferred=_unit_bytes(done, done_unit or total_unit),
-                    bytes_total=_unit_bytes(total, total_unit or done_unit),
                 )
             elif done.isdigit() and total.isdigit():
-                self._set_progress(
-                    current, batch, files_transferred=int(done), files_total=int(total)
-                )
-        elif message.startswith("Errors:"):
-            errors = _STATS_ERRORS.match(message)
+                self._set_files(int(done), int(total), batch)
+        elif line.startswith("Errors:"):
+            errors = _STATS_ERRORS.match(line)
             if errors is not None:
-                self._set_progress(current, batch, errors=int(errors.group(1)))
-        elif message.startswith("Elapsed time:"):
-            elapsed = _STATS_ELAPSED.match(message)
-            if elapsed is not None:
-                seconds = _duration_seconds(elapsed.group(1))
-                if seconds is not None:
-                    self._set_progress(current, batch, elapsed_seconds=seconds)
+                self._errors = int(errors.group(1))
+                self._progress_changed = True
+        elif line.startswith("Elapsed time:"):
+            elapsed = _STATS_ELAPSED.match(line)
+            seconds = _duration_seconds(elapsed.group(1)) if elapsed is not None else None
+            if seconds is not None:
+                self._elapsed_seconds = seconds
+                self._progress_changed = True
 
     def _update_json_stats(self, stats: dict[str, object], batch: _BatchState) -> None:
+        self._set_bytes(_json_int(stats, "bytes"), _json_int(stats, "totalBytes"), batch)
+        self._set_files(
+            _json_int(stats, "transfers"), _json_int(stats, "totalTransfers"), batch
+        )
+        errors = _json_int(stats, "errors")
+        if errors is not None:
+            self._errors = errors
         elapsed = stats.get("elapsedTime")
-        self._set_progress(
-            self._progress or Progress(),
-            batch,
-            bytes_transferred=_json_int(stats, "bytes"),
-            bytes_total=_json_int(stats, "totalBytes"),
-            files_transferred=_json_int(stats, "transfers"),
-            files_total=_json_int(stats, "totalTransfers"),
-            errors=_json_int(stats, "errors"),
-            elapsed_seconds=(
-                float(elapsed)
-                if isinstance(elapsed, int | float) and not isinstance(elapsed, bool)
-                else None
-            ),
-        )
+        if (
+            isinstance(elapsed, int | float)
+            and not isinstance(elapsed, bool)
+            and math.isfinite(elapsed)
+        ):
+            self._elapsed_seconds = float(elapsed)
+        self._progress_changed = True
 
-    def _set_progress(
-        self,
-        current: Progress,
-        batch: _BatchState,
-        *,
-        bytes_transferred: int | None = None,
-        bytes_total: int | None = None,
-        files_transferred: int | None = None,
-        files_total: int | None = None,
-        errors: int | None = None,
-        elapsed_seconds: float | None = None,
-    ) -> None:
-        """Overwrite the fields that were reported; note progress if bytes or files grew."""
-        if bytes_transferred is not None and bytes_transferred > (current.bytes_transferred or 0):
-            batch.progressed = True
-        if files_transferred is not None and files_transferred > (current.files_transferred or 0):
-            batch.progressed = True
-        self._progress = Progress(
-            bytes_transferred=_pick(bytes_transferred, current.bytes_transferred),
-            bytes_total=_pick(bytes_total, current.bytes_total),
-            files_transferred=_pick(files_transferred, current.files_transferred),
-            files_total=_pick(files_total, current.files_total),
-            errors=_pick(errors, current.errors),
-            elapsed_seconds=_pick(elapsed_seconds, current.elapsed_seconds),
-        )
+    def _set_bytes(self, done: int | None, total: int | None, batch: _BatchState) -> None:
+        """Record reported figures; more bytes than before is progress (fewer: rclone
+        restarted, so the next increase is progress again)."""
+        if done is not None:
+            if done > (self._bytes_transferred or 0):
+                batch.progressed = True
+            self._bytes_transferred = done
+        if total is not None:
+            self._bytes_total = total
+        self._progress_changed = True
 
-
-def _pick(new: _Value | None, old: _Value | None) -> _Value | None:
-    return new if new is not None else old
+    def _set_files(self, done: int | None, total: int | None, batch: _BatchState) -> None:
+        if done is not None:
+            if done > (self._files_transferred or 0):
+                batch.progressed = True
+            self._files_transferred = done
+        if total is not None:
+            self._files_total = total
+        self._progress_changed = True

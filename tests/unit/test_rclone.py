@@ -524,6 +524,12 @@ def test_garbage_never_raises() -> None:
         "y" * 10_000_000,
         '{"level":"error","msg":"' + "z" * 10_000_000 + '"}',
         "line with\nembedded newline: no space left on device",
+        '{"level":"info","stats":{"bytes":Infinity,"totalBytes":NaN,"errors":1e400,'
+        '"elapsedTime":-Infinity,"transfers":10e300}}',
+        "Transferred: " + "9" * 5000 + " MiB / 1 MiB, 1%",
+        "Transferred: " + "9" * 5000 + " / 10, 1%",
+        "Errors: " + "9" * 5000,
+        "Elapsed time: " + "9" * 5000 + "h",
     ]
     result = parser.feed(nasty)
     assert result.lines == len(nasty)
