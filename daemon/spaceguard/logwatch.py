@@ -125,7 +125,10 @@ class LogPosition:
         if self.head_crc32 is None:
             return True
         length = min(self.offset, HEAD_CHECK_BYTES)
-        head = os.pread(fd, length, 0)
+        try:
+            head = os.pread(fd, length, 0)
+        except OSError:
+            return False
         return len(head) == length and zlib.crc32(head) == self.head_crc32
 
     @classmethod
@@ -334,6 +337,8 @@ class _Follower:
 
     def poll(self, budget: int, at_recheck: bool = False) -> bool:
         """Read whatever is new; True if the budget ran out with data left to read."""
+        if self.closed:  # removed while a recheck or an event batch was under way
+            return False
         try:
             return self._poll(budget, at_recheck)
         except OSError as exc:
@@ -582,6 +587,7 @@ class LogWatcher:
         self._watches = _Watches(self._manager)
         self._notifier = pyinotify.Notifier(self._manager, default_proc_fun=self._on_event)
         self._fd: int | None = self._manager.get_fd()
+        os.set_inheritable(self._fd, False)  # pyinotify's inotify_init() sets no CLOEXEC
         self._loop.add_reader(self._fd, self._on_readable)
 
     # -- public API ------------------------------------------------------------------

@@ -12,8 +12,10 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from spaceguard import logwatch
 from spaceguard.logwatch import LogPosition, LogWatcher
 
 
@@ -521,6 +523,11 @@ def test_queue_overflow_rechecks_every_file(tmp_path: Path) -> None:
             "k1": ["line of 1"],
             "k2": ["line of 2", "new m2"],
         }
+        # the same through the event handler, as pyinotify hands IN_Q_OVERFLOW over
+        append(paths[0], "more\n")
+        swallow_inotify_events(watcher)
+        watcher._on_event(SimpleNamespace(mask=logwatch.pyinotify.IN_Q_OVERFLOW, wd=-1, name=""))
+        assert got.of("k0") == ["line of 0", "more"]
         watcher.close()
 
     run(scenario)
@@ -575,6 +582,31 @@ def test_callback_errors_do_not_stop_the_watcher(tmp_path: Path) -> None:
         await wait_until(lambda: got == ["boom"])
         append(path, "after\n")
         await wait_until(lambda: got == ["boom", "after"])
+        watcher.close()
+
+    run(scenario)
+
+
+def test_callback_may_remove_its_own_log(tmp_path: Path) -> None:
+    path = tmp_path / "m.log"
+    path.write_text("")
+
+    async def scenario() -> None:
+        watcher = LogWatcher(read_chunk_bytes=16)
+        got: list[str] = []
+
+        def stop_after_first(key: str, lines: list[str]) -> None:
+            got.extend(lines)
+            watcher.remove(key)
+
+        watcher.add("k", path, None, stop_after_first)
+        append(path, "".join(f"line {i}\n" for i in range(100)))
+        await wait_until(lambda: bool(got))
+        watcher.recheck()
+        append(path, "later\n")
+        await settle()
+        assert got == ["line 0", "line 1"]  # the first 16-byte chunk, then nothing
+        assert watcher.positions() == {}
         watcher.close()
 
     run(scenario)
