@@ -17,7 +17,6 @@ from types import SimpleNamespace
 import pytest
 from spaceguard.logwatch import LogPosition, LogWatcher
 
-
 # <sys/inotify.h> (pyinotify.IN_Q_OVERFLOW; importing pyinotify here first would bypass
 # the watcher's silencing of its asyncore DeprecationWarning)
 IN_Q_OVERFLOW = 0x4000
