@@ -555,10 +555,13 @@ class Guard:
         future: asyncio.Future[tuple[bool, str]] = asyncio.get_running_loop().create_future()
         self.replies[request_id] = future
         self.handle(OperatorRequest(request_id, verb, account, reason, force, who))  # type: ignore[arg-type]
-        self.replies.pop(request_id, None)
-        if not future.done():
+        try:
+            # the reply may be deferred behind the unit actions the request caused
+            return await asyncio.wait_for(future, 5.0)
+        except TimeoutError:
             return False, "the policy gave no answer"
-        return future.result()
+        finally:
+            self.replies.pop(request_id, None)
 
     def incidents(self, account: str | None) -> list[dict[str, Any]]:
         return self.incident_store.list(account)
