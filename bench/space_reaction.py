@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -78,8 +79,9 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
-def run_trials(python: str, trials: int, predict: str, work: Path,
-               calls: list[float]) -> tuple[list[float], int, int, list[int]]:
+def run_trials(python: str, trials: int, predict: str, work: Path, calls: list[float],
+               before_trials: Callable[[GuardRig], None] | None = None,
+               ) -> tuple[list[float], int, int, list[int]]:
     """Returns (reaction times in ms, trials that hit ENOSPC, predictive pauses, min avail);
     appends the guard's own FreezeUnit call durations (ms) to `calls`."""
     volume = LoopVolume(work / "vol", 1024, options=["nodelalloc"]).mount()
@@ -110,6 +112,8 @@ def run_trials(python: str, trials: int, predict: str, work: Path,
             'log_level = "debug"', 'log_level = "info"'))
         rig.install()
         rig.start()
+        if before_trials is not None:
+            before_trials(rig)
         for trial in range(trials):
             status.unlink(missing_ok=True)
             sandbox.systemctl("start", "writer@bench.service")
