@@ -405,8 +405,8 @@ async def handle_line(line: bytes, peer: Peer, backend: ControlBackend,
         verb = _check_envelope(request)
         if verb == "check-config" and isinstance(request.get("args"), dict) \
                 and "path" in request["args"] and not access.may_change(peer):
-            # checking another file makes the guard (root) read it: only for those who
-            # could change the guard anyway
+            # checking another file makes the guard read it with its own rights: only for
+            # those who may change the guard anyway
             raise RequestError("forbidden", f"check-config with a path needs "
                                             f"{access.requirement('reload')}; you are "
                                             f"{peer.who}")
@@ -563,7 +563,11 @@ class ControlServer:
         sock = inherited_socket()
         if sock is not None:
             self.inherited = True
-            log.info("control: using the socket from systemd (%s)", sock.getsockname() or "?")
+            name = sock.getsockname()
+            log.info("control: using the socket from systemd (%s)", name or "?")
+            if isinstance(name, str) and name != str(self.path):
+                log.warning("control: systemd's socket is %s but control_socket is %s; "
+                            "spaceguardctl defaults to the latter", name, self.path)
         else:
             for name in (self.admin_group, self.reader_group):
                 if name and self.identities.group(name) is None:
