@@ -538,7 +538,7 @@ class ControlServer:
 
     def __init__(self, path: Path, reader_group: str, admin_group: str,
                  backend: ControlBackend, idle_timeout: float = 5.0,
-                 max_clients: int = 256) -> None:
+                 max_clients: int = 256, max_requests_per_second: float = 500.0) -> None:
         self.path = path
         self.reader_group, self.admin_group = reader_group, admin_group
         self.backend = backend
@@ -554,6 +554,10 @@ class ControlServer:
         self._clients: set[asyncio.Task[Any]] = set()
         self.served_requests = 0
         self.refused_busy = 0
+        # Requests are paced, all clients together: the loop that answers them also samples
+        # the volumes and freezes migrations, and a crowd of clients must not delay that.
+        self.request_interval = 1.0 / max_requests_per_second
+        self._next_slot = 0.0
 
     @property
     def client_count(self) -> int:
@@ -572,7 +576,9 @@ class ControlServer:
             for name in (self.admin_group, self.reader_group):
                 if name and self.identities.group(name) is None:
                     log.warning("control: configured group %r does not exist", name)
-            socket_group = next((name for name in (self.admin_group, self.reader_group)
+            # A socket file has one group: the readers' (admins must be readers too, see
+            # README), else the admins'.
+            socket_group = next((name for name in (self.reader_group, self.admin_group)
                                  if name and self.identities.group(name) is not None), "")
             sock = bind_socket(self.path, socket_group, backlog=self.backlog)
             st = self.path.stat()
@@ -638,6 +644,15 @@ class ControlServer:
             self._clients.discard(task)
             writer.close()
 
+    async def _pace(self) -> None:
+        """Wait for this request's slot: at most max_requests_per_second are answered, in
+        arrival order; a lone spaceguardctl never waits."""
+        now = asyncio.get_running_loop().time()
+        slot = max(self._next_slot, now)
+        self._next_slot = slot + self.request_interval
+        if slot > now:
+            await asyncio.sleep(slot - now)
+
     async def _send(self, writer: asyncio.StreamWriter, reply: Mapping[str, Any]) -> None:
         writer.write(encode_reply(reply))
         # a client that does not read its replies must not hold the task forever
@@ -668,6 +683,7 @@ class ControlServer:
                 if not eof.partial.strip():
                     return  # the client is done
                 line, last = eof.partial, True  # a last request without its newline
+            await self._pace()
             reply = await handle_line(line.rstrip(b"\r\n"), peer, self.backend, self.access())
             self.served_requests += 1
             await self._send(writer, reply)
