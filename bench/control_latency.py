@@ -59,6 +59,7 @@ class Hammer:
         self.stop = threading.Event()
         self.requests = 0
         self.errors = 0
+        self.error_kinds: dict[str, int] = {}
         self.threads = [threading.Thread(target=self._client, daemon=True)
                         for _ in range(clients)]
 
@@ -74,8 +75,10 @@ class Hammer:
                         if not reader.readline():
                             break
                         self.requests += 1
-            except OSError:
+            except OSError as error:
                 self.errors += 1
+                kind = type(error).__name__ + (f" {error.errno}" if error.errno else "")
+                self.error_kinds[kind] = self.error_kinds.get(kind, 0) + 1
                 time.sleep(0.01)
 
     def __enter__(self) -> Hammer:
@@ -106,6 +109,7 @@ def main() -> int:
         def measure_status(rig: GuardRig) -> None:
             for _ in range(200):
                 latencies.append(round_trip(rig.host_socket))
+                time.sleep(0.01)  # one operator at a time, not a burst
             env = {"PYTHONPATH": str(REPO / "daemon")}
             for _ in range(5):
                 started = time.perf_counter()
@@ -128,12 +132,15 @@ def main() -> int:
             hammers.append(hammer.__enter__())
             time.sleep(1)
 
-        try:
-            busy, *_ = run_trials(python, args.trials, "0s", work / "busy", [],
-                                  before_trials=start_hammer)
-        finally:
+        def stop_hammer() -> None:
             for hammer in hammers:
                 hammer.__exit__()
+
+        try:
+            busy, *_ = run_trials(python, args.trials, "0s", work / "busy", [],
+                                  before_trials=start_hammer, after_trials=stop_hammer)
+        finally:
+            stop_hammer()
         requests = sum(h.requests for h in hammers)
         print(f"reaction, threshold crossing -> frozen, {args.trials} trials each (predict off):")
         if quiet:
@@ -143,7 +150,8 @@ def main() -> int:
             print(f"  {args.clients} clients hammering status: median "
                   f"{statistics.median(busy):.1f} ms, worst {max(busy):.1f} ms "
                   f"({requests} requests answered meanwhile, "
-                  f"{sum(h.errors for h in hammers)} connection errors)")
+                  f"{sum(h.errors for h in hammers)} client errors: "
+                  f"{hammers[0].error_kinds if hammers else {}})")
         if quiet and busy:
             ratio = statistics.median(busy) / statistics.median(quiet)
             print(f"  degradation of the median: {ratio:.2f}x")

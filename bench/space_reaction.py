@@ -81,6 +81,7 @@ def rss_mib(pid: int) -> float:
 
 def run_trials(python: str, trials: int, predict: str, work: Path, calls: list[float],
                before_trials: Callable[[GuardRig], None] | None = None,
+               after_trials: Callable[[], None] | None = None,
                ) -> tuple[list[float], int, int, list[int]]:
     """Returns (reaction times in ms, trials that hit ENOSPC, predictive pauses, min avail);
     appends the guard's own FreezeUnit call durations (ms) to `calls`."""
@@ -137,6 +138,8 @@ def run_trials(python: str, trials: int, predict: str, work: Path, calls: list[f
                 path.unlink()
             wait_until(lambda: rig.metrics().get('spaceguard_volume_low{volume="bench"}') == 0,
                        30, "the guard to see the space back")
+        if after_trials is not None:
+            after_trials()
         calls.extend(float(line.rsplit("took ", 1)[1].split()[0])
                      for line in rig.journal().splitlines()
                      if line.startswith("freeze ") and "D-Bus call took" in line)

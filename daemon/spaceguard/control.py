@@ -41,6 +41,7 @@ from . import __version__
 log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
+REQUEST_BURST = 50
 MAX_LINE_BYTES = 64 * 1024  # a request line, without its newline
 SD_LISTEN_FDS_START = 3  # the first fd systemd passes (sd_listen_fds(3))
 IDENTITY_CACHE_SECONDS = 10.0  # group changes show up within this long
@@ -647,11 +648,13 @@ class ControlServer:
     async def _pace(self) -> None:
         """Wait for this request's slot: at most max_requests_per_second are answered, in
         arrival order; a lone spaceguardctl never waits."""
+        # GCRA: a burst of REQUEST_BURST passes at once, then requests keep to the rate
         now = asyncio.get_running_loop().time()
         slot = max(self._next_slot, now)
         self._next_slot = slot + self.request_interval
-        if slot > now:
-            await asyncio.sleep(slot - now)
+        wait = slot - now - REQUEST_BURST * self.request_interval
+        if wait > 0:
+            await asyncio.sleep(wait)
 
     async def _send(self, writer: asyncio.StreamWriter, reply: Mapping[str, Any]) -> None:
         writer.write(encode_reply(reply))
