@@ -24,7 +24,7 @@ import hashlib
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from .config import Config, MigrationConfig, VolumeConfig
 from .rclone import classify_exit_code
@@ -268,7 +268,9 @@ def initial_state(config: Config, saved: GuardState | None = None) -> GuardState
 def _fit_units(saved: MigrationState | None, migration: MigrationConfig) -> MigrationState:
     state = saved or MigrationState(account=migration.account)
     units = {unit: state.units.get(unit, UnitView()) for unit in migration.units}
-    return replace(state, units=units, paused_units=state.paused_units & set(units))
+    pending = {key: kind for key, kind in state.pending.items() if key in units or key == "verify"}
+    return replace(state, units=units, paused_units=state.paused_units & set(units),
+                   pending=pending)
 
 
 def decide(config: Config, state: GuardState, event: Event,
@@ -416,6 +418,9 @@ class _Decision:
         if migration is None:
             return  # never act on (or even track) a unit the config does not name
         state = self.migrations[migration.account]
+        if event.unit in state.pending and not state.units.get(event.unit, UnitView()).known:
+            self._restored_action(migration, event.unit, event.view)
+            state = self.migrations[migration.account]
         old = state.units.get(event.unit, UnitView())
         new = event.view
         state = replace(state, units={**state.units, event.unit: new})
@@ -436,6 +441,11 @@ class _Decision:
             # a fresh run: log failures of an earlier run no longer classify this one
             state = replace(state, running_since=self.now, finished=False,
                             last_log_failure=None if old.known else state.last_log_failure)
+            if state.hold is None and old.known:
+                # running again without a hold (a start whose reply was lost, a person):
+                # nothing is left to restart, and in stop mode nothing is paused any more
+                state = replace(state, restart_on_release=False, paused_units=(
+                    state.paused_units if migration.pause == "freeze" else frozenset()))
         ended = old.known and old.active_state not in ("inactive", "failed") \
             and new.active_state in ("inactive", "failed")
         if ended and pending != "stop" and event.unit not in state.paused_units \
@@ -446,6 +456,24 @@ class _Decision:
                 and not state.finished:
             state = self._unit_ended(migration, state, event.unit, new)
         self.migrations[migration.account] = state
+
+    def _restored_action(self, migration: MigrationConfig, unit: str, view: UnitView) -> None:
+        """First sight of a unit with an action in flight: only after a restart, when the
+        saved state had one pending whose reply died with the old process. Judge from the
+        unit whether it landed, and go on as if that reply had come."""
+        state = self.migrations[migration.account]
+        kind = state.pending[unit]
+        landed = {"freeze": view.frozen, "thaw": view.known and not view.frozen,
+                  "stop": view.known and not view.running,
+                  "start": view.active_state in ACTIVE_STATES}.get(kind, False)
+        if not landed:  # it never happened: the reconcile step asks again if still wanted
+            self.migrations[migration.account] = replace(
+                state, pending={k: v for k, v in state.pending.items() if k != unit})
+            return
+        stopping = state.failure is not None and state.failure.phase == "stopping"
+        reason = "failure" if kind == "stop" and stopping else "restored"
+        self._action_done(ActionDone(UnitAction(cast(Any, kind), unit, migration.account,
+                                                reason), True))
 
     def _external_change(self, migration: MigrationConfig, state: MigrationState, unit: str,
                          old: UnitView, new: UnitView, pending: str | None) -> MigrationState:
@@ -485,16 +513,23 @@ class _Decision:
                  + (" and will not pause it again until the volume recovers" if volume.low
                     else ""))
         self.actions.append(ResolveAlert(f"paused/{migration.account}"))
-        return replace(state, hold=None, paused_units=state.paused_units - {unit},
+        # freeze: what else the guard froze is thawed; stop: the migration runs again
+        # through this unit, so nothing the guard stopped is to be restarted
+        paused = state.paused_units - {unit} if migration.pause == "freeze" else frozenset()
+        return replace(state, hold=None, paused_units=paused,
                        restart_on_release=False, override=volume.low)
 
     def _unit_ended(self, migration: MigrationConfig, state: MigrationState, unit: str,
                     view: UnitView) -> MigrationState:
         """A unit stopped running without the guard asking it to."""
         if view.active_state != "failed" and view.result in ("success", ""):
+            if any(other != unit and other_view.active_state in ACTIVE_STATES
+                   for other, other_view in state.units.items()):
+                return state  # its other unit still runs the migration: not finished
             self.log("info", f"{migration.account}: {unit} finished successfully")
             self.actions.append(ResolveAlert(f"failed/{migration.account}"))
-            return replace(state, finished=True, retries=0, last_log_failure=None)
+            return replace(state, finished=True, retries=0, last_log_failure=None,
+                           restart_on_release=False)
         exit_status = (f"result={view.result} {view.exec_code or 'status'}={view.exec_status}"
                        if view.exec_code else f"result={view.result}")
         log_failure = state.last_log_failure
@@ -644,9 +679,20 @@ class _Decision:
                                 units={**state.units, action.unit: replace(
                                     view, freezer_state="frozen")})
             elif action.kind == "stop":
-                paused = state.paused_units | {action.unit} if state.hold else state.paused_units
-                state = replace(state, paused_units=paused, restart_on_release=(
-                    state.restart_on_release or state.hold is not None))
+                if view.active_state in ACTIVE_STATES:  # the job is done: the unit is down
+                    state = replace(state, units={**state.units, action.unit: replace(
+                        view, active_state="inactive", sub_state="dead")})
+                taken_over = state.hold is None and any(
+                    other != action.unit and other_view.active_state in ACTIVE_STATES
+                    for other, other_view in state.units.items())
+                if action.reason != "failure" and state.failure is None and not taken_over:
+                    # a pause (space, operator), even if the hold ended while the job ran:
+                    # the guard stopped it, so the guard starts it again (unless someone
+                    # already runs the migration through its other unit)
+                    state = replace(state, paused_units=state.paused_units | {action.unit},
+                                    restart_on_release=True)
+                else:  # stopped in a failure: nothing to thaw; a retry starts it again
+                    state = replace(state, paused_units=state.paused_units - {action.unit})
             elif action.kind == "thaw":
                 state = replace(state, paused_units=state.paused_units - {action.unit},
                                 last_progress_at=self.now,
@@ -731,6 +777,9 @@ class _Decision:
         failure = state.failure
         if failure is None:
             return state
+        if failure.phase == "verifying" and "verify" not in state.pending:
+            # its result died with an earlier guard process (restart): verify again
+            failure = replace(failure, phase="stopping")
         if failure.phase == "stopping":
             if any(view.active_state in ACTIVE_STATES for view in state.units.values()):
                 return state  # _drive_units stops them
@@ -827,12 +876,14 @@ class _Decision:
                     wanted.append(UnitAction("freeze", unit, migration.account, reason))
                 elif migration.pause == "stop":
                     wanted.append(UnitAction("stop", unit, migration.account, reason))
-        elif state.failure is None:
+        else:
+            # Thaw what the guard froze even during a failure (a unit someone started by
+            # hand while it waits for a retry or an operator): only starts wait for it.
             for unit in sorted(state.paused_units):
                 view = state.units.get(unit, UnitView())
                 if migration.pause == "freeze" and view.frozen:
                     wanted.append(UnitAction("thaw", unit, migration.account, "released"))
-            if state.restart_on_release and not state.pending and all(
+            if state.failure is None and state.restart_on_release and not state.pending and all(
                     view.known and view.active_state not in ACTIVE_STATES
                     for view in state.units.values()):
                 wanted.append(UnitAction("start", migration.resume_unit, migration.account,

@@ -73,6 +73,10 @@ def durable(state: GuardState) -> dict[str, Any]:
             account: {
                 "hold": asdict(m.hold) if m.hold else None,
                 "paused_units": sorted(m.paused_units),
+                # unit actions in flight: their replies die with the process; the policy
+                # judges on the first sight of each unit whether they landed
+                "pending": {unit: kind for unit, kind in sorted(m.pending.items())
+                            if unit != "verify"},
                 "restart_on_release": m.restart_on_release,
                 "override": m.override,
                 "failure": _failure_json(m.failure),
@@ -108,6 +112,7 @@ def _restore(data: Mapping[str, Any]) -> GuardState:
             account=account,
             hold=Hold(**m["hold"]) if m["hold"] else None,
             paused_units=frozenset(m["paused_units"]),
+            pending={str(unit): str(kind) for unit, kind in m.get("pending", {}).items()},
             restart_on_release=bool(m["restart_on_release"]),
             override=bool(m["override"]),
             failure=replace(Failure(**{**failure, "lines": (), "steps": ()}),

@@ -118,7 +118,8 @@ def test_parse_threshold_rejects(text: object) -> None:
 
 
 def test_inode_thresholds_are_counts_or_percentages() -> None:
-    assert parse_threshold(1000, sizes=False) == Threshold(amount=1000)
+    assert parse_threshold(1000, sizes=False) == Threshold(amount=1000, counts_inodes=True)
+    assert str(parse_threshold(1000, sizes=False)) == "1000 inodes"
     assert parse_threshold("1%", sizes=False) == Threshold(percent=1.0)
     for bad in ("10k", "1GiB", -1, True, 1.5):
         with pytest.raises(ValueError):
@@ -130,7 +131,8 @@ def test_threshold_limit() -> None:
     assert Threshold(percent=10.0).limit(0) == 0
     assert Threshold(amount=123).limit(100 * GiB) == 123
     assert str(Threshold(percent=5.0)) == "5%"
-    assert str(Threshold(amount=123)) == "123"
+    assert str(Threshold(amount=123)) == "123B"
+    assert str(Threshold(amount=50 * GiB)) == "50GiB"
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -228,8 +230,8 @@ def test_absolute_thresholds_and_durations(tmp_path: Path) -> None:
     assert space.resume_above == Threshold(amount=100 * GiB)
     assert space.resume_after == 5400.0
     assert space.predict == 0.0
-    assert space.pause_below_inodes == Threshold(amount=1000)
-    assert space.resume_above_inodes == Threshold(amount=2000)
+    assert space.pause_below_inodes == Threshold(amount=1000, counts_inodes=True)
+    assert space.resume_above_inodes == Threshold(amount=2000, counts_inodes=True)
     assert space.poll_min == 0.25
 
 
