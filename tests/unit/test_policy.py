@@ -231,7 +231,7 @@ def test_a_dip_during_the_hold_down_restarts_the_clock(guard: Guard) -> None:
 def test_stop_mode(guard: Guard) -> None:
     actions = guard(sample(4), after=1)
     assert ("stop", BOB, "space") in unit_actions(actions)
-    guard.done("stop", BOB)
+    assert unit_actions(guard.done("stop", BOB)) == []  # the job is done: no second stop
     bob = guard.m("bob")
     assert bob.paused_units == {BOB}
     assert bob.restart_on_release
@@ -866,3 +866,16 @@ def test_a_start_whose_reply_is_lost(guard: Guard) -> None:
     assert unit_actions(guard(Tick(), after=60)) == []
     bob = guard.m("bob")
     assert bob.paused_units == frozenset() and not bob.restart_on_release
+
+
+def test_a_saved_action_on_a_unit_no_longer_configured_is_dropped() -> None:
+    saved = GuardState(migrations={"bob": MigrationState(
+        account="bob", pending={"m365-migrate-old@bob.service": "stop", BOB: "stop"},
+        paused_units=frozenset({BOB}), restart_on_release=True)})
+    state = initial_state(make_config(), saved)
+    assert state.migrations["bob"].pending == {BOB: "stop"}
+    guard = Guard(make_config(), saved)
+    guard(BusChanged(True))
+    guard(UnitChanged(BOB, DEAD))
+    guard(UnitChanged(BOB_RESUME, DEAD))  # every unit seen, nothing else in flight: start
+    assert unit_actions(guard.issued) == [("start", BOB_RESUME, "resume")]
