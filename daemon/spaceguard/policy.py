@@ -751,6 +751,10 @@ class _Decision:
         if not volume.low:
             if state.override:
                 state = replace(state, override=False)
+            if state.last_log_failure is not None and state.last_log_failure[0] == "disk_full":
+                # space is back: an old ENOSPC line must not classify a later exit (that
+                # would mark a volume with plenty of space low and pause every migration)
+                state = replace(state, last_log_failure=None)
             if state.hold is not None and state.hold.by == "guard":
                 self.log("notice", f"{migration.account}: releasing the guard's hold "
                          f"({state.hold.reason}), volume {migration.volume} has "

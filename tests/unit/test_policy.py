@@ -879,3 +879,25 @@ def test_a_saved_action_on_a_unit_no_longer_configured_is_dropped() -> None:
     guard(UnitChanged(BOB, DEAD))
     guard(UnitChanged(BOB_RESUME, DEAD))  # every unit seen, nothing else in flight: start
     assert unit_actions(guard.issued) == [("start", BOB_RESUME, "resume")]
+
+
+def test_a_disk_full_line_does_not_classify_a_later_exit(guard: Guard) -> None:
+    """ENOSPC in the log, pause, space back, thaw; an hour later the run exits with a fatal
+    error: that is an unrecoverable failure (incident, no retry), not a full disk (which
+    would pause every migration on a volume with plenty of free space)."""
+    guard(LogParsed("alice", (("disk_full", "enospc", "no space left on device"),)), after=1)
+    guard.done("freeze", ALICE)
+    guard(sample(50), after=1)
+    guard(Tick(), after=120)
+    guard.done("thaw", ALICE)
+    actions = guard(UnitChanged(ALICE, failed(7)), after=3600)
+    assert of_type(actions, WriteIncident)[0].record["class"] == "unrecoverable"
+    assert not guard.state.volumes["space"].low
+    assert [a.key for a in of_type(actions, RaiseAlert)] == ["failed/alice"]
+
+
+def test_a_disk_full_death_is_still_a_pause(guard: Guard) -> None:
+    guard(LogParsed("alice", (("disk_full", "enospc", "no space left on device"),)), after=1)
+    actions = guard(UnitChanged(ALICE, failed(7)), after=0.5)  # rclone gave up on ENOSPC
+    assert of_type(actions, WriteIncident) == []
+    assert guard.m("alice").failure is None and guard.m("alice").restart_on_release
