@@ -86,6 +86,7 @@ class Hold:
     reason: str
     since: float
     note: str = ""
+    alerted: bool = False  # the pause alert went out (when a running unit was paused)
 
 
 @dataclass(frozen=True)
@@ -448,12 +449,13 @@ class _Decision:
                     state.paused_units if migration.pause == "freeze" else frozenset()))
         ended = old.known and old.active_state not in ("inactive", "failed") \
             and new.active_state in ("inactive", "failed")
-        if ended and pending != "stop" and event.unit not in state.paused_units \
-                and state.failure is None:
-            state = self._unit_ended(migration, state, event.unit, new)
-        elif not old.known and new.active_state == "failed" and state.failure is None \
-                and event.unit not in state.paused_units and state.hold is None \
-                and not state.finished:
+        # a unit that ended on its own, or one found failed at first sight (after a restart)
+        ended_alone = ended and pending != "stop" and event.unit not in state.paused_units \
+            and state.failure is None
+        found_failed = not old.known and new.active_state == "failed" \
+            and state.failure is None and event.unit not in state.paused_units \
+            and state.hold is None and not state.finished
+        if ended_alone or found_failed:
             state = self._unit_ended(migration, state, event.unit, new)
         self.migrations[migration.account] = state
 
@@ -540,11 +542,10 @@ class _Decision:
             failure_class = "transient"  # killed by a signal: worth another try
         lines: tuple[str, ...] = ()
         if log_failure is not None:
+            # what the run itself said beats the exit code (rclone exits 1 for some
+            # network failures, and 5 after an expired token's retries)
             lines = (log_failure[2],)
-            if log_failure[0] == "disk_full":
-                failure_class = "disk_full"
-            elif log_failure[0] == "unrecoverable":
-                failure_class = "unrecoverable"
+            failure_class = log_failure[0]
         if failure_class == "disk_full":
             return self._disk_full(migration, replace(state, restart_on_release=True),
                                    log_failure[2] if log_failure else exit_status)
@@ -726,27 +727,25 @@ class _Decision:
             state = self._stall(migration, state)
             state = self._failure_steps(migration, state)
             state = self._drive_units(migration, state)
+            state = self._announce_pause(migration, state)
             self.migrations[migration.account] = state
 
     def _holds(self, migration: MigrationConfig, state: MigrationState) -> MigrationState:
-        volume_config = self.config.volumes[migration.volume]
         volume = self.volumes.get(migration.volume, VolumeState())
         if volume.low and state.hold is None and not state.override:
             reason = volume.low_reason or "space"
             self.log("warning", f"{migration.account}: pausing ({migration.pause}) because "
                      f"volume {migration.volume} is low ({reason})")
-            self.actions.append(RaiseAlert(
-                key=f"paused/{migration.account}", name="SpaceguardMigrationPaused",
-                severity="warning",
-                labels={"account": migration.account, "unit": migration.unit,
-                        "volume": migration.volume, "reason": reason, "by": "guard"},
-                summary=f"Migration {migration.account} paused: {migration.volume} is low",
-                description=(f"spaceguard paused {migration.unit} ({migration.pause}) because "
-                             f"{volume_config.path} has {_size(volume.avail_bytes)} free "
-                             f"(pause below {volume_config.pause_below}, reason {reason}). "
-                             "It resumes by itself once free space stays above "
-                             f"{volume_config.resume_above} for {volume_config.resume_after:g}s. "
-                             "Runbook scenario 3: df -h, du -sh PATH/* | sort -h, free space.")))
+            adopted = {unit for unit, view in state.units.items()
+                       if view.frozen and unit not in state.paused_units
+                       and state.pending.get(unit) != "thaw"}
+            if adopted and migration.pause == "freeze":
+                # Frozen already, with no record of who did it: most likely the guard, just
+                # before a crash that lost the record. Under the new hold it is the guard's
+                # to thaw at recovery (an operator's freeze belongs in spaceguardctl pause).
+                self.log("notice", f"{migration.account}: {', '.join(sorted(adopted))} "
+                         "already frozen: held by the guard from now on")
+                state = replace(state, paused_units=state.paused_units | adopted)
             return replace(state, hold=Hold("guard", reason, self.now))
         if not volume.low:
             if state.override:
@@ -762,6 +761,35 @@ class _Decision:
                 self.actions.append(ResolveAlert(f"paused/{migration.account}"))
                 state = replace(state, hold=None, last_progress_at=self.now)
         return state
+
+    def _announce_pause(self, migration: MigrationConfig,
+                        state: MigrationState) -> MigrationState:
+        """Once per guard hold, when a running migration is actually being paused (a hold on
+        a migration that is not running is no news until a unit of it starts)."""
+        hold = state.hold
+        if hold is None or hold.by != "guard" or hold.alerted or state.failure is not None:
+            return state
+        if not state.paused_units and not any(
+                kind in ("freeze", "stop") for kind in state.pending.values()):
+            return state
+        self.actions.append(self._pause_alert(migration, hold.reason))
+        return replace(state, hold=replace(hold, alerted=True))
+
+    def _pause_alert(self, migration: MigrationConfig, reason: str) -> RaiseAlert:
+        volume_config = self.config.volumes[migration.volume]
+        volume = self.volumes.get(migration.volume, VolumeState())
+        return RaiseAlert(
+            key=f"paused/{migration.account}", name="SpaceguardMigrationPaused",
+            severity="warning",
+            labels={"account": migration.account, "unit": migration.unit,
+                    "volume": migration.volume, "reason": reason, "by": "guard"},
+            summary=f"Migration {migration.account} paused: {migration.volume} is low",
+            description=(f"spaceguard paused {migration.unit} ({migration.pause}) because "
+                         f"{volume_config.path} has {_size(volume.avail_bytes)} free "
+                         f"(pause below {volume_config.pause_below}, reason {reason}). "
+                         "It resumes by itself once free space stays above "
+                         f"{volume_config.resume_above} for {volume_config.resume_after:g}s. "
+                         "Runbook scenario 3: df -h, du -sh PATH/* | sort -h, free space."))
 
     def _stall(self, migration: MigrationConfig, state: MigrationState) -> MigrationState:
         if migration.stall_after <= 0 or state.failure is not None or state.hold is not None:
@@ -870,7 +898,8 @@ class _Decision:
         if stopping:
             wanted += [UnitAction("stop", unit, migration.account, "failure")
                        for unit, view in state.units.items()
-                       if view.active_state in ACTIVE_STATES and view.active_state != "deactivating"]
+                       if view.active_state in ACTIVE_STATES
+                       and view.active_state != "deactivating"]
         elif state.hold is not None:
             reason = state.hold.reason
             for unit, view in state.units.items():
@@ -899,6 +928,7 @@ class _Decision:
                 continue
             pending[action.unit] = action.kind
             self.actions.append(action)
+
         if len(pending) != len(state.pending):
             state = replace(state, pending=pending)
         return state

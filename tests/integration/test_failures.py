@@ -51,7 +51,8 @@ class Migration:
     def remote_unit(self) -> str:
         return textwrap.dedent(f"""\
             [Service]
-            ExecStart={self.rclone} serve webdav {self.source} --addr 127.0.0.1:{self.port} --user alice --pass secret
+            ExecStart={self.rclone} serve webdav {self.source} \\
+                --addr 127.0.0.1:{self.port} --user alice --pass secret
             """)
 
     def copy_command(self, rate: str) -> str:

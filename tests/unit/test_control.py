@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import functools
 import grp
 import json
@@ -97,7 +98,16 @@ class RecordingBackend:
     def status(self) -> dict[str, Any]:
         self.calls.append(("status",))
         self._maybe_fail()
-        return STATUS
+        # STATUS's times are relative to NOW (import time): keep them relative to the call,
+        # so "5m00s ago" holds however long the suite ran before this test
+        shift = time.time() - NOW
+        status = copy.deepcopy(STATUS)
+        for migration in status["migrations"]:
+            if migration.get("hold"):
+                migration["hold"]["since"] += shift
+            if migration.get("last_progress_at"):
+                migration["last_progress_at"] += shift
+        return status
 
     async def operator(self, verb: str, account: str, reason: str, force: bool,
                        who: str) -> tuple[bool, str]:

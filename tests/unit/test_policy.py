@@ -169,7 +169,7 @@ def test_low_volume_pauses_every_running_unit_on_it(guard: Guard) -> None:
     assert alerts["paused/alice"].labels["reason"] == "space"
     assert alerts["paused/alice"].labels["by"] == "guard"
     assert any(a.level == "warning" and "low" in a.message for a in of_type(actions, Log))
-    assert guard.m("alice").hold == Hold("guard", "space", guard.now)
+    assert guard.m("alice").hold == Hold("guard", "space", guard.now, alerted=True)
     assert guard.m("carol").hold is None  # another volume
     assert guard.state.volumes["space"].low
     assert guard.m("alice").pending == {ALICE: "freeze"}
@@ -327,11 +327,14 @@ def test_bus_down_decides_but_does_not_act(guard: Guard) -> None:
     actions = guard(sample(4), after=1)
     assert unit_actions(actions) == []
     assert guard.m("alice").hold is not None  # the decision is kept...
-    assert {a.key for a in of_type(actions, RaiseAlert)} == {"paused/alice", "paused/bob"}
+    # ...but nothing is paused yet, so no "paused" alert claims otherwise (the D-Bus
+    # disconnected alert is what tells people here)
+    assert of_type(actions, RaiseAlert) == []
     assert unit_actions(guard(Tick(), after=5)) == []
     actions = guard(BusChanged(True), after=1)  # ...and acted on when the bus is back
     assert sorted(unit_actions(actions)) == [("freeze", ALICE, "space"), ("stop", BOB, "space")]
-    assert of_type(actions, RaiseAlert) == []  # already raised
+    assert {a.key for a in of_type(actions, RaiseAlert)} == {"paused/alice", "paused/bob"}
+    assert of_type(guard(Tick(), after=5), RaiseAlert) == []  # said once per hold
 
 
 def test_operator_pause_is_never_resumed_by_the_guard(guard: Guard) -> None:
@@ -901,3 +904,32 @@ def test_a_disk_full_death_is_still_a_pause(guard: Guard) -> None:
     actions = guard(UnitChanged(ALICE, failed(7)), after=0.5)  # rclone gave up on ENOSPC
     assert of_type(actions, WriteIncident) == []
     assert guard.m("alice").failure is None and guard.m("alice").restart_on_release
+
+
+def test_a_hold_on_an_idle_migration_is_announced_when_a_unit_of_it_starts() -> None:
+    guard = Guard(make_config())
+    guard(BusChanged(True))
+    for unit, view in ((ALICE, DEAD), (ALICE_RESUME, DEAD), (BOB, RUNNING),
+                       (BOB_RESUME, DEAD), (CAROL, RUNNING)):
+        guard(UnitChanged(unit, view))
+    actions = guard(sample(4), after=1)
+    assert guard.m("alice").hold is not None
+    assert "paused/alice" not in {a.key for a in of_type(actions, RaiseAlert)}
+    actions = guard(UnitChanged(ALICE, RUNNING), after=1)  # a timer or a person starts it
+    assert unit_actions(actions) == [("freeze", ALICE, "space")]
+    assert "paused/alice" in {a.key for a in of_type(actions, RaiseAlert)}
+
+
+def test_a_unit_found_frozen_without_record_is_adopted_by_a_new_guard_hold() -> None:
+    # The guard crashed after FreezeUnit and before anything of it was saved.
+    guard = Guard(make_config())
+    guard(BusChanged(True))
+    for unit, view in ((ALICE, FROZEN), (ALICE_RESUME, DEAD), (BOB, DEAD),
+                       (BOB_RESUME, DEAD), (CAROL, DEAD)):
+        guard(UnitChanged(unit, view))
+    actions = guard(sample(4), after=1)
+    assert guard.m("alice").paused_units == {ALICE}
+    assert "paused/alice" in {a.key for a in of_type(actions, RaiseAlert)}
+    guard(sample(50), after=1)
+    actions = guard(Tick(), after=600)
+    assert ("thaw", ALICE, "released") in unit_actions(actions)

@@ -179,11 +179,16 @@ class World:
             # (c) nothing resumes on a low volume unless an operator overrode the guard
             if resumes and new.volumes["space"].low:
                 assert after.override, (m.account, resumes)
-            # (g) a new guard hold raises its alert in the same decision
-            if after.hold is not None and after.hold.by == "guard" and after.hold != before.hold:
-                assert RaiseAlert in {type(a) for a in actions}
-                assert any(isinstance(a, RaiseAlert) and a.key == f"paused/{m.account}"
-                           for a in actions), (m.account, actions)
+            # (g) the guard pausing a running unit says so in the same decision (a hold on a
+            # migration that is not running is no news until a unit of it runs)
+            pauses = [a for a in actions if isinstance(a, UnitAction) and a.account == m.account
+                      and a.kind in ("freeze", "stop") and a.reason != "failure"]
+            if pauses and after.hold is not None and after.hold.by == "guard":
+                assert after.hold.alerted, (m.account, actions)
+                assert (before.hold is not None and before.hold.alerted
+                        and before.hold.since == after.hold.since) or any(
+                    isinstance(a, RaiseAlert) and a.key == f"paused/{m.account}"
+                    for a in actions), (m.account, actions)
             if after.hold is not None and after.hold.by == "guard" and (
                     before.hold is None or before.hold.by != "guard"):
                 self.holds_taken[m.account] = self.holds_taken.get(m.account, 0) + 1
@@ -192,8 +197,12 @@ class World:
         """(g) a guard hold is always alerted; a "paused" alert always means paused."""
         for account, m in self.state.migrations.items():
             key = f"paused/{account}"
-            if m.hold is not None and m.hold.by == "guard":
-                assert key in self.firing, f"{account} held by the guard without an alert"
+            if m.hold is not None and m.hold.by == "guard" and m.hold.alerted:
+                assert key in self.firing, f"{account} paused by the guard without an alert"
+            if m.hold is not None and m.hold.by == "guard" and any(
+                    kind == "freeze" or (kind == "stop" and m.failure is None)
+                    for kind in m.pending.values()):
+                assert m.hold.alerted, f"{account} being paused by the guard, not alerted"
             if key in self.firing:
                 assert m.hold is not None, f"{key} still firing for a running migration"
 
