@@ -6,13 +6,12 @@ these tests (the rules must be checked there); elsewhere it only skips them.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
+from tests.sandbox import require
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RULES_FILE = REPO_ROOT / "packaging" / "prometheus" / "spaceguard-rules.yml"
@@ -24,17 +23,10 @@ ALERT_RULE_START = re.compile(r"^\s*- alert: (\S+)\s*$", re.MULTILINE)
 RULE_TEST_CASE_START = re.compile(r"^\s*- eval_time: ", re.MULTILINE)
 
 
-def running_in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
-
-
 def require_binary(name: str) -> str:
     path = shutil.which(name)
-    if path is None:
-        message = f"{name} not found (Debian package prometheus provides it)"
-        if running_in_ci():
-            pytest.fail(message)
-        pytest.skip(message)
+    require(path is not None, f"{name} not found (Debian package prometheus provides it)")
+    assert path is not None
     return path
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -26,6 +25,8 @@ from typing import Any
 import pytest
 from spaceguard.alerts import AlertReceiver, AlertSender, GuardAlert
 
+from tests.sandbox import require
+
 pytestmark = pytest.mark.e2e
 
 ALERTMANAGER_BINARIES = ("prometheus-alertmanager", "alertmanager")
@@ -34,19 +35,13 @@ STARTUP_TIMEOUT_S = 20.0
 WAIT_TIMEOUT_S = 20.0
 
 
-def running_in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
-
-
 def alertmanager_binary() -> str:
     for name in ALERTMANAGER_BINARIES:
         path = shutil.which(name)
         if path is not None:
             return path
-    message = "Alertmanager not found (Debian package prometheus-alertmanager provides it)"
-    if running_in_ci():
-        pytest.fail(message)
-    pytest.skip(message)
+    require(False, "Alertmanager not found (Debian package prometheus-alertmanager provides it)")
+    raise AssertionError("unreachable")
 
 
 def free_port() -> int:

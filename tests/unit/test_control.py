@@ -30,6 +30,8 @@ from typing import Any
 
 import pytest
 
+from tests.sandbox import require
+
 DAEMON_DIR = Path(__file__).resolve().parents[2] / "daemon"
 if str(DAEMON_DIR) not in sys.path:
     sys.path.insert(0, str(DAEMON_DIR))
@@ -82,6 +84,19 @@ INCIDENT: dict[str, Any] = {
 }
 
 
+def status_now() -> dict[str, Any]:
+    """STATUS with its times moved from NOW (import time) to this call, so that "5m00s ago"
+    holds however long the suite ran before a test."""
+    shift = time.time() - NOW
+    status = copy.deepcopy(STATUS)
+    for migration in status["migrations"]:
+        if migration.get("hold"):
+            migration["hold"]["since"] += shift
+        if migration.get("last_progress_at"):
+            migration["last_progress_at"] += shift
+    return status
+
+
 class RecordingBackend:
     """Answers like the daemon would, and records every call."""
 
@@ -90,6 +105,7 @@ class RecordingBackend:
         self.refuse = False
         self.fail_with: Exception | None = None
         self.operator_delay = 0.0
+        self.last_status: dict[str, Any] = {}
 
     def _maybe_fail(self) -> None:
         if self.fail_with is not None:
@@ -98,16 +114,8 @@ class RecordingBackend:
     def status(self) -> dict[str, Any]:
         self.calls.append(("status",))
         self._maybe_fail()
-        # STATUS's times are relative to NOW (import time): keep them relative to the call,
-        # so "5m00s ago" holds however long the suite ran before this test
-        shift = time.time() - NOW
-        status = copy.deepcopy(STATUS)
-        for migration in status["migrations"]:
-            if migration.get("hold"):
-                migration["hold"]["since"] += shift
-            if migration.get("last_progress_at"):
-                migration["last_progress_at"] += shift
-        return status
+        self.last_status = status_now()
+        return self.last_status
 
     async def operator(self, verb: str, account: str, reason: str, force: bool,
                        who: str) -> tuple[bool, str]:
@@ -211,7 +219,8 @@ def _python_for(uid: int | None) -> str:
                                capture_output=True, cwd="/")
         if probe.returncode == 0:
             return candidate
-    pytest.skip(f"no python3 that uid {uid} can run")
+    require(False, f"no python3 that uid {uid} can run")
+    raise AssertionError("unreachable")
 
 
 async def ctl(socket_path: Path | None, *argv: str, as_uid: int | None = None,
@@ -396,7 +405,7 @@ def test_every_verb_round_trips_on_one_connection(socket_dir: Path) -> None:
         assert all(reply["ok"] and reply["v"] == 1 for reply in replies), replies
         assert replies[0]["id"] == 1 and replies[1]["id"] == "two"
         assert "id" not in replies[2]
-        assert replies[0]["result"] == STATUS
+        assert replies[0]["result"] == backend.last_status
         assert replies[1]["result"] == {"version": __version__, "protocol": 1}
         assert replies[7]["result"] == {"message": "alice: pause done"}
         assert backend.calls == [
@@ -674,8 +683,7 @@ def test_socket_file_mode_group_stale_file_and_cleanup(socket_dir: Path) -> None
             await ControlServer(path, "", "", RecordingBackend()).start()
         assert path.read_text() == "data"
 
-    if os.geteuid() != 0:
-        pytest.skip("chown to another group needs root")
+    require(os.geteuid() == 0, "chown to another group needs root")
     run(body)
 
 
@@ -701,8 +709,8 @@ asyncio.run(main())
 
 def test_socket_activation_uses_the_inherited_socket(socket_dir: Path) -> None:
     activate = shutil.which("systemd-socket-activate")
-    if activate is None:
-        pytest.skip("systemd-socket-activate is not installed")
+    require(activate is not None, "systemd-socket-activate is not installed (package systemd)")
+    assert activate is not None
     path = socket_dir / "activated.sock"
     script = socket_dir / "guard.py"
     script.write_text(ACTIVATED_GUARD)
@@ -729,8 +737,8 @@ def test_socket_activation_uses_the_inherited_socket(socket_dir: Path) -> None:
 
 
 def _require_setpriv() -> None:
-    if os.geteuid() != 0 or shutil.which("setpriv") is None:
-        pytest.skip("needs root and setpriv to run spaceguardctl as another uid")
+    require(os.geteuid() == 0 and shutil.which("setpriv") is not None,
+            "needs root and setpriv to run spaceguardctl as another uid")
 
 
 @contextlib.contextmanager
@@ -738,8 +746,7 @@ def _group_with_nobody() -> Iterator[str]:
     """A new group whose only member is nobody (listed in /etc/group, not the primary)."""
     name = f"sg-{uuid.uuid4().hex[:10]}"
     made = subprocess.run(["groupadd", "-U", "nobody", name], capture_output=True, text=True)
-    if made.returncode != 0:
-        pytest.skip(f"cannot create a test group: {made.stderr.strip()}")
+    require(made.returncode == 0, f"cannot create a test group: {made.stderr.strip()}")
     try:
         yield name
     finally:
