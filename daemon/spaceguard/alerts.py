@@ -95,10 +95,8 @@ import http.client
 import json
 import logging
 import math
-import os
 import random
 import re
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -111,6 +109,7 @@ from types import MappingProxyType
 from typing import Any, Final, Literal, TypeVar
 
 from spaceguard import __version__
+from spaceguard.atomicfile import set_aside, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -616,7 +615,7 @@ class AlertSender:
         }
         data = json.dumps(document, indent=1, sort_keys=True).encode()
         try:
-            write_file_atomically(state.spool_path, data)
+            write_atomic(state.spool_path, data)
         except OSError as error:
             if not state.spool_dirty:
                 log.error(
@@ -662,14 +661,10 @@ class AlertSender:
         return tracked
 
     def _set_aside(self, path: Path) -> None:
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-        target = path.with_name(f"{path.name}.corrupt-{stamp}")
         try:
-            os.replace(path, target)
+            set_aside(path, "alert spool unreadable, kept for inspection")
         except OSError as error:
-            log.error("cannot rename %s to %s: %s", path, target, error)
-            return
-        log.error("alert spool %s moved to %s for inspection", path, target)
+            log.error("cannot set %s aside: %s", path, error)
 
     def _warn_about_orphan_spools(self) -> None:
         known = {state.spool_path.name for state in self._receivers.values()}
@@ -737,27 +732,6 @@ def post_json(receiver: AlertReceiver, body: bytes) -> None:
         raise DeliveryError(str(error.reason)) from None
     except (OSError, http.client.HTTPException, ValueError) as error:
         raise DeliveryError(f"{type(error).__name__}: {error}") from None
-
-
-def write_file_atomically(path: Path, data: bytes) -> None:
-    """Replaces ``path`` with ``data`` so that a crash leaves the old or the new content."""
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    # The rename is only durable once the directory entry is.
-    directory_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(directory_fd)
-    finally:
-        os.close(directory_fd)
 
 
 def rfc3339(unix_time: float) -> str:

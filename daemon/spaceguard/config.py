@@ -179,6 +179,15 @@ def parse_size(value: object) -> int:
     return int(amount)
 
 
+def format_size(value: float) -> str:
+    """Bytes for people: `"512 B"`, `"3.0 GiB"` (1024-based, like parse_size's IEC units)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
 def parse_threshold(value: object, *, sizes: bool = True) -> Threshold:
     """A size (or, for inodes, a count) or a percentage such as `"5%"`."""
     if isinstance(value, str) and value.strip().endswith("%"):

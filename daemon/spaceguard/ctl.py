@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from . import __version__
+from .config import format_size
 from .control import PROTOCOL_VERSION
 
 DEFAULT_SOCKET = "/run/spaceguard/control.sock"
@@ -129,14 +130,9 @@ def _cell(value: object, limit: int = 0) -> str:
 
 
 def human_bytes(value: object) -> str:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
         return "-"
-    size = float(value)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(size) < 1024 or unit == "PiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return "-"  # unreachable
+    return format_size(float(value))
 
 
 def human_duration(seconds: object) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 
 from . import __version__, journal
 from .alerts import AlertReceiver, AlertSender, GuardAlert
-from .config import Config, ConfigError, load
+from .config import Config, ConfigError, format_size, load
 from .control import ControlServer
 from .incidents import IncidentStore, partial_report
 from .logwatch import LogPosition, LogWatcher
@@ -470,7 +470,7 @@ class Guard:
                 parts.append(f"{name}: UNAVAILABLE")
                 continue
             percent = 100.0 * volume.avail_bytes / volume.size_bytes if volume.size_bytes else 0
-            parts.append(f"{name}: {_human(volume.avail_bytes)} free ({percent:.1f}%)"
+            parts.append(f"{name}: {format_size(volume.avail_bytes)} free ({percent:.1f}%)"
                          + (f" LOW({volume.low_reason})" if volume.low else ""))
         paused = [f"{account} ({m.hold.by}: {m.hold.reason})"
                   for account, m in self.state.migrations.items() if m.hold]
@@ -582,14 +582,6 @@ class Guard:
             return False, str(error)
         return True, (f"{target}: OK ({len(config.volumes)} volumes, "
                       f"{len(config.migrations)} migrations)")
-
-
-def _human(value: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.1f}{unit}"
-        value /= 1024
-    return f"{value:.1f}TiB"
 
 
 async def run_guard(config_path: Path) -> int:

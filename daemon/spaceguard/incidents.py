@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .state import set_aside, write_atomic
+from .atomicfile import set_aside, write_atomic
 
 log = logging.getLogger(__name__)
 INCIDENT_ID_RE = re.compile(r"^[A-Za-z0-9_.@:-]{1,200}$")

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, cast
 
-from .config import Config, MigrationConfig, VolumeConfig
+from .config import Config, MigrationConfig, VolumeConfig, format_size
 from .rclone import classify_exit_code
 
 HoldOwner = Literal["guard", "operator"]
@@ -389,8 +389,8 @@ class _Decision:
                                 recovered_since=None)
                 self.log("warning", f"volume {volume.name} ({volume.path}) is low on "
                          f"{'inodes' if reason == 'inodes' else 'space'}: "
-                         f"{_size(state.avail_bytes)} free, {state.avail_files} inodes free, "
-                         f"filling at {_size(state.fill_rate)}/s "
+                         f"{format_size(state.avail_bytes)} free, {state.avail_files} inodes free, "
+                         f"filling at {format_size(state.fill_rate)}/s "
                          f"(pause below {volume.pause_below}, reason {reason})")
         else:
             recovered = state.avail_bytes >= resume_bytes and (
@@ -618,7 +618,7 @@ class _Decision:
                 self.actions.append(Reply(
                     event.request_id, False,
                     f"{event.account}: volume {migration.volume} is still low "
-                    f"({_size(volume.avail_bytes)} free, reason {volume.low_reason}); "
+                    f"({format_size(volume.avail_bytes)} free, reason {volume.low_reason}); "
                     "resuming now may fill it: use --force to resume anyway"))
                 return
             restart = state.restart_on_release or (
@@ -719,7 +719,7 @@ class _Decision:
                     self.now - volume.recovered_since >= volume_config.resume_after:
                 self.volumes[name] = replace(volume, low=False, low_reason="",
                                              recovered_since=None)
-                self.log("notice", f"volume {name} recovered: {_size(volume.avail_bytes)} "
+                self.log("notice", f"volume {name} recovered: {format_size(volume.avail_bytes)} "
                          f"free for {volume_config.resume_after:g}s")
         for migration in self.config.migrations:
             state = self.migrations[migration.account]
@@ -757,7 +757,7 @@ class _Decision:
             if state.hold is not None and state.hold.by == "guard":
                 self.log("notice", f"{migration.account}: releasing the guard's hold "
                          f"({state.hold.reason}), volume {migration.volume} has "
-                         f"{_size(volume.avail_bytes)} free")
+                         f"{format_size(volume.avail_bytes)} free")
                 self.actions.append(ResolveAlert(f"paused/{migration.account}"))
                 state = replace(state, hold=None, last_progress_at=self.now)
         return state
@@ -785,7 +785,7 @@ class _Decision:
                     "volume": migration.volume, "reason": reason, "by": "guard"},
             summary=f"Migration {migration.account} paused: {migration.volume} is low",
             description=(f"spaceguard paused {migration.unit} ({migration.pause}) because "
-                         f"{volume_config.path} has {_size(volume.avail_bytes)} free "
+                         f"{volume_config.path} has {format_size(volume.avail_bytes)} free "
                          f"(pause below {volume_config.pause_below}, reason {reason}). "
                          "It resumes by itself once free space stays above "
                          f"{volume_config.resume_above} for {volume_config.resume_after:g}s. "
@@ -932,14 +932,6 @@ class _Decision:
         if len(pending) != len(state.pending):
             state = replace(state, pending=pending)
         return state
-
-
-def _size(value: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.1f} {unit}" if unit != "B" else f"{value:.0f} B"
-        value /= 1024
-    return f"{value:.1f} TiB"
 
 
 def _stamp(when: float) -> str:

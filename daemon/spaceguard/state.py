@@ -8,18 +8,15 @@ aside and reported, and the guard starts from a clean slate rather than crash-lo
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
-import tempfile
-import time
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .atomicfile import set_aside, write_atomic
 from .policy import Failure, GuardState, Hold, MigrationState, VolumeState
 
 log = logging.getLogger(__name__)
@@ -30,36 +27,6 @@ STATE_VERSION = 1
 class Saved:
     state: GuardState
     log_positions: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o640) -> None:
-    """Replace `path` with `data` so that a crash leaves the old or the new content."""
-    directory = path.parent
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.rename(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def set_aside(path: Path, why: str) -> Path:
-    """Rename a bad file out of the way (never delete it: a person may want to read it)."""
-    aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
-    os.rename(path, aside)
-    log.error("%s: %s; set aside as %s, starting without it", path, why, aside)
-    return aside
 
 
 def durable(state: GuardState) -> dict[str, Any]:

@@ -582,7 +582,7 @@ def test_spool_that_is_valid_json_but_not_a_spool_is_set_aside(
 def test_spool_write_failure_keeps_the_alert_and_retries(
     server: RecordingServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_write = alerts.write_file_atomically
+    real_write = alerts.write_atomic
     disk_full = True
 
     def failing_write(path: Path, data: bytes) -> None:
@@ -590,7 +590,7 @@ def test_spool_write_failure_keeps_the_alert_and_retries(
             raise OSError(28, "No space left on device")
         real_write(path, data)
 
-    monkeypatch.setattr(alerts, "write_file_atomically", failing_write)
+    monkeypatch.setattr(alerts, "write_atomic", failing_write)
     monkeypatch.setattr(alerts, "SPOOL_WRITE_RETRY_S", 0.02)
     server.status = 500
     sender = make_sender([am_receiver(server)], tmp_path)

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from spaceguard import state as state_module
+from spaceguard import atomicfile
+from spaceguard.atomicfile import write_atomic
 from spaceguard.policy import Failure, GuardState, Hold, MigrationState, VolumeState
-from spaceguard.state import STATE_VERSION, StateStore, _restore, durable, write_atomic
+from spaceguard.state import STATE_VERSION, StateStore, _restore, durable
 
 T0 = 1_750_000_000.0
 
@@ -127,11 +128,11 @@ def test_a_crash_mid_write_leaves_the_old_file(tmp_path: Path, monkeypatch: pyte
                 self.handle.write(data[: len(data) // 2])  # half of it, then the disk is full
                 raise OSError(28, "No space left on device")
 
-        monkeypatch.setattr(state_module.os, "fdopen", Failing)
+        monkeypatch.setattr(atomicfile.os, "fdopen", Failing)
     elif fail_at == "fsync":
-        monkeypatch.setattr(state_module.os, "fsync", boom)
+        monkeypatch.setattr(atomicfile.os, "fsync", boom)
     else:
-        monkeypatch.setattr(state_module.os, "rename", boom)
+        monkeypatch.setattr(atomicfile.os, "rename", boom)
     with pytest.raises(OSError):
         write_atomic(path, b'{"new": true, "padding": "' + b"x" * 10000 + b'"}')
     monkeypatch.undo()
