@@ -125,11 +125,15 @@ class GuardRig:
     def status_text(self) -> str:
         return self.sandbox.show(GUARD_UNIT, "StatusText")
 
-    def metrics(self) -> dict[str, float]:
-        """Scrape the guard: {'name{labels}': value}."""
+    def metrics_text(self) -> str:
+        """The guard's /metrics page, as Prometheus scrapes it."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
                                     timeout=5) as response:
-            text = response.read().decode()
+            return str(response.read().decode())
+
+    def metrics(self) -> dict[str, float]:
+        """Scrape the guard: {'name{labels}': value}."""
+        text = self.metrics_text()
         values = {}
         for line in text.splitlines():
             if line and not line.startswith("#"):

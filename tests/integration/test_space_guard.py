@@ -4,11 +4,13 @@ real systemd, protects a real writer filling a real ext4 loop volume."""
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
 from tests.guardrig import GuardRig, read_status, wait_until, writer_unit
-from tests.sandbox import LoopVolume, SystemdSandbox
+from tests.sandbox import LoopVolume, SystemdSandbox, require
 
 MIB = 1024 * 1024
 
@@ -76,6 +78,13 @@ def test_freeze_before_enospc_then_thaw_after_hold_down(loop_volume, sandbox, ve
     metrics = rig.metrics()
     assert metrics['spaceguard_migration_paused{account="alice",unit="writer@alice.service"}'] == 1
     assert metrics['spaceguard_volume_low{volume="space"}'] == 1
+    promtool = shutil.which("promtool")
+    require(promtool is not None, "promtool not found (Debian package prometheus)")
+    assert promtool is not None
+    lint = subprocess.run([promtool, "check", "metrics"], input=rig.metrics_text(),
+                          capture_output=True, text=True, check=False)
+    assert lint.returncode == 0 and not lint.stdout.strip() and not lint.stderr.strip(), \
+        lint.stdout + lint.stderr
     wait_until(lambda: "paused: alice (guard" in rig.status_text(), 5, "STATUS= naming the pause")
 
     # Still frozen while space stays low: nothing resumes it on its own.
