@@ -19,7 +19,7 @@ from typing import Any
 from . import __version__, journal
 from .alerts import AlertReceiver, AlertSender, GuardAlert
 from .config import Config, ConfigError, format_size, load
-from .control import ControlServer
+from .control import ControlError, ControlServer
 from .incidents import IncidentStore, partial_report
 from .logwatch import LogPosition, LogWatcher
 from .metrics import (
@@ -52,7 +52,7 @@ from .policy import (
     initial_state,
     seconds_to_pause,
 )
-from .rclone import ClassifyRule, FailureClass, RcloneLogParser, compile_rules
+from .rclone import ClassifyRule, CompiledRules, FailureClass, RcloneLogParser, compile_rules
 from .state import StateStore
 from .systemd import SystemdClient
 from .volumes import VolumeSampler
@@ -80,14 +80,19 @@ class Guard:
         self.saved_positions: dict[str, LogPosition] = {}
         if saved is not None:
             self.state = initial_state(config, saved.state)
-            self.saved_positions = {k: LogPosition.from_json(v)
-                                    for k, v in saved.log_positions.items()}
+            for account, raw in saved.log_positions.items():
+                try:
+                    self.saved_positions[account] = LogPosition.from_json(raw)
+                except ValueError as error:  # that log is read from its start instead
+                    log.error("saved log position of %s is unusable (%s): reading its log "
+                              "from the start", account, error)
         else:
             self.state = initial_state(config)
         self.ready = False
         self.stopping = asyncio.Event()
         self.replies: dict[str, asyncio.Future[tuple[bool, str]]] = {}
         self.request_seq = 0
+        self.verify_seq = 0
         self.open_incidents = self.incident_store.open_counts()
         self.context: dict[str, deque[str]] = {}
         self.parsers: dict[str, RcloneLogParser] = {}
@@ -104,11 +109,11 @@ class Guard:
         self.logwatch = LogWatcher()
         self.alerts = AlertSender(self._receivers(config), config.guard.state_dir / "alerts",
                                   resend_interval_s=config.alerts.resend_interval,
-                                  max_backoff_s=config.alerts.max_backoff)
+                                  max_backoff_s=config.alerts.max_backoff,
+                                  generator_url=config.alerts.generator_url)
         self.metrics: MetricsServer | None = None
         self.control = ControlServer(config.guard.control_socket, config.guard.reader_group,
                                      config.guard.admin_group, self)
-        self.started_at = time.time()
 
     # -- wiring ---------------------------------------------------------------------------
 
@@ -122,7 +127,7 @@ class Guard:
                               basic_auth=r.basic_auth, timeout_s=r.timeout)
                 for r in config.alerts.receivers]
 
-    def _rules(self, config: Config) -> Any:
+    def _rules(self, config: Config) -> CompiledRules:
         return compile_rules([ClassifyRule(name=r.name, pattern=r.pattern,
                                            failure_class=FailureClass(r.failure_class))
                               for r in config.rules])
@@ -134,11 +139,18 @@ class Guard:
         loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
         if self.store.problem:
             self._alert_state_problem()
-        if self.config.guard.metrics_listen:
-            self.metrics = MetricsServer(make_registry(self.snapshot),
-                                         self.config.guard.metrics_listen)
-            await self.metrics.start()
-        await self.control.start()
+        try:
+            if self.config.guard.metrics_listen:
+                self.metrics = MetricsServer(make_registry(self.snapshot),
+                                             self.config.guard.metrics_listen)
+                await self.metrics.start()
+            await self.control.start()
+        except (OSError, ControlError) as error:
+            # a port or socket path that cannot be taken: say which, exit 1 (systemd retries)
+            log.error("cannot start: %s", error)
+            if self.metrics is not None:
+                await self.metrics.close()
+            return 1
         self.systemd.launch()
         self._start_samplers()
         self._start_logs()
@@ -316,7 +328,8 @@ class Guard:
             self.handle(ActionDone(action, True))
 
     async def _verify(self, action: RunVerify) -> None:
-        name = f"spaceguard-verify-{action.account}-{int(time.time())}.service"
+        self.verify_seq += 1  # unique even for two verifications in one second
+        name = f"spaceguard-verify-{action.account}-{int(time.time())}-{self.verify_seq}.service"
         log.info("%s: verifying the source: %s (unit %s)", action.account,
                  " ".join(action.command), name)
         try:
@@ -450,7 +463,8 @@ class Guard:
         self.alerts = AlertSender(self._receivers(self.config),
                                   self.config.guard.state_dir / "alerts",
                                   resend_interval_s=self.config.alerts.resend_interval,
-                                  max_backoff_s=self.config.alerts.max_backoff)
+                                  max_backoff_s=self.config.alerts.max_backoff,
+                                  generator_url=self.config.alerts.generator_url)
         self.alerts_task = self._spawn(self.alerts.run())
 
     def _check_reloadable(self, config: Config) -> None:

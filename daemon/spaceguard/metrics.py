@@ -229,7 +229,11 @@ class MetricsServer:
         self.server: asyncio.Server | None = None
 
     async def start(self) -> None:
-        self.server = await asyncio.start_server(self._serve, self.host, self.port)
+        try:
+            self.server = await asyncio.start_server(self._serve, self.host, self.port)
+        except OSError as error:
+            raise OSError(error.errno, f"metrics_listen {self.host}:{self.port}: "
+                                       f"{error.strerror or error}") from None
         for sock in self.server.sockets:
             self.port = int(sock.getsockname()[1])
             break
