@@ -26,6 +26,7 @@ left behind and never touches another live run's (or another person's) sandboxes
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import os
@@ -34,6 +35,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
@@ -785,3 +787,22 @@ def writer_service(
         "Environment=PYTHONUNBUFFERED=1\n"
         f"{extra}"
     )
+
+
+_READABLE_PACKAGE: Path | None = None
+
+
+def readable_package_dir() -> Path:
+    """A copy of the spaceguard package that any uid can import (PYTHONPATH for tests that
+    run spaceguardctl as another user: the checkout may sit under a 0700 directory)."""
+    global _READABLE_PACKAGE
+    if _READABLE_PACKAGE is None or not _READABLE_PACKAGE.exists():
+        source = Path(__file__).resolve().parents[1] / "daemon" / "spaceguard"
+        target = Path(tempfile.mkdtemp(prefix="spaceguard-pkg-"))
+        shutil.copytree(source, target / "spaceguard",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        for path in [target, *target.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        _READABLE_PACKAGE = target
+        atexit.register(shutil.rmtree, target, True)
+    return _READABLE_PACKAGE

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tests.guardrig import REPO, GuardRig, read_status, wait_until, writer_unit
 from tests.integration.test_space_guard import make_ballast
-from tests.sandbox import LoopVolume, SystemdSandbox, require
+from tests.sandbox import LoopVolume, SystemdSandbox, readable_package_dir, require
 
 UNIT = "writer@alice.service"
 SLEEPER = "sleeper@bob.service"
@@ -39,7 +39,8 @@ def ctl(rig: GuardRig, *args: str, as_uid: int | None = None) -> subprocess.Comp
         prefix = ["setpriv", f"--reuid={as_uid}", f"--regid={as_uid}", "--clear-groups"]
         python = python_for(as_uid)
     command = [*prefix, python, "-m", "spaceguard.ctl", "--socket", str(rig.host_socket), *args]
-    env = dict(os.environ, PYTHONPATH=str(REPO / "daemon"), PYTHONDONTWRITEBYTECODE="1")
+    package = REPO / "daemon" if as_uid is None else readable_package_dir()
+    env = dict(os.environ, PYTHONPATH=str(package), PYTHONDONTWRITEBYTECODE="1")
     return subprocess.run(command, capture_output=True, text=True, timeout=30, env=env,
                           check=False, cwd="/")
 

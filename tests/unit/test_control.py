@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from tests.sandbox import require
+from tests.sandbox import readable_package_dir, require
 
 DAEMON_DIR = Path(__file__).resolve().parents[2] / "daemon"
 if str(DAEMON_DIR) not in sys.path:
@@ -233,7 +233,8 @@ async def ctl(socket_path: Path | None, *argv: str, as_uid: int | None = None,
         command = ["setpriv", "--reuid", str(as_uid), "--regid", str(as_uid),
                    "--clear-groups", *command]
     environment = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-                   "PYTHONPATH": str(DAEMON_DIR), "PYTHONDONTWRITEBYTECODE": "1",
+                   "PYTHONPATH": str(DAEMON_DIR if as_uid is None else readable_package_dir()),
+                   "PYTHONDONTWRITEBYTECODE": "1",
                    "LANG": "C.UTF-8", **(env or {})}
     process = await asyncio.create_subprocess_exec(
         *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
