@@ -115,8 +115,9 @@ class IncidentStore:
         full = {**record, "context": list(context), "partial": dict(partial),
                 "acked_by": "", "acked_at": None}
         path = self.directory / f"{record['id']}.json"
-        write_atomic(path, json.dumps(full, indent=2, sort_keys=True).encode())
+        # the text first: the JSON file is what lists an incident, so it comes last
         write_atomic(self.directory / f"{record['id']}.txt", render_text(full).encode())
+        write_atomic(path, json.dumps(full, indent=2, sort_keys=True).encode())
         return path
 
     def get(self, incident_id: str) -> dict[str, Any] | None:
