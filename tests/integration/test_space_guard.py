@@ -215,3 +215,49 @@ def test_sigterm_is_a_clean_exit(loop_volume, sandbox, venv_python, tmp_path):
     rig.start()
     rig.stop()
     assert sandbox.show("spaceguard.service", "Result") == "success"
+
+
+def test_inodes_running_out_pause_too(loop_volume, sandbox, venv_python, tmp_path):
+    volume = loop_volume(64, inodes=1024)
+    ballast = volume.mountpoint / "ballast"
+    ballast.mkdir()
+    for index in range(400):
+        (ballast / f"b{index}").touch()
+    target = volume.mountpoint / "alice"
+    target.mkdir()
+    # a migration of many small files: each failed create is reported and retried
+    script = tmp_path / "many-files.sh"
+    script.write_text(
+        "#!/bin/bash\n"
+        "i=0\n"
+        "while [ $i -lt 700 ]; do\n"
+        f"  if : > {target}/f$i 2>/dev/null; then i=$((i+1)); else echo ENOSPC; sleep 0.05; fi\n"
+        "done\n"
+        "echo DONE\n")
+    script.chmod(0o755)
+    rig = GuardRig(sandbox, tmp_path, venv_python)
+    rig.write_config(f"""
+        [volumes.space]
+        path = "{volume.mountpoint}"
+        pause_below = "1MiB"
+        resume_above = "2MiB"
+        pause_below_inodes = 200
+        resume_above_inodes = 400
+        resume_after = "1s"
+        predict = "0s"
+        {freeze_migration()}
+        """)
+    sandbox.up({"writer@alice.service": f"[Service]\nExecStart={script}\n"})
+    rig.install()
+    rig.start()
+    sandbox.systemctl("start", "writer@alice.service")
+    sandbox.wait_for("writer@alice.service", "FreezerState", "frozen", timeout=30)
+    assert volume.statvfs().f_favail > 0
+    metrics = rig.metrics()
+    assert metrics['spaceguard_migration_pause_info{account="alice",by="guard",'
+                   'reason="inodes",unit="writer@alice.service"}'] == 1
+    shutil.rmtree(ballast)
+    sandbox.wait_for("writer@alice.service", "ActiveState", "inactive", timeout=30)
+    output = sandbox.journal("writer@alice.service")
+    assert "DONE" in output and "ENOSPC" not in output, output[-2000:]
+    assert len(list(target.iterdir())) == 700
