@@ -41,7 +41,7 @@ import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import ClassVar, NoReturn
+from typing import Any, ClassVar, NoReturn
 
 __all__ = [
     "WRITER_SCRIPT",
@@ -806,3 +806,13 @@ def readable_package_dir() -> Path:
         _READABLE_PACKAGE = target
         atexit.register(shutil.rmtree, target, True)
     return _READABLE_PACKAGE
+
+
+def terminate(process: subprocess.Popen[Any]) -> None:
+    """Stop a helper process (SIGTERM, then SIGKILL after 10 s) and reap it."""
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

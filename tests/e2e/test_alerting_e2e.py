@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -35,7 +34,8 @@ from typing import Any
 import pytest
 
 from tests.guardrig import GuardRig, free_port, read_status, wait_until, writer_unit
-from tests.sandbox import LoopVolume, require
+from tests.integration.test_space_guard import make_ballast
+from tests.sandbox import LoopVolume, require, terminate
 
 # The real-Alertmanager helpers of the AlertSender tests: one process that can be stopped
 # and started again on the same port and storage, routing every alert (group_by alertname
@@ -136,14 +136,8 @@ alerting:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.process is None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        if self.process is not None:
+            terminate(self.process)
         self.process = None
 
     def log_tail(self, limit: int = 3000) -> str:
@@ -222,18 +216,6 @@ def prometheus(tmp_path: Path) -> Iterator[Callable[[str, str], Prometheus]]:
 
 
 # --------------------------------------------------------------------------- helpers
-
-def make_ballast(volume: LoopVolume, mib: int) -> Path:
-    """Space the test frees later, as an operator would."""
-    path = volume.mountpoint / "ballast.bin"
-    with path.open("wb") as handle:
-        chunk = b"\0" * MIB
-        for _ in range(mib):
-            handle.write(chunk)
-        handle.flush()
-        os.fsync(handle.fileno())
-    return path
-
 
 def guard_config(volume: LoopVolume, alertmanager_url: str, webhook_url: str) -> str:
     return f"""

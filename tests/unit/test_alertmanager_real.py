@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from spaceguard.alerts import AlertReceiver, AlertSender, GuardAlert
 
-from tests.sandbox import require
+from tests.sandbox import require, terminate
 
 pytestmark = pytest.mark.e2e
 
@@ -153,14 +153,8 @@ receivers:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.process is None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        if self.process is not None:
+            terminate(self.process)
         self.process = None
 
     def active_alerts(self, alertname: str) -> list[dict[str, Any]]:
