@@ -81,7 +81,12 @@ class MigrationConfig:
     retry_backoff: float = 60.0
     retry_backoff_max: float = 3600.0
     verify_command: tuple[str, ...] = ()
+    verify_unit: str = ""
     verify_timeout: float = 3600.0
+
+    @property
+    def verifies(self) -> bool:
+        return bool(self.verify_command or self.verify_unit)
 
     @property
     def units(self) -> tuple[str, ...]:
@@ -439,8 +444,13 @@ def _read_migration(source: Path, index: int, raw: object,
         retry_backoff=section.get("retry_backoff", parse_duration, 60.0),
         retry_backoff_max=section.get("retry_backoff_max", parse_duration, 3600.0),
         verify_command=section.get("verify_command", _command, ()),
+        verify_unit=section.get("verify_unit", check_unit_name, ""),
         verify_timeout=section.get("verify_timeout", parse_duration, 3600.0),
     )
+    if migration.verify_command and migration.verify_unit:
+        raise section.error("verify_unit", "give verify_command or verify_unit, not both")
+    if migration.verify_unit in migration.units:
+        raise section.error("verify_unit", "must not be the migration's own unit")
     section.finish()
     return migration
 
@@ -541,6 +551,12 @@ def _check_unique(source: Path, migrations: tuple[MigrationConfig, ...]) -> None
                 raise ConfigError(f"{source}: migrations[{index}].{key}: {unit!r} is already "
                                   f"managed by migrations[{units[unit]}] (one unit, one migration)")
             units[unit] = index
+    for index, migration in enumerate(migrations):
+        owner = units.get(migration.verify_unit)
+        if owner is not None:
+            raise ConfigError(f"{source}: migrations[{index}].verify_unit: "
+                              f"{migration.verify_unit!r} runs migrations[{owner}] "
+                              "(a verification must not start a migration)")
 
 
 def load(path: Path) -> Config:

@@ -119,7 +119,9 @@ class Guard:
 
     @staticmethod
     def _units(config: Config) -> set[str]:
-        return {unit for migration in config.migrations for unit in migration.units}
+        """Every unit the guard may act on: the migrations', and their verify units."""
+        return {unit for migration in config.migrations
+                for unit in (*migration.units, migration.verify_unit) if unit}
 
     @staticmethod
     def _receivers(config: Config) -> list[AlertReceiver]:
@@ -329,11 +331,15 @@ class Guard:
 
     async def _verify(self, action: RunVerify) -> None:
         self.verify_seq += 1  # unique even for two verifications in one second
-        name = f"spaceguard-verify-{action.account}-{int(time.time())}-{self.verify_seq}.service"
+        name = action.unit or \
+            f"spaceguard-verify-{action.account}-{int(time.time())}-{self.verify_seq}.service"
         log.info("%s: verifying the source: %s (unit %s)", action.account,
-                 " ".join(action.command), name)
+                 " ".join(action.command) or "configured verify_unit", name)
         try:
-            await self.systemd.run_transient(name, action.command, action.timeout)
+            if action.unit:
+                await self.systemd.run_unit(action.unit, action.timeout)
+            else:
+                await self.systemd.run_transient(name, action.command, action.timeout)
         except Exception as error:
             self.counters.actions[("verify", "failure", "error")] += 1
             self.handle(ActionDone(action, False, f"{error} (journalctl -u {name})"))

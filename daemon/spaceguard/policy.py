@@ -213,9 +213,13 @@ class UnitAction:
 
 @dataclass(frozen=True)
 class RunVerify:
+    """Verify the source: `command` as a transient unit, or start the `unit` (a oneshot
+    service, which polkit can grant to an unprivileged guard by name)."""
+
     account: str
     command: tuple[str, ...]
     timeout: float
+    unit: str = ""
 
 
 @dataclass(frozen=True)
@@ -767,7 +771,7 @@ class _Decision:
         """Once per guard hold, when a running migration is actually being paused (a hold on
         a migration that is not running is no news until a unit of it starts)."""
         hold = state.hold
-        if hold is None or hold.by != "guard" or hold.alerted or state.failure is not None:
+        if hold is None or hold.by != "guard" or hold.alerted:
             return state
         if not state.paused_units and not any(
                 kind in ("freeze", "stop") for kind in state.pending.values()):
@@ -817,15 +821,16 @@ class _Decision:
                 return state  # _drive_units stops them
             if any(not view.known for view in state.units.values()):
                 return state
-            failure = replace(failure, phase="verifying" if migration.verify_command
+            failure = replace(failure, phase="verifying" if migration.verifies
                               else "documenting")
-            if migration.verify_command and self.bus_connected and "verify" not in state.pending:
+            if migration.verifies and self.bus_connected and "verify" not in state.pending:
                 self.actions.append(RunVerify(migration.account, migration.verify_command,
-                                              migration.verify_timeout))
+                                              migration.verify_timeout, migration.verify_unit))
                 state = replace(state, pending={**state.pending, "verify": "verify"})
-                failure = replace(failure, steps=(*failure.steps, f"{_stamp(self.now)} verify: "
-                                                  f"{' '.join(migration.verify_command)}"))
-            elif migration.verify_command:
+                what = migration.verify_unit or " ".join(migration.verify_command)
+                failure = replace(failure, steps=(*failure.steps,
+                                                  f"{_stamp(self.now)} verify: {what}"))
+            elif migration.verifies:
                 failure = replace(failure, phase="stopping")
         if failure.phase == "documenting":
             return self._document(migration, replace(state, failure=failure))

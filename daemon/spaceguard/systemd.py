@@ -244,13 +244,13 @@ class SystemdClient:
         reply = await self._call(SYSTEMD, MANAGER_PATH, MANAGER, method, "ss", [unit, "replace"])
         await self._wait_job(str(reply[0]), f"{method} {unit}")
 
-    async def _wait_job(self, job: str, what: str) -> None:
+    async def _wait_job(self, job: str, what: str, timeout: float = JOB_TIMEOUT) -> None:
         result = self.job_results.pop(job, None)
         if result is None:
             waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
             self.job_waiters[job] = waiter
             try:
-                result = await asyncio.wait_for(waiter, JOB_TIMEOUT)
+                result = await asyncio.wait_for(waiter, timeout)
             finally:
                 self.job_waiters.pop(job, None)
         if result != "done":
@@ -266,12 +266,22 @@ class SystemdClient:
             ("Description", Variant("s", f"spaceguard verification: {' '.join(command)}")),
             ("Type", Variant("s", "oneshot")),
             ("ExecStart", Variant("a(sasb)", [(program, list(command), False)])),
-            ("RuntimeMaxUSec", Variant("t", int(timeout * 1_000_000))),
+            # a oneshot's run is its start job: TimeoutStartSec bounds it (RuntimeMaxSec
+            # does not apply to oneshot services)
+            ("TimeoutStartUSec", Variant("t", int(timeout * 1_000_000))),
             ("CollectMode", Variant("s", "inactive-or-failed")),
         ]
         reply = await self._call(SYSTEMD, MANAGER_PATH, MANAGER, "StartTransientUnit",
                                  "ssa(sv)a(sa(sv))", [name, "fail", properties, []])
-        await self._wait_job(str(reply[0]), f"verification {name}")
+        await self._wait_job(str(reply[0]), f"verification {name}", timeout + JOB_TIMEOUT)
+
+    async def run_unit(self, unit: str, timeout: float) -> None:
+        """Start a configured oneshot unit and wait until it has run; raises SystemdError
+        unless it succeeded (its own TimeoutStartSec bounds it; `timeout` is our limit)."""
+        self._check(unit)
+        reply = await self._call(SYSTEMD, MANAGER_PATH, MANAGER, "StartUnit", "ss",
+                                 [unit, "replace"])
+        await self._wait_job(str(reply[0]), f"verification {unit}", timeout + JOB_TIMEOUT)
 
     def _check(self, unit: str) -> None:
         # Defence in depth: the policy only names configured units, but an adapter that

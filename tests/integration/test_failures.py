@@ -96,9 +96,10 @@ def incidents(rig: GuardRig) -> list[dict[str, object]]:
 
 
 def boot(sandbox: SystemdSandbox, rig: GuardRig, migration: Migration, config_extra: str = "",
-         rate: str = "2M", migration_unit: str | None = None) -> None:
+         rate: str = "2M", migration_unit: str | None = None,
+         extra_units: dict[str, str] | None = None) -> None:
     sandbox.up({REMOTE: migration.remote_unit(),
-                UNIT: migration_unit or migration.migration_unit(rate)})
+                UNIT: migration_unit or migration.migration_unit(rate), **(extra_units or {})})
     rig.write_config(migration.config(config_extra))
     rig.install()
     sandbox.systemctl("start", REMOTE)
@@ -159,10 +160,19 @@ def test_wrong_credentials_unrecoverable_no_retry(loop_volume, sandbox, venv_pyt
     volume = loop_volume(64)
     migration = Migration(tmp_path, rclone, volume, password="not-the-password")
     rig = GuardRig(sandbox, tmp_path, venv_python)
-    boot(sandbox, rig, migration)
+    # verification by a oneshot unit of the operator's (what an unprivileged guard may start)
+    verify = textwrap.dedent(f"""\
+        [Service]
+        Type=oneshot
+        ExecStart={rclone} --config {migration.conf} lsd m365-alice:
+        """)
+    boot(sandbox, rig, migration, 'verify_unit = "m365-verify@alice.service"',
+         extra_units={"m365-verify@alice.service": verify})
     sandbox.systemctl("start", UNIT, check=False)
     found = wait_until(lambda: incidents(rig), 30, "an incident", on_timeout=rig.journal)
     incident = found[0]
+    assert incident["verify"].startswith("failed: verification m365-verify@alice.service")
+    assert "401" in sandbox.journal("m365-verify@alice.service")
     assert incident["class"] == "unrecoverable"
     assert "operator" in incident["outcome"]
     assert any("401" in line for line in incident["matched_lines"])

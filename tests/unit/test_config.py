@@ -511,3 +511,37 @@ def test_check_config_shipped_copy(tmp_path: Path) -> None:
     shutil.copy(SHIPPED_CONFIG, copy)
     result = run_check_config(copy)
     assert result.returncode == 0, result.stderr
+
+
+def test_verify_unit_rules(tmp_path: Path) -> None:
+    base = """
+[volumes.space]
+path = "/space"
+[[migrations]]
+account = "alice"
+unit = "m365-migrate@alice.service"
+volume = "space"
+"""
+    path = tmp_path / "c.toml"
+    path.write_text(base + 'verify_unit = "m365-verify@alice.service"\n')
+    assert load(path).migrations[0].verify_unit == "m365-verify@alice.service"
+    path.write_text(base + 'verify_unit = "m365-verify@alice.service"\n'
+                    'verify_command = ["rclone", "lsd", "m365-alice:"]\n')
+    with pytest.raises(ConfigError, match=r"migrations\[0\]\.verify_unit: give verify_command "
+                                          "or verify_unit, not both"):
+        load(path)
+    path.write_text(base + 'verify_unit = "m365-migrate@alice.service"\n')
+    with pytest.raises(ConfigError, match="must not be the migration's own unit"):
+        load(path)
+    path.write_text(base + 'verify_unit = "m365-migrate@bob.service"\n' + """
+[[migrations]]
+account = "bob"
+unit = "m365-migrate@bob.service"
+volume = "space"
+""")
+    with pytest.raises(ConfigError, match=r"migrations\[0\]\.verify_unit: .* runs "
+                                          r"migrations\[1\]"):
+        load(path)
+    path.write_text(base + 'verify_unit = "not a unit"\n')
+    with pytest.raises(ConfigError, match=r"migrations\[0\]\.verify_unit: 'not a unit' is not"):
+        load(path)

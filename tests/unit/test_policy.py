@@ -933,3 +933,12 @@ def test_a_unit_found_frozen_without_record_is_adopted_by_a_new_guard_hold() -> 
     guard(sample(50), after=1)
     actions = guard(Tick(), after=600)
     assert ("thaw", ALICE, "released") in unit_actions(actions)
+
+
+def test_a_verify_unit_is_started_instead_of_a_command() -> None:
+    guard = started_guard(make_config(verify_unit="m365-verify@alice.service"))
+    actions = guard(UnitChanged(ALICE, failed(1)), after=1)  # failed: nothing to stop
+    verifies = of_type(actions, RunVerify)
+    assert verifies == [RunVerify("alice", (), 3600.0, "m365-verify@alice.service")]
+    assert guard.m("alice").failure is not None
+    assert guard.m("alice").failure.phase == "verifying"
