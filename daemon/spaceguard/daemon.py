@@ -474,6 +474,12 @@ class Guard:
         self.alerts_task = self._spawn(self.alerts.run())
 
     def _check_reloadable(self, config: Config) -> None:
+        for account, migration in self.state.migrations.items():
+            if config.migration(account) is None and (migration.paused_units or migration.hold):
+                # dropping it would leave it paused with nobody to resume it or say so
+                raise ConfigError(f"{self.config_path}: migration {account!r} is removed but "
+                                  "still paused; resume it first (spaceguardctl resume "
+                                  f"{account} --force), then reload")
         old = self.config.guard
         new = config.guard
         for key in ("state_dir", "control_socket", "metrics_listen", "bus_address"):

@@ -108,6 +108,15 @@ def test_every_verb(loop_volume, sandbox, venv_python, tmp_path):
     assert "disk swap tonight" in hold["note"]
     assert "operator" in ctl(rig, "status").stdout
 
+    # a paused migration cannot be dropped from the config: nobody would resume it
+    full_config = rig.config_path.read_text()
+    bob_table = full_config.index('[[migrations]]\naccount = "bob"')
+    rig.config_path.write_text(full_config[:bob_table])
+    dropped = ctl(rig, "reload")
+    assert dropped.returncode == 1 and "'bob' is removed but still paused" in dropped.stderr
+    assert sandbox.show(SLEEPER, "FreezerState") == "frozen"
+    rig.config_path.write_text(full_config)
+
     resumed = ctl(rig, "resume", "bob")
     assert resumed.returncode == 0, resumed.stderr
     sandbox.wait_for(SLEEPER, "FreezerState", "running")
