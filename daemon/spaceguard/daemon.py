@@ -217,15 +217,15 @@ class Guard:
             if account not in wanted:
                 self.logwatch.remove(account)
                 del self.parsers[account]
+        current = self.logwatch.positions()  # before remove(): a reload goes on from here
         for account, path in wanted.items():
-            self.parsers[account] = RcloneLogParser(rules)
+            old_parser = self.parsers.get(account)
+            self.parsers[account] = RcloneLogParser(
+                rules, last_progress=old_parser.progress if old_parser else None)
             self.context.setdefault(account, deque(maxlen=CONTEXT_LINES))
             self.logwatch.remove(account)
-            position = self.logwatch_positions().get(account) or self.saved_positions.get(account)
+            position = current.get(account) or self.saved_positions.get(account)
             self.logwatch.add(account, path, position, self._on_lines)
-
-    def logwatch_positions(self) -> dict[str, LogPosition]:
-        return self.logwatch.positions()
 
     # -- events in ------------------------------------------------------------------------
 

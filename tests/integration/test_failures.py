@@ -239,6 +239,10 @@ def test_log_rotation_both_ways_loses_no_line(loop_volume, sandbox, venv_python,
     wait_until(read_all, 10, "the guard to read every line",
                on_timeout=lambda: f"guard {rig.metrics().get(lines_key)} vs "
                                   f"{len(truth.read_text().splitlines())} written")
+    # A reload reads nothing twice: it goes on from where it was.
+    sandbox.systemctl("reload", "spaceguard.service")
+    time.sleep(1.5)
+    assert read_all(), "a reload re-read (or lost) log lines"
     # A restart reads nothing twice: the saved position is at the end.
     rig.stop()
     rig.start()
