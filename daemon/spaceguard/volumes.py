@@ -76,6 +76,11 @@ def poll_interval(config: VolumeConfig, usage: Usage, fill_rate: float, low: boo
         return min(config.poll_max, 0.25)
     pause_bytes = config.pause_below.limit(usage.size_bytes)
     pause_files = config.pause_below_inodes.limit(usage.files)
+    if fill_rate > 0 and usage.avail_bytes - pause_bytes <= fill_rate * config.poll_min:
+        # At this rate the threshold falls before a timer could fire again (the loop's
+        # timers have 1 ms granularity): look again on the next loop turn, until it is
+        # crossed or the writer slows down.
+        return 0.0
     speed = max(float(config.max_write_speed), 2.0 * fill_rate)
     byte_time = (usage.avail_bytes - pause_bytes) / speed / 2.0
     interval = byte_time
@@ -118,7 +123,9 @@ class VolumeSampler:
 
     def _run(self) -> None:
         interval = self.sample()
-        self._handle = asyncio.get_running_loop().call_later(interval, self._run)
+        loop = asyncio.get_running_loop()
+        self._handle = loop.call_later(interval, self._run) if interval > 0 else \
+            loop.call_soon(self._run)
 
     def sample(self) -> float:
         """Take one sample, emit it, and return the interval until the next one."""

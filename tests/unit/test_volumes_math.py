@@ -158,6 +158,10 @@ def test_the_interval_is_always_within_bounds(avail: int, files_free: int, rate:
                                               poll_max: float) -> None:
     config = volume(poll_min=poll_min, poll_max=poll_max)
     interval = poll_interval(config, usage(avail, files_free), rate, low)
+    if interval == 0.0:
+        # only when the threshold falls before a timer could fire again: next loop turn
+        assert not low and rate > 0 and avail - 5 * GiB <= rate * poll_min
+        return
     assert poll_min <= interval <= poll_max
     if low:
         assert interval <= 0.25
@@ -165,3 +169,13 @@ def test_the_interval_is_always_within_bounds(avail: int, files_free: int, rate:
         # a writer at full speed cannot cross the pause threshold before the next sample
         speed = max(config.max_write_speed, 2 * rate)
         assert interval * speed <= avail - 5 * GiB
+
+
+def test_an_imminent_crossing_is_sampled_on_the_next_loop_turn() -> None:
+    # 1 MiB above the 5 GiB threshold, filling at 2 GiB/s: crossed in 0.5 ms, before a
+    # 1 ms timer could fire
+    assert poll_interval(volume(), usage(5 * GiB + MiB), 2.0 * GiB, low=False) == 0.0
+    # the same headroom at 100 MiB/s is 10 ms away: a timer will do
+    assert poll_interval(volume(), usage(5 * GiB + MiB), 100.0 * MiB, low=False) > 0
+    # not filling (rate <= 0): never spin
+    assert poll_interval(volume(), usage(5 * GiB + 1), 0.0, low=False) > 0
