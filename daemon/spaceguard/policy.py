@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, cast
 
@@ -941,7 +941,3 @@ class _Decision:
 
 def _stamp(when: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
-
-
-def paused_accounts(state: GuardState) -> Iterable[str]:
-    return (account for account, migration in state.migrations.items() if migration.hold)
