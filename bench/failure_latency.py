@@ -53,7 +53,7 @@ def main() -> int:
             logs = [work / f"m{i}.log" for i in range(args.logs)]
             for log in logs:
                 log.write_text(INFO_LINE)
-            rig = GuardRig(sandbox, work, python, watchdog_sec=10)
+            rig = GuardRig(sandbox, work, python, watchdog_sec=10, log_level="info")
             rig.write_config(f"""
                 [volumes.space]
                 path = "{volume.mountpoint}"
@@ -66,8 +66,6 @@ def main() -> int:
                 volume = "space"
                 log = "{logs[i]}"
                 """ for i in range(args.logs)))
-            rig.config_path.write_text(rig.config_path.read_text().replace(
-                'log_level = "debug"', 'log_level = "info"'))
             rig.install()
             for unit in units:
                 sandbox.systemctl("start", unit)

@@ -96,7 +96,7 @@ def run_trials(python: str, trials: int, predict: str, work: Path, calls: list[f
         status = work / "writer.status"
         sandbox.up({"writer@bench.service": writer_unit(
             python, volume.mountpoint / "data", "2G", status)})
-        rig = GuardRig(sandbox, work, python, watchdog_sec=10)
+        rig = GuardRig(sandbox, work, python, watchdog_sec=10, log_level="info")
         rig.write_config(f"""
             [volumes.bench]
             path = "{volume.mountpoint}"
@@ -109,8 +109,6 @@ def run_trials(python: str, trials: int, predict: str, work: Path, calls: list[f
             unit = "writer@bench.service"
             volume = "bench"
             """)
-        rig.config_path.write_text(rig.config_path.read_text().replace(
-            'log_level = "debug"', 'log_level = "info"'))
         rig.install()
         rig.start()
         if before_trials is not None:
@@ -160,7 +158,8 @@ def idle_cost(python: str, seconds: float, work: Path) -> tuple[float, float]:
         units = {f"sleeper@m{i}.service": "[Service]\nExecStart=/bin/sleep infinity\n"
                  for i in range(10)}
         sandbox.up(units)
-        rig = GuardRig(sandbox, work / "idle-rig", python, watchdog_sec=10)
+        rig = GuardRig(sandbox, work / "idle-rig", python, watchdog_sec=10,
+                       log_level="info")
         rig.workdir.mkdir()
         migrations = "".join(f"""
             [[migrations]]
@@ -175,8 +174,6 @@ def idle_cost(python: str, seconds: float, work: Path) -> tuple[float, float]:
             resume_above = "10%"
             """ for i, volume in enumerate(volumes))
         rig.write_config(volume_tables + migrations)
-        rig.config_path.write_text(rig.config_path.read_text().replace(
-            'log_level = "debug"', 'log_level = "info"'))
         rig.install()
         for unit in units:
             sandbox.systemctl("start", unit)

@@ -50,11 +50,12 @@ def writer_unit(python: str, directory: Path, size: str, status: Path, *,
 
 class GuardRig:
     def __init__(self, sandbox: SystemdSandbox, workdir: Path, python: str,
-                 watchdog_sec: int = 3) -> None:
+                 watchdog_sec: int = 3, log_level: str = "debug") -> None:
         self.sandbox = sandbox
         self.workdir = workdir
         self.python = python
         self.watchdog_sec = watchdog_sec
+        self.log_level = log_level  # benchmarks use "info": debug lines cost time
         self.config_path = workdir / "spaceguard.toml"
         self.state_dir = workdir / "state"
         self.metrics_port = free_port()
@@ -64,14 +65,14 @@ class GuardRig:
     def host_socket(self) -> Path:
         return self.sandbox.host_path(self.socket_path)
 
-    def guard_section(self, extra: str = "") -> str:
+    def guard_section(self) -> str:
         return textwrap.dedent(f"""\
             [guard]
             state_dir = "{self.state_dir}"
             control_socket = "{self.socket_path}"
             metrics_listen = "127.0.0.1:{self.metrics_port}"
-            log_level = "debug"
-            """) + extra
+            log_level = "{self.log_level}"
+            """)
 
     def write_config(self, body: str) -> None:
         """`body` is everything after [guard] (volumes, migrations, ...)."""
