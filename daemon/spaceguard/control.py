@@ -21,12 +21,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import grp
-import json
 import logging
-import math
 import os
 import pwd
-import re
 import socket
 import stat
 import struct
@@ -37,25 +34,28 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from . import __version__
+from .protocol import (
+    CHANGE_VERBS,
+    MAX_LINE_BYTES,
+    PROTOCOL_VERSION,
+    READ_VERBS,
+    RequestError,
+    check_args,
+    check_envelope,
+    encode_reply,
+    error_reply,
+    jsonable,
+    ok_reply,
+    outcome_result,
+    parse_request,
+    read_request_id,
+)
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
 REQUEST_BURST = 50
-MAX_LINE_BYTES = 64 * 1024  # a request line, without its newline
 SD_LISTEN_FDS_START = 3  # the first fd systemd passes (sd_listen_fds(3))
 IDENTITY_CACHE_SECONDS = 10.0  # group changes show up within this long
-
-ACCOUNT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")
-INCIDENT_ID_RE = re.compile(r"^[A-Za-z0-9_.@:-]{1,200}$")
-MAX_REASON_CHARS = 500
-MAX_PATH_CHARS = 4096
-MAX_REQUEST_ID_CHARS = 200
-MAX_REQUEST_ID_INT = 2**53  # what a JSON number can hold exactly in every client
-
-READ_VERBS = frozenset({"status", "incidents", "show", "check-config", "version"})
-CHANGE_VERBS = frozenset({"pause", "resume", "retry", "ack", "reload"})
-VERBS = READ_VERBS | CHANGE_VERBS
 
 
 class ControlBackend(Protocol):
@@ -170,185 +170,6 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     return pid, uid, gid
 
 
-# --- one request ------------------------------------------------------------------------------
-
-
-class RequestError(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
-
-
-def error_reply(code: str, message: str, request_id: str | int | None = None) -> dict[str, Any]:
-    reply: dict[str, Any] = {"v": PROTOCOL_VERSION, "ok": False,
-                             "error": {"code": code, "message": message}}
-    if request_id is not None:
-        reply["id"] = request_id
-    return reply
-
-
-def _account(name: str, value: object) -> str:
-    if not isinstance(value, str):
-        raise RequestError("bad-request", f"{name} must be a string, got {_kind(value)}")
-    if not ACCOUNT_RE.match(value):
-        raise RequestError("bad-request", f"{name} {_clip(value)!r} is not an account name "
-                                          "(letters, digits, '_.@-', at most 128)")
-    return value
-
-
-def _incident_id(name: str, value: object) -> str:
-    if not isinstance(value, str):
-        raise RequestError("bad-request", f"{name} must be a string, got {_kind(value)}")
-    if not INCIDENT_ID_RE.match(value):
-        raise RequestError("bad-request", f"{name} {_clip(value)!r} is not an incident id "
-                                          "(letters, digits, '_.@:-', at most 200)")
-    return value
-
-
-def _reason(name: str, value: object) -> str:
-    if not isinstance(value, str):
-        raise RequestError("bad-request", f"{name} must be a string, got {_kind(value)}")
-    if len(value) > MAX_REASON_CHARS:
-        raise RequestError("bad-request", f"{name} is {len(value)} characters; "
-                                          f"at most {MAX_REASON_CHARS}")
-    # it ends up in the journal and in STATUS=: one printable line, or it could forge entries
-    if any(not char.isprintable() for char in value):
-        raise RequestError("bad-request", f"{name} must be one line of printable text")
-    return value
-
-
-def _flag(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise RequestError("bad-request", f"{name} must be true or false, got {_kind(value)}")
-    return value
-
-
-def _config_path(name: str, value: object) -> str:
-    if not isinstance(value, str):
-        raise RequestError("bad-request", f"{name} must be a string, got {_kind(value)}")
-    if not value.startswith("/") or len(value) > MAX_PATH_CHARS or "\0" in value:
-        raise RequestError("bad-request", f"{name} must be an absolute path "
-                                          f"(at most {MAX_PATH_CHARS} characters)")
-    return value
-
-
-ArgCheck = Callable[[str, object], Any]
-
-# verb → {argument: (check, required)}
-ARGUMENTS: Mapping[str, Mapping[str, tuple[ArgCheck, bool]]] = {
-    "status": {},
-    "version": {},
-    "incidents": {"account": (_account, False)},
-    "show": {"incident": (_incident_id, True)},
-    "check-config": {"path": (_config_path, False)},
-    "pause": {"account": (_account, True), "reason": (_reason, False)},
-    "resume": {"account": (_account, True), "force": (_flag, False)},
-    "retry": {"account": (_account, True)},
-    "ack": {"incident": (_incident_id, True)},
-    "reload": {},
-}
-assert set(ARGUMENTS) == VERBS
-
-
-def _kind(value: object) -> str:
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
-            int: "a number", float: "a number", type(None): "null"}.get(type(value),
-                                                                        type(value).__name__)
-
-
-def _clip(text: str, limit: int = 60) -> str:
-    return text if len(text) <= limit else text[:limit] + "…"
-
-
-def _check_args(verb: str, raw: object) -> dict[str, Any]:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise RequestError("bad-request", f"args must be an object, got {_kind(raw)}")
-    spec = ARGUMENTS[verb]
-    unknown = sorted(set(raw) - set(spec))
-    if unknown:
-        allowed = ", ".join(spec) or "none"
-        raise RequestError("bad-request", f"{verb}: unknown argument {_clip(unknown[0])!r} "
-                                          f"(allowed: {allowed})")
-    args: dict[str, Any] = {}
-    for name, (check, required) in spec.items():
-        if name in raw:
-            args[name] = check(name, raw[name])
-        elif required:
-            raise RequestError("bad-request", f"{verb}: missing argument {name!r}")
-    return args
-
-
-def _request_id(request: dict[str, Any]) -> str | int | None:
-    if "id" not in request:
-        return None
-    value = request["id"]
-    if isinstance(value, str) and len(value) <= MAX_REQUEST_ID_CHARS:
-        return value
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) <= MAX_REQUEST_ID_INT:
-        return value
-    raise RequestError("bad-request", f"id must be a string of at most {MAX_REQUEST_ID_CHARS} "
-                                      f"characters or an integer, got {_kind(value)}")
-
-
-def _parse(line: bytes) -> dict[str, Any]:
-    if len(line) > MAX_LINE_BYTES:
-        raise RequestError("too-long", f"request is {len(line)} bytes; at most {MAX_LINE_BYTES}")
-    try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise RequestError("bad-json", f"request is not UTF-8 (byte {error.start})") from None
-    if not text.strip():
-        raise RequestError("bad-json", "empty request line")
-    try:
-        request = json.loads(text)
-    except RecursionError:  # deeply nested arrays: the parser recurses
-        raise RequestError("bad-json", "request is nested too deeply") from None
-    except ValueError as error:  # JSONDecodeError, and integers too long to convert
-        raise RequestError("bad-json", f"request is not valid JSON: {error}") from None
-    if not isinstance(request, dict):
-        raise RequestError("bad-request", f"request must be a JSON object, got {_kind(request)}")
-    return request
-
-
-def _check_envelope(request: dict[str, Any]) -> str:
-    """Check v, verb and the top-level keys; return the verb."""
-    unknown = sorted(set(request) - {"v", "verb", "args", "id"})
-    if unknown:
-        raise RequestError("bad-request", f"unknown key {_clip(unknown[0])!r} "
-                                          "(a request has v, verb, args and id)")
-    if "v" not in request:
-        raise RequestError("bad-request", f"missing protocol version \"v\" "
-                                          f"(this guard speaks {PROTOCOL_VERSION})")
-    version = request["v"]
-    if isinstance(version, bool) or not isinstance(version, int):
-        raise RequestError("bad-request", f"v must be an integer, got {_kind(version)}")
-    if version != PROTOCOL_VERSION:
-        raise RequestError("unsupported-version", f"protocol version {_clip(str(version))} is "
-                                                  f"not supported (this guard speaks "
-                                                  f"{PROTOCOL_VERSION})")
-    verb = request.get("verb")
-    if not isinstance(verb, str):
-        raise RequestError("bad-request", f"verb must be a string, got {_kind(verb)}")
-    if verb not in VERBS:
-        raise RequestError("unknown-verb", f"unknown verb {_clip(verb)!r} "
-                                           f"(known: {', '.join(sorted(VERBS))})")
-    return verb
-
-
-def _outcome(verb: str, outcome: object) -> dict[str, Any]:
-    """A backend's (ok, message) as a result, or a `refused` error."""
-    if (not isinstance(outcome, tuple) or len(outcome) != 2 or not isinstance(outcome[0], bool)
-            or not isinstance(outcome[1], str)):
-        raise RequestError("internal", f"{verb}: the guard returned {_kind(outcome)} "
-                                       "instead of (ok, message)")
-    ok, message = outcome
-    if not ok:
-        raise RequestError("invalid-config" if verb == "check-config" else "refused", message)
-    return {"message": message}
-
-
 async def _dispatch(verb: str, args: dict[str, Any], peer: Peer,
                     backend: ControlBackend) -> object:
     if verb == "version":
@@ -363,34 +184,16 @@ async def _dispatch(verb: str, args: dict[str, Any], peer: Peer,
             raise RequestError("not-found", f"no incident {args['incident']!r}")
         return record
     if verb == "check-config":
-        return _outcome(verb, backend.check_config(args.get("path")))
+        return outcome_result(verb, backend.check_config(args.get("path")))
     if verb in ("pause", "resume", "retry"):
-        return _outcome(verb, await backend.operator(verb, args["account"],
+        return outcome_result(verb, await backend.operator(verb, args["account"],
                                                      args.get("reason", ""),
                                                      args.get("force", False), peer.who))
     if verb == "ack":
-        return _outcome(verb, backend.ack(args["incident"], peer.who))
+        return outcome_result(verb, backend.ack(args["incident"], peer.who))
     if verb == "reload":
-        return _outcome(verb, await backend.reload())
+        return outcome_result(verb, await backend.reload())
     raise RequestError("unknown-verb", f"unknown verb {verb!r}")  # unreachable: VERBS checked
-
-
-def jsonable(value: object, depth: int = 0) -> object:
-    """`value` as plain JSON data; non-finite floats become null (JSON has no NaN, and
-    `jq` rejects Python's `Infinity`). Raises TypeError for anything else."""
-    if depth > 64:
-        raise TypeError("result is nested too deeply")
-    if value is None or isinstance(value, str | bool | int):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        if not all(isinstance(key, str) for key in value):
-            raise TypeError("result has an object key that is not a string")
-        return {key: jsonable(item, depth + 1) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [jsonable(item, depth + 1) for item in value]
-    raise TypeError(f"result contains {type(value).__name__}, which JSON cannot carry")
 
 
 async def handle_line(line: bytes, peer: Peer, backend: ControlBackend,
@@ -401,9 +204,9 @@ async def handle_line(line: bytes, peer: Peer, backend: ControlBackend,
     request_id: str | int | None = None
     verb = ""
     try:
-        request = _parse(line)
-        request_id = _request_id(request)
-        verb = _check_envelope(request)
+        request = parse_request(line)
+        request_id = read_request_id(request)
+        verb = check_envelope(request)
         if verb == "check-config" and isinstance(request.get("args"), dict) \
                 and "path" in request["args"] and not access.may_change(peer):
             # checking another file makes the guard read it with its own rights: only for
@@ -414,7 +217,7 @@ async def handle_line(line: bytes, peer: Peer, backend: ControlBackend,
         if not access.allows(peer, verb):
             raise RequestError("forbidden", f"{verb} needs {access.requirement(verb)}; "
                                             f"you are {peer.who}")
-        args = _check_args(verb, request.get("args"))
+        args = check_args(verb, request.get("args"))
         result = jsonable(await _dispatch(verb, args, peer, backend))
     except RequestError as error:
         if error.code == "forbidden":
@@ -428,15 +231,7 @@ async def handle_line(line: bytes, peer: Peer, backend: ControlBackend,
         log.error("control: %s for %s failed: %s", verb, peer.who, error, exc_info=True)
         return error_reply("internal", f"{verb} failed: {type(error).__name__}: {error}",
                            request_id)
-    reply: dict[str, Any] = {"v": PROTOCOL_VERSION, "ok": True, "result": result}
-    if request_id is not None:
-        reply["id"] = request_id
-    return reply
-
-
-def encode_reply(reply: Mapping[str, Any]) -> bytes:
-    return json.dumps(reply, ensure_ascii=False, allow_nan=False,
-                      separators=(",", ":")).encode("utf-8") + b"\n"
+    return ok_reply(result, request_id)
 
 
 # --- the listening socket -----------------------------------------------------------------

@@ -7,7 +7,7 @@
 Exit codes: 0 ok · 1 the guard refused or the request failed · 2 usage · 3 cannot connect ·
 4 forbidden. Errors are one line on stderr, `spaceguardctl: <message>`.
 
-Standard library only (and the protocol constants from `control`), so it runs with any
+Standard library only (and the pure `protocol` it shares with the server), so it runs with any
 python3 ≥ 3.11 even where the daemon's dependencies are not installed.
 """
 
@@ -23,8 +23,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from . import __version__
-from .config import format_size
-from .control import PROTOCOL_VERSION
+from .protocol import encode_request
+from .quantities import format_size
 
 DEFAULT_SOCKET = "/run/spaceguard/control.sock"
 DEFAULT_TIMEOUT = 30.0  # operator verbs wait for the guard to act on the unit
@@ -73,9 +73,8 @@ def call(path: str, verb: str, args: Mapping[str, Any], timeout: float) -> Any:
     """Send one request and return its result; raise CtlError for anything else."""
     deadline = time.monotonic() + timeout
     sock = _connect(path, timeout)
-    request = {"v": PROTOCOL_VERSION, "verb": verb, "args": dict(args)}
     try:
-        sock.sendall(json.dumps(request).encode("utf-8") + b"\n")
+        sock.sendall(encode_request(verb, args))
         received = bytearray()
         while b"\n" not in received:
             remaining = deadline - time.monotonic()

@@ -12,32 +12,22 @@ import functools
 import logging
 import signal
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
 from . import __version__, journal
 from .alerts import AlertReceiver, AlertSender, GuardAlert
-from .config import Config, ConfigError, format_size, load
+from .config import Config, ConfigError, load
 from .control import ControlError, ControlServer
 from .incidents import IncidentStore, partial_report
 from .logwatch import LogPosition, LogWatcher
-from .metrics import (
-    Counters,
-    DeliveryStats,
-    MetricsServer,
-    Snapshot,
-    make_registry,
-    migration_state,
-)
-from .notify import Notifier
-from .policy import (
+from .metrics import Counters, DeliveryStats, MetricsServer, Snapshot, make_registry
+from .model import (
     Action,
     ActionDone,
     BusChanged,
     Event,
     Log,
-    LogParsed,
     OperatorRequest,
     RaiseAlert,
     Reply,
@@ -48,20 +38,22 @@ from .policy import (
     UnitChanged,
     UnitView,
     WriteIncident,
-    decide,
-    initial_state,
-    seconds_to_pause,
+    migration_state,
 )
-from .rclone import ClassifyRule, CompiledRules, FailureClass, RcloneLogParser, compile_rules
+from .notify import Notifier
+from .policy import decide, initial_state, reload_problem
+from .quantities import format_size
+from .rclone import ClassifyRule, CompiledRules, FailureClass, compile_rules
+from .runtime import MigrationLog
 from .state import StateStore
 from .systemd import SystemdClient
 from .volumes import VolumeSampler
+from .watermarks import seconds_to_pause
 
 log = logging.getLogger("spaceguard")
 LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "notice": journal.NOTICE,
               "warning": logging.WARNING, "error": logging.ERROR}
 TICK_INTERVAL = 1.0
-CONTEXT_LINES = 200  # per migration, for incident context
 POSITION_SAVE_INTERVAL = 1.0
 STATUS_INTERVAL = 1.0
 DEFER_SECONDS = 0.002
@@ -94,8 +86,7 @@ class Guard:
         self.request_seq = 0
         self.verify_seq = 0
         self.open_incidents = self.incident_store.open_counts()
-        self.context: dict[str, deque[str]] = {}
-        self.parsers: dict[str, RcloneLogParser] = {}
+        self.logs: dict[str, MigrationLog] = {}
         self.samplers: dict[str, VolumeSampler] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
         self._durable_key: tuple[Any, ...] = ()
@@ -107,10 +98,7 @@ class Guard:
         self.systemd = SystemdClient(config.guard.bus_address, self._units(config),
                                      self._on_unit, self._on_connection)
         self.logwatch = LogWatcher()
-        self.alerts = AlertSender(self._receivers(config), config.guard.state_dir / "alerts",
-                                  resend_interval_s=config.alerts.resend_interval,
-                                  max_backoff_s=config.alerts.max_backoff,
-                                  generator_url=config.alerts.generator_url)
+        self.alerts = self._alert_sender(config)
         self.metrics: MetricsServer | None = None
         self.control = ControlServer(config.guard.control_socket, config.guard.reader_group,
                                      config.guard.admin_group, self)
@@ -124,10 +112,15 @@ class Guard:
                 for unit in (*migration.units, migration.verify_unit) if unit}
 
     @staticmethod
-    def _receivers(config: Config) -> list[AlertReceiver]:
-        return [AlertReceiver(name=r.name, kind=r.kind, url=r.url, bearer_token=r.bearer_token,
-                              basic_auth=r.basic_auth, timeout_s=r.timeout)
-                for r in config.alerts.receivers]
+    def _alert_sender(config: Config) -> AlertSender:
+        receivers = [AlertReceiver(name=r.name, kind=r.kind, url=r.url,
+                                   bearer_token=r.bearer_token, basic_auth=r.basic_auth,
+                                   timeout_s=r.timeout)
+                     for r in config.alerts.receivers]
+        return AlertSender(receivers, config.guard.state_dir / "alerts",
+                           resend_interval_s=config.alerts.resend_interval,
+                           max_backoff_s=config.alerts.max_backoff,
+                           generator_url=config.alerts.generator_url)
 
     def _rules(self, config: Config) -> CompiledRules:
         return compile_rules([ClassifyRule(name=r.name, pattern=r.pattern,
@@ -213,16 +206,16 @@ class Guard:
     def _start_logs(self) -> None:
         rules = self._rules(self.config)
         wanted = {m.account: m.log for m in self.config.migrations if m.log is not None}
-        for account in list(self.parsers):
+        for account in list(self.logs):
             if account not in wanted:
                 self.logwatch.remove(account)
-                del self.parsers[account]
+                del self.logs[account]
         current = self.logwatch.positions()  # before remove(): a reload goes on from here
         for account, path in wanted.items():
-            old_parser = self.parsers.get(account)
-            self.parsers[account] = RcloneLogParser(
-                rules, last_progress=old_parser.progress if old_parser else None)
-            self.context.setdefault(account, deque(maxlen=CONTEXT_LINES))
+            if account in self.logs:
+                self.logs[account].rebind(path, rules)
+            else:
+                self.logs[account] = MigrationLog(account, path, rules)
             self.logwatch.remove(account)
             position = current.get(account) or self.saved_positions.get(account)
             self.logwatch.add(account, path, position, self._on_lines)
@@ -236,19 +229,13 @@ class Guard:
         self.handle(BusChanged(connected))
 
     def _on_lines(self, account: str, lines: list[str]) -> None:
-        parser = self.parsers.get(account)
-        if parser is None:
+        migration_log = self.logs.get(account)
+        if migration_log is None:
             return
-        self.context[account].extend(lines)
-        result = parser.feed(lines)
-        self.counters.log_lines[account] += len(lines)
-        failures = tuple((f.failure_class.value, f.rule, f.line) for f in result.failures)
-        for failure_class, _rule, _line in failures:
-            self.counters.log_errors[(account, failure_class)] += 1
+        event = migration_log.feed(lines)
         self._positions_dirty = True
-        transferred = result.progress.bytes_transferred if result.progress else None
-        if failures or result.progressed or transferred is not None:
-            self.handle(LogParsed(account, failures, result.progressed, transferred))
+        if event is not None:
+            self.handle(event)
 
     def handle(self, event: Event) -> None:
         """The one place where events meet the policy (always on the loop thread)."""
@@ -350,7 +337,8 @@ class Guard:
     async def _write_incident(self, action: WriteIncident) -> None:
         record = dict(action.record)
         account = str(record["account"])
-        context = self._context_for(account, record.get("matched_lines", []))
+        migration_log = self.logs.get(account)
+        context = migration_log.context_for(action.evidence) if migration_log else []
         migration = self.config.migration(account)
         destination = migration.destination if migration else None
         since = self.state.migrations[account].running_since or record["time"]
@@ -363,13 +351,6 @@ class Guard:
         self.counters.incidents[account] += 1
         self.open_incidents = self.incident_store.open_counts()
         log.warning("%s: incident written: %s", account, path)
-
-    def _context_for(self, account: str, matched: list[str]) -> list[str]:
-        lines = list(self.context.get(account, ()))
-        if not matched or matched[0] not in lines:
-            return lines[-40:]
-        index = len(lines) - 1 - lines[::-1].index(matched[0])
-        return lines[max(0, index - 20): index + 21]
 
     # -- persistence ------------------------------------------------------------------------
 
@@ -442,7 +423,9 @@ class Guard:
         self.notifier.reloading()
         try:
             config = await asyncio.to_thread(load, self.config_path)
-            self._check_reloadable(config)
+            problem = reload_problem(self.config, config, self.state)
+            if problem:
+                raise ConfigError(f"{self.config_path}: {problem}")
         except ConfigError as error:
             self.config_problem = f"reload refused, old config kept: {error}"
             log.error("%s", self.config_problem)
@@ -466,26 +449,8 @@ class Guard:
         """New receivers: a new sender on the same spool (nothing undelivered is lost)."""
         self.alerts_task.cancel()
         await asyncio.gather(self.alerts_task, return_exceptions=True)
-        self.alerts = AlertSender(self._receivers(self.config),
-                                  self.config.guard.state_dir / "alerts",
-                                  resend_interval_s=self.config.alerts.resend_interval,
-                                  max_backoff_s=self.config.alerts.max_backoff,
-                                  generator_url=self.config.alerts.generator_url)
+        self.alerts = self._alert_sender(self.config)
         self.alerts_task = self._spawn(self.alerts.run())
-
-    def _check_reloadable(self, config: Config) -> None:
-        for account, migration in self.state.migrations.items():
-            if config.migration(account) is None and (migration.paused_units or migration.hold):
-                # dropping it would leave it paused with nobody to resume it or say so
-                raise ConfigError(f"{self.config_path}: migration {account!r} is removed but "
-                                  "still paused; resume it first (spaceguardctl resume "
-                                  f"{account} --force), then reload")
-        old = self.config.guard
-        new = config.guard
-        for key in ("state_dir", "control_socket", "metrics_listen", "bus_address"):
-            if getattr(old, key) != getattr(new, key):
-                raise ConfigError(f"{self.config_path}: guard.{key}: cannot change on reload "
-                                  "(restart the guard to apply it)")
 
     # -- reporting --------------------------------------------------------------------------
 
@@ -519,7 +484,10 @@ class Guard:
                     for name, s in stats.items()}
         return Snapshot(config=self.config, state=self.state, counters=self.counters,
                         now=time.time(), config_reload_ok=not self.config_problem,
-                        open_incidents=self.open_incidents, delivery=delivery)
+                        open_incidents=self.open_incidents, delivery=delivery,
+                        log_lines={a: m.lines_read for a, m in self.logs.items()},
+                        log_errors={(a, c.value): n for a, m in self.logs.items()
+                                    for c, n in m.errors.items()})
 
     def _alert_state_problem(self) -> None:
         self.alerts.fire(GuardAlert(

@@ -10,16 +10,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from .atomicfile import set_aside, write_atomic
+from .names import is_incident_id
 
 log = logging.getLogger(__name__)
-INCIDENT_ID_RE = re.compile(r"^[A-Za-z0-9_.@:-]{1,200}$")
 PARTIAL_SCAN_LIMIT = 200_000  # entries: a report, not an inventory
 PARTIAL_SCAN_SECONDS = 5.0
 
@@ -121,7 +120,7 @@ class IncidentStore:
         return path
 
     def get(self, incident_id: str) -> dict[str, Any] | None:
-        if not INCIDENT_ID_RE.match(incident_id):
+        if not is_incident_id(incident_id):
             return None
         path = self.directory / f"{incident_id}.json"
         try:

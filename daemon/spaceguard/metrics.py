@@ -19,11 +19,11 @@ from prometheus_client.registry import Collector
 
 from . import __version__
 from .config import Config
-from .policy import GuardState, MigrationState, seconds_to_pause
+from .model import MIGRATION_STATES, FailureClass, GuardState, migration_state
+from .watermarks import seconds_to_pause
 
 log = logging.getLogger(__name__)
 
-MIGRATION_STATES = ("running", "paused", "stopped", "failed", "retrying", "finished", "inactive")
 
 
 @dataclass
@@ -31,8 +31,6 @@ class Counters:
     """Monotonic counts since the guard started (Prometheus handles the resets)."""
 
     actions: Counter[tuple[str, str, str]] = field(default_factory=Counter)
-    log_lines: Counter[str] = field(default_factory=Counter)
-    log_errors: Counter[tuple[str, str]] = field(default_factory=Counter)
     incidents: Counter[str] = field(default_factory=Counter)
     retries: Counter[str] = field(default_factory=Counter)
 
@@ -54,22 +52,8 @@ class Snapshot:
     config_reload_ok: bool = True
     open_incidents: Mapping[str, int] = field(default_factory=dict)
     delivery: Mapping[str, DeliveryStats] = field(default_factory=dict)
-
-
-def migration_state(migration: MigrationState) -> str:
-    """One word for what a migration is doing, as `spaceguardctl status` and metrics say it."""
-    views = migration.units.values()
-    if migration.hold is not None or migration.paused_units:
-        return "paused"
-    if migration.failure is not None:
-        return "retrying" if migration.failure.phase == "waiting-retry" else "failed"
-    if any(view.running for view in views):
-        return "running"
-    if migration.finished:
-        return "finished"
-    if any(view.active_state == "failed" for view in views):
-        return "failed"
-    return "inactive"
+    log_lines: Mapping[str, int] = field(default_factory=dict)  # account → lines read
+    log_errors: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (account, class)
 
 
 class GuardCollector(Collector):
@@ -169,7 +153,7 @@ def _migrations(snap: Snapshot) -> Iterator[Metric]:
         if hold is not None:
             pause_info.add_metric([*key, hold.by, hold.reason], 1)
         failure = migration.failure
-        for failure_class in ("transient", "unrecoverable"):
+        for failure_class in (FailureClass.TRANSIENT, FailureClass.UNRECOVERABLE):
             failed.add_metric([*key, failure_class],
                               int(failure is not None and failure.failure_class == failure_class))
         stalled.add_metric(key, int(failure is not None and failure.trigger == "stall"))
@@ -192,10 +176,10 @@ def _activity(snap: Snapshot) -> Iterator[Metric]:
     open_incidents = GaugeMetricFamily("spaceguard_incidents_open", "incidents not acknowledged",
                                        labels=["account"])
     for account in accounts:
-        lines.add_metric([account], counters.log_lines[account])
+        lines.add_metric([account], snap.log_lines.get(account, 0))
         incidents.add_metric([account], counters.incidents[account])
         open_incidents.add_metric([account], snap.open_incidents.get(account, 0))
-    for (account, failure_class), count in sorted(counters.log_errors.items()):
+    for (account, failure_class), count in sorted(snap.log_errors.items()):
         errors.add_metric([account, failure_class], count)
     actions = CounterMetricFamily("spaceguard_actions", "actions taken on units",
                                   labels=["action", "reason", "result"])

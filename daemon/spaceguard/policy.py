@@ -22,241 +22,43 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, Literal, cast
 
-from .config import Config, MigrationConfig, VolumeConfig, format_size
+from .config import Config, MigrationConfig
+from .model import (
+    ACTIVE_STATES,
+    Action,
+    ActionDone,
+    BusChanged,
+    Event,
+    Failure,
+    FailureClass,
+    GuardState,
+    Hold,
+    Log,
+    LogEvidence,
+    LogParsed,
+    MigrationState,
+    OperatorRequest,
+    RaiseAlert,
+    Reply,
+    ResolveAlert,
+    RunVerify,
+    Tick,
+    UnitAction,
+    UnitChanged,
+    UnitView,
+    VolumeSampled,
+    VolumeState,
+    VolumeUnavailable,
+    WriteIncident,
+)
+from .quantities import format_size
 from .rclone import classify_exit_code
+from .watermarks import seconds_to_pause, thresholds
 
-HoldOwner = Literal["guard", "operator"]
-ACTIVE_STATES = frozenset({"active", "activating", "reloading", "deactivating"})
-RUNNING_STATES = frozenset({"active", "activating", "reloading"})
 UNIT_ACTION_BACKOFF_MAX = 30.0
-
-
-# --- the guard's view ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class UnitView:
-    """One systemd unit as last reported over D-Bus."""
-
-    active_state: str = "unknown"
-    sub_state: str = ""
-    freezer_state: str = "running"
-    result: str = ""
-    exec_code: str = ""  # "exited", "killed", "dumped" (CLD_* of the main process)
-    exec_status: int = 0
-
-    @property
-    def known(self) -> bool:
-        return self.active_state != "unknown"
-
-    @property
-    def running(self) -> bool:
-        return self.active_state in RUNNING_STATES
-
-    @property
-    def frozen(self) -> bool:
-        return self.freezer_state in ("frozen", "freezing")
-
-
-@dataclass(frozen=True)
-class VolumeState:
-    up: bool = False
-    error: str = ""
-    avail_bytes: int = 0
-    size_bytes: int = 0
-    avail_files: int = 0
-    files: int = 0
-    fill_rate: float = 0.0
-    sampled_at: float = 0.0
-    low: bool = False
-    low_reason: str = ""
-    low_since: float = 0.0
-    recovered_since: float | None = None
-
-
-@dataclass(frozen=True)
-class Hold:
-    """Why a migration is paused, and who may resume it."""
-
-    by: HoldOwner
-    reason: str
-    since: float
-    note: str = ""
-    alerted: bool = False  # the pause alert went out (when a running unit was paused)
-
-
-@dataclass(frozen=True)
-class Failure:
-    failure_class: str  # transient | unrecoverable
-    trigger: str  # unit-failed | log | stall
-    detail: str
-    since: float
-    phase: str  # stopping | verifying | documenting | waiting-retry | needs-operator
-    lines: tuple[str, ...] = ()
-    exit_status: str = ""
-    incident_id: str = ""
-    verify_result: str = ""
-    steps: tuple[str, ...] = ()
-    next_retry_at: float | None = None
-
-
-@dataclass(frozen=True)
-class MigrationState:
-    account: str
-    units: Mapping[str, UnitView] = field(default_factory=dict)
-    hold: Hold | None = None
-    # units the guard paused for the current hold, and must resume when it is released
-    paused_units: frozenset[str] = frozenset()
-    # start the resume unit when the hold is released (stop mode, or it died while held)
-    restart_on_release: bool = False
-    # an operator resumed during this low episode: no guard hold until the volume recovers
-    override: bool = False
-    pending: Mapping[str, str] = field(default_factory=dict)  # unit (or "verify") → action
-    action_errors: int = 0
-    action_retry_at: float = 0.0
-    failure: Failure | None = None
-    retries: int = 0
-    running_since: float | None = None
-    last_progress_at: float | None = None
-    transferred_bytes: int = 0
-    last_log_failure: tuple[str, str, str] | None = None  # (class, rule, line)
-    finished: bool = False
-
-
-@dataclass(frozen=True)
-class GuardState:
-    volumes: Mapping[str, VolumeState] = field(default_factory=dict)
-    migrations: Mapping[str, MigrationState] = field(default_factory=dict)
-    bus_connected: bool = False
-    incident_seq: int = 0
-
-
-# --- events ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class VolumeSampled:
-    volume: str
-    avail_bytes: int
-    size_bytes: int
-    avail_files: int
-    files: int
-    fill_rate: float
-
-
-@dataclass(frozen=True)
-class VolumeUnavailable:
-    volume: str
-    error: str
-
-
-@dataclass(frozen=True)
-class UnitChanged:
-    unit: str
-    view: UnitView
-
-
-@dataclass(frozen=True)
-class BusChanged:
-    connected: bool
-
-
-@dataclass(frozen=True)
-class LogParsed:
-    account: str
-    failures: tuple[tuple[str, str, str], ...] = ()  # (class, rule, line)
-    progressed: bool = False
-    transferred_bytes: int | None = None
-
-
-@dataclass(frozen=True)
-class OperatorRequest:
-    request_id: str
-    verb: Literal["pause", "resume", "retry"]
-    account: str
-    reason: str = ""
-    force: bool = False
-    who: str = "operator"
-
-
-@dataclass(frozen=True)
-class Tick:
-    """Time passes: hold-downs expire, retries come due, stalls show."""
-
-
-@dataclass(frozen=True)
-class ActionDone:
-    action: UnitAction | RunVerify
-    ok: bool
-    error: str = ""
-
-
-Event = (VolumeSampled | VolumeUnavailable | UnitChanged | BusChanged | LogParsed
-         | OperatorRequest | Tick | ActionDone)
-
-
-# --- actions -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class UnitAction:
-    kind: Literal["freeze", "thaw", "stop", "start"]
-    unit: str
-    account: str
-    reason: str  # a short label: space, inodes, predicted, unavailable, disk_full, operator,
-    # failure, released, resume, retry
-
-
-@dataclass(frozen=True)
-class RunVerify:
-    """Verify the source: `command` as a transient unit, or start the `unit` (a oneshot
-    service, which polkit can grant to an unprivileged guard by name)."""
-
-    account: str
-    command: tuple[str, ...]
-    timeout: float
-    unit: str = ""
-
-
-@dataclass(frozen=True)
-class WriteIncident:
-    record: Mapping[str, Any]
-
-
-@dataclass(frozen=True)
-class RaiseAlert:
-    key: str
-    name: str
-    severity: str
-    labels: Mapping[str, str]
-    summary: str
-    description: str
-
-
-@dataclass(frozen=True)
-class ResolveAlert:
-    key: str
-
-
-@dataclass(frozen=True)
-class Reply:
-    request_id: str
-    ok: bool
-    message: str
-
-
-@dataclass(frozen=True)
-class Log:
-    level: Literal["debug", "info", "notice", "warning", "error"]
-    message: str
-
-
-Action = UnitAction | RunVerify | WriteIncident | RaiseAlert | ResolveAlert | Reply | Log
-
 
 # --- the decision ------------------------------------------------------------------------
 
@@ -286,28 +88,24 @@ def decide(config: Config, state: GuardState, event: Event,
     return decision.result()
 
 
+def reload_problem(old: Config, new: Config, state: GuardState) -> str:
+    """Why `new` cannot replace `old` on a reload ("" when it can)."""
+    for account, migration in state.migrations.items():
+        if new.migration(account) is None and (migration.paused_units or migration.hold):
+            # dropping it would leave it paused with nobody to resume it or say so
+            return (f"migration {account!r} is removed but still paused; resume it first "
+                    f"(spaceguardctl resume {account} --force), then reload")
+    for key in ("state_dir", "control_socket", "metrics_listen", "bus_address"):
+        if getattr(old.guard, key) != getattr(new.guard, key):
+            return f"guard.{key}: cannot change on reload (restart the guard to apply it)"
+    return ""
+
+
 def unit_owner(config: Config, unit: str) -> MigrationConfig | None:
     for migration in config.migrations:
         if unit in migration.units:
             return migration
     return None
-
-
-def thresholds(volume: VolumeConfig, state: VolumeState) -> tuple[int, int, int, int]:
-    """(pause bytes, resume bytes, pause files, resume files) for the volume's current size."""
-    return (volume.pause_below.limit(state.size_bytes), volume.resume_above.limit(state.size_bytes),
-            volume.pause_below_inodes.limit(state.files),
-            volume.resume_above_inodes.limit(state.files))
-
-
-def seconds_to_pause(volume: VolumeConfig, state: VolumeState) -> float:
-    """Predicted seconds until free bytes cross `pause_below` at the current fill rate."""
-    pause_bytes = volume.pause_below.limit(state.size_bytes)
-    if state.avail_bytes <= pause_bytes:
-        return 0.0
-    if state.fill_rate <= 0:
-        return float("inf")
-    return (state.avail_bytes - pause_bytes) / state.fill_rate
 
 
 def retry_delay(migration: MigrationConfig, retries: int) -> float:
@@ -538,23 +336,19 @@ class _Decision:
                            restart_on_release=False)
         exit_status = (f"result={view.result} {view.exec_code or 'status'}={view.exec_status}"
                        if view.exec_code else f"result={view.result}")
-        log_failure = state.last_log_failure
+        evidence = state.last_log_failure
+        failure_class = FailureClass.TRANSIENT  # killed by a signal: worth another try
         if view.exec_code == "exited":
-            exit_class = classify_exit_code(view.exec_status)
-            failure_class = exit_class.value if exit_class is not None else "transient"
-        else:
-            failure_class = "transient"  # killed by a signal: worth another try
-        lines: tuple[str, ...] = ()
-        if log_failure is not None:
+            failure_class = classify_exit_code(view.exec_status) or FailureClass.TRANSIENT
+        if evidence is not None:
             # what the run itself said beats the exit code (rclone exits 1 for some
             # network failures, and 5 after an expired token's retries)
-            lines = (log_failure[2],)
-            failure_class = log_failure[0]
-        if failure_class == "disk_full":
+            failure_class = evidence.failure_class
+        if failure_class == FailureClass.DISK_FULL:
             return self._disk_full(migration, replace(state, restart_on_release=True),
-                                   log_failure[2] if log_failure else exit_status)
+                                   evidence.line if evidence else exit_status)
         return self._fail(migration, state, failure_class, "unit-failed",
-                          f"{unit} failed ({exit_status})", lines, exit_status)
+                          f"{unit} failed ({exit_status})", evidence, exit_status)
 
     def _disk_full(self, migration: MigrationConfig, state: MigrationState,
                    line: str) -> MigrationState:
@@ -568,13 +362,14 @@ class _Decision:
                      f"disk ({line.strip()[:200]}); treating the volume as low")
         return replace(state, override=False)
 
-    def _fail(self, migration: MigrationConfig, state: MigrationState, failure_class: str,
-              trigger: str, detail: str, lines: tuple[str, ...] = (),
-              exit_status: str = "") -> MigrationState:
+    def _fail(self, migration: MigrationConfig, state: MigrationState,
+              failure_class: FailureClass, trigger: str, detail: str,
+              evidence: LogEvidence | None = None, exit_status: str = "") -> MigrationState:
         self.log("error", f"{migration.account}: migration failed ({failure_class}, {trigger}): "
                  f"{detail}; stopping {', '.join(migration.units)}")
         failure = Failure(failure_class=failure_class, trigger=trigger, detail=detail,
-                          since=self.now, phase="stopping", lines=lines,
+                          since=self.now, phase="stopping",
+                          lines=(evidence.line,) if evidence else (), evidence=evidence,
                           exit_status=exit_status,
                           steps=(f"{_stamp(self.now)} detected: {detail}",))
         return replace(state, failure=failure, finished=False)
@@ -588,14 +383,14 @@ class _Decision:
             state = replace(state, last_progress_at=self.now)
         if event.transferred_bytes is not None:
             state = replace(state, transferred_bytes=event.transferred_bytes)
-        for failure_class, rule, line in event.failures:
-            state = replace(state, last_log_failure=(failure_class, rule, line))
-            if failure_class == "disk_full":
-                state = self._disk_full(migration, state, line)
-            elif failure_class == "unrecoverable" and state.failure is None and any(
-                    view.running for view in state.units.values()):
-                state = self._fail(migration, state, "unrecoverable", "log",
-                                   f"log line matched rule {rule}", (line,))
+        for evidence in event.failures:
+            state = replace(state, last_log_failure=evidence)
+            if evidence.failure_class == FailureClass.DISK_FULL:
+                state = self._disk_full(migration, state, evidence.line)
+            elif evidence.failure_class == FailureClass.UNRECOVERABLE and \
+                    state.failure is None and any(view.running for view in state.units.values()):
+                state = self._fail(migration, state, FailureClass.UNRECOVERABLE, "log",
+                                   f"log line matched rule {evidence.rule}", evidence)
         self.migrations[event.account] = state
 
     def _operator(self, event: OperatorRequest) -> None:
@@ -754,7 +549,8 @@ class _Decision:
         if not volume.low:
             if state.override:
                 state = replace(state, override=False)
-            if state.last_log_failure is not None and state.last_log_failure[0] == "disk_full":
+            if state.last_log_failure is not None and \
+                    state.last_log_failure.failure_class == FailureClass.DISK_FULL:
                 # space is back: an old ENOSPC line must not classify a later exit (that
                 # would mark a volume with plenty of space low and pause every migration)
                 state = replace(state, last_log_failure=None)
@@ -804,7 +600,7 @@ class _Decision:
             return state
         since = max(state.last_progress_at or 0.0, state.running_since or 0.0)
         if since and self.now - since >= migration.stall_after:
-            return self._fail(migration, state, "transient", "stall",
+            return self._fail(migration, state, FailureClass.TRANSIENT, "stall",
                               f"no progress for {self.now - since:.0f}s "
                               f"(stall_after {migration.stall_after:g}s)")
         return state
@@ -850,13 +646,14 @@ class _Decision:
         self.incident_seq += 1
         incident_id = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(self.now))}-" \
                       f"{migration.account}-{self.incident_seq}"
-        will_retry = failure.failure_class == "transient" and state.retries < migration.max_retries
+        will_retry = failure.failure_class == FailureClass.TRANSIENT and \
+            state.retries < migration.max_retries
         next_retry_at = self.now + retry_delay(migration, state.retries) if will_retry else None
         if will_retry:
             assert next_retry_at is not None
             outcome = (f"retry {state.retries + 1} of {migration.max_retries} at "
                        f"{_stamp(next_retry_at)}")
-        elif failure.failure_class == "transient":
+        elif failure.failure_class == FailureClass.TRANSIENT:
             outcome = f"gave up after {state.retries} retries: waiting for an operator"
         else:
             outcome = "unrecoverable: left stopped until an operator acts (spaceguardctl retry)"
@@ -866,7 +663,7 @@ class _Decision:
         record: dict[str, Any] = {
             "id": incident_id, "account": migration.account, "unit": migration.unit,
             "units": list(migration.units), "time": self.now, "trigger": failure.trigger,
-            "class": failure.failure_class, "detail": failure.detail,
+            "class": failure.failure_class.value, "detail": failure.detail,
             "matched_lines": list(failure.lines), "exit_status": failure.exit_status,
             "verify": failure.verify_result, "retries": state.retries,
             "max_retries": migration.max_retries, "next_retry_at": next_retry_at,
@@ -878,13 +675,13 @@ class _Decision:
             "log": str(migration.log) if migration.log else "",
             "destination": str(migration.destination) if migration.destination else "",
         }
-        self.actions.append(WriteIncident(record))
+        self.actions.append(WriteIncident(record, failure.evidence))
         severity = "warning" if will_retry else "critical"
         self.actions.append(RaiseAlert(
             key=f"failed/{migration.account}", name="SpaceguardMigrationFailed",
             severity=severity,
             labels={"account": migration.account, "unit": migration.unit,
-                    "class": failure.failure_class, "incident": incident_id},
+                    "class": failure.failure_class.value, "incident": incident_id},
             summary=f"Migration {migration.account} failed ({failure.failure_class})",
             description=f"{failure.detail}. {outcome}. Incident {incident_id}: "
                         "spaceguardctl show " + incident_id + " (runbook scenario 1)."))

@@ -24,9 +24,10 @@ import re
 from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 from itertools import accumulate
 from typing import Final
+
+from .model import FailureClass
 
 __all__ = [
     "DEFAULT_RULES",
@@ -40,12 +41,6 @@ __all__ = [
     "classify_exit_code",
     "compile_rules",
 ]
-
-
-class FailureClass(StrEnum):
-    TRANSIENT = "transient"
-    UNRECOVERABLE = "unrecoverable"
-    DISK_FULL = "disk_full"
 
 
 @dataclass(frozen=True)

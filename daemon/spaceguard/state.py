@@ -12,12 +12,12 @@ import json
 import logging
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .atomicfile import set_aside, write_atomic
-from .policy import Failure, GuardState, Hold, MigrationState, VolumeState
+from .model import Failure, FailureClass, GuardState, Hold, LogEvidence, MigrationState, VolumeState
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -61,9 +61,32 @@ def _failure_json(failure: Failure | None) -> dict[str, Any] | None:
     if failure is None:
         return None
     data = asdict(failure)
+    data["failure_class"] = failure.failure_class.value
     data["lines"] = list(failure.lines)
     data["steps"] = list(failure.steps)
+    data["evidence"] = _evidence_json(failure.evidence)
     return data
+
+
+def _evidence_json(evidence: LogEvidence | None) -> dict[str, Any] | None:
+    if evidence is None:
+        return None
+    return {"failure_class": evidence.failure_class.value, "rule": evidence.rule,
+            "line": evidence.line, "seq": evidence.seq, "before": list(evidence.before)}
+
+
+def _evidence(data: Mapping[str, Any] | None) -> LogEvidence | None:
+    if data is None:
+        return None
+    return LogEvidence(FailureClass(data["failure_class"]), str(data["rule"]), str(data["line"]),
+                       int(data["seq"]), tuple(str(line) for line in data["before"]))
+
+
+def _failure(data: Mapping[str, Any]) -> Failure:
+    fields = {**data, "failure_class": FailureClass(data["failure_class"]),
+              "lines": tuple(data["lines"]), "steps": tuple(data["steps"]),
+              "evidence": _evidence(data.get("evidence"))}
+    return Failure(**fields)
 
 
 def _restore(data: Mapping[str, Any]) -> GuardState:
@@ -82,9 +105,7 @@ def _restore(data: Mapping[str, Any]) -> GuardState:
             pending={str(unit): str(kind) for unit, kind in m.get("pending", {}).items()},
             restart_on_release=bool(m["restart_on_release"]),
             override=bool(m["override"]),
-            failure=replace(Failure(**{**failure, "lines": (), "steps": ()}),
-                            lines=tuple(failure["lines"]), steps=tuple(failure["steps"]))
-            if failure else None,
+            failure=_failure(failure) if failure else None,
             retries=int(m["retries"]),
             last_progress_at=m["last_progress_at"],
             transferred_bytes=int(m["transferred_bytes"]),

@@ -21,7 +21,7 @@ from dbus_next.constants import BusType, MessageType
 from dbus_next.message import Message
 from dbus_next.signature import Variant
 
-from .policy import UnitView
+from .model import UnitView
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .config import VolumeConfig
-from .policy import VolumeSampled, VolumeUnavailable
+from .model import VolumeSampled, VolumeUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,12 @@ import pytest
 from spaceguard.config import (
     Config,
     ConfigError,
-    Threshold,
-    check_unit_name,
     load,
     parse,
+)
+from spaceguard.names import check_unit_name
+from spaceguard.quantities import (
+    Threshold,
     parse_duration,
     parse_size,
     parse_threshold,

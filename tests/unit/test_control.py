@@ -37,11 +37,8 @@ if str(DAEMON_DIR) not in sys.path:
     sys.path.insert(0, str(DAEMON_DIR))
 
 from spaceguard import __version__  # noqa: E402
-from spaceguard.control import (  # noqa: E402
-    MAX_LINE_BYTES,
-    ControlError,
-    ControlServer,
-)
+from spaceguard.control import ControlError, ControlServer  # noqa: E402
+from spaceguard.protocol import MAX_LINE_BYTES  # noqa: E402
 
 NOBODY_UID = 65534
 NOBODY_GID = 65534

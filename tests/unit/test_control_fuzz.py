@@ -27,16 +27,9 @@ DAEMON_DIR = Path(__file__).resolve().parents[2] / "daemon"
 if str(DAEMON_DIR) not in sys.path:
     sys.path.insert(0, str(DAEMON_DIR))
 
-from spaceguard.control import (  # noqa: E402
-    ACCOUNT_RE,
-    ARGUMENTS,
-    INCIDENT_ID_RE,
-    MAX_REASON_CHARS,
-    VERBS,
-    Access,
-    Peer,
-    handle_line,
-)
+from spaceguard.control import Access, Peer, handle_line  # noqa: E402
+from spaceguard.names import ACCOUNT_RE, INCIDENT_ID_RE  # noqa: E402
+from spaceguard.protocol import ARGUMENTS, MAX_REASON_CHARS, VERBS  # noqa: E402
 
 FUZZ_TESTS = 4
 EXAMPLES = int(os.environ.get("SPACEGUARD_FUZZ_EXAMPLES", "2000"))

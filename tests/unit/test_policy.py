@@ -13,13 +13,15 @@ from typing import Any
 
 import pytest
 from spaceguard.config import Config, parse
-from spaceguard.policy import (
+from spaceguard.model import (
     Action,
     ActionDone,
     BusChanged,
+    FailureClass,
     GuardState,
     Hold,
     Log,
+    LogEvidence,
     LogParsed,
     MigrationState,
     OperatorRequest,
@@ -35,11 +37,13 @@ from spaceguard.policy import (
     VolumeState,
     VolumeUnavailable,
     WriteIncident,
+)
+from spaceguard.policy import (
     decide,
     initial_state,
     retry_delay,
-    seconds_to_pause,
 )
+from spaceguard.watermarks import seconds_to_pause
 
 GiB = 1024**3
 MiB = 1024**2
@@ -533,7 +537,7 @@ def test_verification_runs_before_the_incident() -> None:
 
 def test_unrecoverable_log_line_stops_the_migration(guard: Guard) -> None:
     line = "2025/01/01 10:00:00 CRITICAL: Failed to create file system: invalid_grant"
-    actions = guard(LogParsed("alice", (("unrecoverable", "auth", line),)), after=1)
+    actions = guard(LogParsed("alice", (LogEvidence(FailureClass.UNRECOVERABLE, "auth", line),)), after=1)
     assert unit_actions(actions) == [("stop", ALICE, "failure")]
     assert of_type(actions, WriteIncident) == []  # documented once stopped
     actions = guard.done("stop", ALICE)  # the job is done: the unit is down
@@ -549,7 +553,7 @@ def test_unrecoverable_log_line_stops_the_migration(guard: Guard) -> None:
 def test_unrecoverable_log_line_then_exit(guard: Guard) -> None:
     """The unit dies by itself right after the line: one failure, still unrecoverable."""
     line = "ERROR : Attempt 3/3 failed with 1 errors and: directory not found"
-    guard(LogParsed("alice", (("unrecoverable", "dir", line),)), after=1)
+    guard(LogParsed("alice", (LogEvidence(FailureClass.UNRECOVERABLE, "dir", line),)), after=1)
     actions = guard(UnitChanged(ALICE, failed(5)), after=0.1)
     incidents = of_type(actions, WriteIncident)
     assert len(incidents) == 1 and incidents[0].record["class"] == "unrecoverable"
@@ -583,7 +587,7 @@ def test_progress_and_pauses_do_not_count_as_a_stall(guard: Guard) -> None:
 
 def test_disk_full_in_the_log_pauses_for_space(guard: Guard) -> None:
     line = "ERROR : file.bin: Failed to copy: write /space/alice/file.bin: no space left on device"
-    actions = guard(LogParsed("alice", (("disk_full", "enospc", line),)), after=1)
+    actions = guard(LogParsed("alice", (LogEvidence(FailureClass.DISK_FULL, "enospc", line),)), after=1)
     assert ("freeze", ALICE, "disk_full") in unit_actions(actions)
     assert guard.state.volumes["space"].low_reason == "disk_full"
     assert guard.m("alice").failure is None
@@ -592,7 +596,7 @@ def test_disk_full_in_the_log_pauses_for_space(guard: Guard) -> None:
 
 def test_disk_full_exit_pauses_and_restarts_once_space_is_back(guard: Guard) -> None:
     line = "ERROR : no space left on device"
-    guard(LogParsed("alice", (("disk_full", "enospc", line),)), after=1)
+    guard(LogParsed("alice", (LogEvidence(FailureClass.DISK_FULL, "enospc", line),)), after=1)
     guard(UnitChanged(ALICE, failed(5)), after=0.01)  # died before the freeze landed
     guard.done("freeze", ALICE, ok=False, error="unit not active")
     alice = guard.m("alice")
@@ -750,7 +754,7 @@ def test_restart_during_verification() -> None:
 
 def test_a_failure_stop_during_a_pause_is_not_a_pause(guard: Guard) -> None:
     pause_alice(guard)
-    guard(LogParsed("alice", (("unrecoverable", "auth", "invalid_grant"),)), after=1)
+    guard(LogParsed("alice", (LogEvidence(FailureClass.UNRECOVERABLE, "auth", "invalid_grant"),)), after=1)
     guard.done("stop", ALICE)
     guard(UnitChanged(ALICE, DEAD))
     alice = guard.m("alice")
@@ -779,7 +783,7 @@ def test_stop_mode_hold_released_before_the_stop_job_returns(guard: Guard) -> No
 def test_a_finished_migration_is_not_restarted(guard: Guard) -> None:
     """restart_on_release is left over from a disk_full death; the unit is started again
     by hand, frozen, thawed, and then finishes: nothing is started after that."""
-    guard(LogParsed("alice", (("disk_full", "enospc", "no space left on device"),)), after=1)
+    guard(LogParsed("alice", (LogEvidence(FailureClass.DISK_FULL, "enospc", "no space left on device"),)), after=1)
     guard(UnitChanged(ALICE, failed(5)), after=0.01)
     guard.done("freeze", ALICE, ok=False, error="unit not active")
     assert guard.m("alice").restart_on_release
@@ -888,7 +892,7 @@ def test_a_disk_full_line_does_not_classify_a_later_exit(guard: Guard) -> None:
     """ENOSPC in the log, pause, space back, thaw; an hour later the run exits with a fatal
     error: that is an unrecoverable failure (incident, no retry), not a full disk (which
     would pause every migration on a volume with plenty of free space)."""
-    guard(LogParsed("alice", (("disk_full", "enospc", "no space left on device"),)), after=1)
+    guard(LogParsed("alice", (LogEvidence(FailureClass.DISK_FULL, "enospc", "no space left on device"),)), after=1)
     guard.done("freeze", ALICE)
     guard(sample(50), after=1)
     guard(Tick(), after=120)
@@ -900,7 +904,7 @@ def test_a_disk_full_line_does_not_classify_a_later_exit(guard: Guard) -> None:
 
 
 def test_a_disk_full_death_is_still_a_pause(guard: Guard) -> None:
-    guard(LogParsed("alice", (("disk_full", "enospc", "no space left on device"),)), after=1)
+    guard(LogParsed("alice", (LogEvidence(FailureClass.DISK_FULL, "enospc", "no space left on device"),)), after=1)
     actions = guard(UnitChanged(ALICE, failed(7)), after=0.5)  # rclone gave up on ENOSPC
     assert of_type(actions, WriteIncident) == []
     assert guard.m("alice").failure is None and guard.m("alice").restart_on_release

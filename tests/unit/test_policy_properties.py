@@ -33,11 +33,13 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from spaceguard.config import Config, parse
-from spaceguard.policy import (
+from spaceguard.model import (
     Action,
     ActionDone,
     BusChanged,
+    FailureClass,
     GuardState,
+    LogEvidence,
     LogParsed,
     OperatorRequest,
     RaiseAlert,
@@ -50,6 +52,8 @@ from spaceguard.policy import (
     UnitView,
     VolumeSampled,
     VolumeUnavailable,
+)
+from spaceguard.policy import (
     decide,
     initial_state,
     unit_owner,
@@ -409,7 +413,8 @@ def run(world: World, commands: list[tuple[Any, ...]]) -> None:
                 if what == "progress":
                     world.feed(LogParsed(account, progressed=True, transferred_bytes=number))
                 else:
-                    world.feed(LogParsed(account, ((what, f"rule-{what}", f"line {number}"),)))
+                    world.feed(LogParsed(account, (LogEvidence(FailureClass(what), f"rule-{what}",
+                                                               f"line {number}"),)))
             case "restart":
                 world.restart()
 

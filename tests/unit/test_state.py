@@ -12,14 +12,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from spaceguard import atomicfile
 from spaceguard.atomicfile import write_atomic
-from spaceguard.policy import Failure, GuardState, Hold, MigrationState, VolumeState
+from spaceguard.model import (
+    Failure,
+    FailureClass,
+    LogEvidence,
+    GuardState,
+    Hold,
+    MigrationState,
+    VolumeState,
+)
 from spaceguard.state import STATE_VERSION, StateStore, _restore, durable
 
 T0 = 1_750_000_000.0
 
 
 def sample_state() -> GuardState:
-    failure = Failure(failure_class="transient", trigger="unit-failed",
+    failure = Failure(failure_class=FailureClass.TRANSIENT, trigger="unit-failed",
                       detail="m365-migrate@bob.service failed (result=exit-code exited=5)",
                       since=T0 - 60, phase="waiting-retry", lines=("ERROR : 429 Too Many",),
                       exit_status="result=exit-code exited=5", incident_id="20250615T000000Z-bob-3",
@@ -203,13 +211,16 @@ TEXT = st.text(max_size=20)
 HOLDS = st.none() | st.builds(Hold, by=st.sampled_from(["guard", "operator"]), reason=TEXT,
                               since=TIMES, note=TEXT)
 FAILURES = st.none() | st.builds(
-    Failure, failure_class=st.sampled_from(["transient", "unrecoverable"]),
+    Failure, failure_class=st.sampled_from([FailureClass.TRANSIENT, FailureClass.UNRECOVERABLE]),
     trigger=st.sampled_from(["unit-failed", "log", "stall"]), detail=TEXT, since=TIMES,
     phase=st.sampled_from(["stopping", "verifying", "documenting", "waiting-retry",
                            "needs-operator"]),
     lines=st.lists(TEXT, max_size=3).map(tuple), exit_status=TEXT, incident_id=TEXT,
     verify_result=TEXT, steps=st.lists(TEXT, max_size=3).map(tuple),
-    next_retry_at=st.none() | TIMES)
+    next_retry_at=st.none() | TIMES,
+    evidence=st.none() | st.builds(
+        LogEvidence, failure_class=st.sampled_from(list(FailureClass)), rule=TEXT, line=TEXT,
+        seq=st.integers(0, 2**40), before=st.lists(TEXT, max_size=3).map(tuple)))
 MIGRATIONS = st.builds(
     MigrationState, account=st.just("x"), hold=HOLDS,
     paused_units=st.frozensets(st.sampled_from(["a.service", "b.service"])),

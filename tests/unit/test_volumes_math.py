@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from spaceguard.config import Threshold, VolumeConfig
+from spaceguard.config import VolumeConfig
+from spaceguard.quantities import Threshold
 from spaceguard.volumes import MAX_FILE_CREATE_RATE, FillRate, Usage, poll_interval
 
 GiB = 1024**3

@@ -1,0 +1,281 @@
+"""The guard's vocabulary: what it knows (state), what happens (events), what it does
+(actions). Pure data, shared by the policy that decides over it and by every adapter that
+produces events or carries out actions; nothing here decides anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Literal
+
+HoldOwner = Literal["guard", "operator"]
+ACTIVE_STATES = frozenset({"active", "activating", "reloading", "deactivating"})
+RUNNING_STATES = frozenset({"active", "activating", "reloading"})
+
+
+# --- state ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UnitView:
+    """One systemd unit as last reported over D-Bus."""
+
+    active_state: str = "unknown"
+    sub_state: str = ""
+    freezer_state: str = "running"
+    result: str = ""
+    exec_code: str = ""  # "exited", "killed", "dumped" (CLD_* of the main process)
+    exec_status: int = 0
+
+    @property
+    def known(self) -> bool:
+        return self.active_state != "unknown"
+
+    @property
+    def running(self) -> bool:
+        return self.active_state in RUNNING_STATES
+
+    @property
+    def frozen(self) -> bool:
+        return self.freezer_state in ("frozen", "freezing")
+
+
+@dataclass(frozen=True)
+class VolumeState:
+    up: bool = False
+    error: str = ""
+    avail_bytes: int = 0
+    size_bytes: int = 0
+    avail_files: int = 0
+    files: int = 0
+    fill_rate: float = 0.0
+    sampled_at: float = 0.0
+    low: bool = False
+    low_reason: str = ""
+    low_since: float = 0.0
+    recovered_since: float | None = None
+
+
+@dataclass(frozen=True)
+class Hold:
+    """Why a migration is paused, and who may resume it."""
+
+    by: HoldOwner
+    reason: str
+    since: float
+    note: str = ""
+    alerted: bool = False  # the pause alert went out (when a running unit was paused)
+
+
+class FailureClass(StrEnum):
+    """What a failure calls for: retry later, wait for an operator, or (scenario 3) a pause."""
+
+    TRANSIENT = "transient"
+    UNRECOVERABLE = "unrecoverable"
+    DISK_FULL = "disk_full"
+
+
+@dataclass(frozen=True)
+class LogEvidence:
+    """A classified log line, with the lines that led up to it: what an incident quotes.
+
+    `seq` numbers the line within its migration's log (since the guard started), so the
+    lines that followed it can be added later without searching for the text again."""
+
+    failure_class: FailureClass
+    rule: str
+    line: str
+    seq: int = 0
+    before: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Failure:
+    failure_class: FailureClass  # transient | unrecoverable (disk_full is a pause)
+    trigger: str  # unit-failed | log | stall
+    detail: str
+    since: float
+    phase: str  # stopping | verifying | documenting | waiting-retry | needs-operator
+    lines: tuple[str, ...] = ()
+    evidence: LogEvidence | None = None  # the log line that decided it, if one did
+    exit_status: str = ""
+    incident_id: str = ""
+    verify_result: str = ""
+    steps: tuple[str, ...] = ()
+    next_retry_at: float | None = None
+
+
+@dataclass(frozen=True)
+class MigrationState:
+    account: str
+    units: Mapping[str, UnitView] = field(default_factory=dict)
+    hold: Hold | None = None
+    # units the guard paused for the current hold, and must resume when it is released
+    paused_units: frozenset[str] = frozenset()
+    # start the resume unit when the hold is released (stop mode, or it died while held)
+    restart_on_release: bool = False
+    # an operator resumed during this low episode: no guard hold until the volume recovers
+    override: bool = False
+    pending: Mapping[str, str] = field(default_factory=dict)  # unit (or "verify") → action
+    action_errors: int = 0
+    action_retry_at: float = 0.0
+    failure: Failure | None = None
+    retries: int = 0
+    running_since: float | None = None
+    last_progress_at: float | None = None
+    transferred_bytes: int = 0
+    last_log_failure: LogEvidence | None = None
+    finished: bool = False
+
+
+@dataclass(frozen=True)
+class GuardState:
+    volumes: Mapping[str, VolumeState] = field(default_factory=dict)
+    migrations: Mapping[str, MigrationState] = field(default_factory=dict)
+    bus_connected: bool = False
+    incident_seq: int = 0
+
+
+# --- events ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VolumeSampled:
+    volume: str
+    avail_bytes: int
+    size_bytes: int
+    avail_files: int
+    files: int
+    fill_rate: float
+
+
+@dataclass(frozen=True)
+class VolumeUnavailable:
+    volume: str
+    error: str
+
+
+@dataclass(frozen=True)
+class UnitChanged:
+    unit: str
+    view: UnitView
+
+
+@dataclass(frozen=True)
+class BusChanged:
+    connected: bool
+
+
+@dataclass(frozen=True)
+class LogParsed:
+    account: str
+    failures: tuple[LogEvidence, ...] = ()
+    progressed: bool = False
+    transferred_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class OperatorRequest:
+    request_id: str
+    verb: Literal["pause", "resume", "retry"]
+    account: str
+    reason: str = ""
+    force: bool = False
+    who: str = "operator"
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Time passes: hold-downs expire, retries come due, stalls show."""
+
+
+@dataclass(frozen=True)
+class ActionDone:
+    action: UnitAction | RunVerify
+    ok: bool
+    error: str = ""
+
+
+Event = (VolumeSampled | VolumeUnavailable | UnitChanged | BusChanged | LogParsed
+         | OperatorRequest | Tick | ActionDone)
+
+
+# --- actions -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UnitAction:
+    kind: Literal["freeze", "thaw", "stop", "start"]
+    unit: str
+    account: str
+    reason: str  # a short label: space, inodes, predicted, unavailable, disk_full, operator,
+    # failure, released, resume, retry
+
+
+@dataclass(frozen=True)
+class RunVerify:
+    """Verify the source: `command` as a transient unit, or start the `unit` (a oneshot
+    service, which polkit can grant to an unprivileged guard by name)."""
+
+    account: str
+    command: tuple[str, ...]
+    timeout: float
+    unit: str = ""
+
+
+@dataclass(frozen=True)
+class WriteIncident:
+    record: Mapping[str, Any]
+    evidence: LogEvidence | None = None  # the incident quotes the log around it
+
+
+@dataclass(frozen=True)
+class RaiseAlert:
+    key: str
+    name: str
+    severity: str
+    labels: Mapping[str, str]
+    summary: str
+    description: str
+
+
+@dataclass(frozen=True)
+class ResolveAlert:
+    key: str
+
+
+@dataclass(frozen=True)
+class Reply:
+    request_id: str
+    ok: bool
+    message: str
+
+
+@dataclass(frozen=True)
+class Log:
+    level: Literal["debug", "info", "notice", "warning", "error"]
+    message: str
+
+
+Action = UnitAction | RunVerify | WriteIncident | RaiseAlert | ResolveAlert | Reply | Log
+
+
+MIGRATION_STATES = ("running", "paused", "stopped", "failed", "retrying", "finished", "inactive")
+
+
+def migration_state(migration: MigrationState) -> str:
+    """One word for what a migration is doing, as `spaceguardctl status` and metrics say it."""
+    views = migration.units.values()
+    if migration.hold is not None or migration.paused_units:
+        return "paused"
+    if migration.failure is not None:
+        return "retrying" if migration.failure.phase == "waiting-retry" else "failed"
+    if any(view.running for view in views):
+        return "running"
+    if migration.finished:
+        return "finished"
+    if any(view.active_state == "failed" for view in views):
+        return "failed"
+    return "inactive"
