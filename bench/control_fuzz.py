@@ -24,8 +24,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--examples", type=int, default=100_000,
-                        help="examples in total, shared by the fuzz tests (default 100000)")
+    parser.add_argument(
+        "--examples",
+        type=int,
+        default=100_000,
+        help="examples in total, shared by the fuzz tests (default 100000)",
+    )
     options = parser.parse_args()
     # read when the test module is imported: set it first
     os.environ["SPACEGUARD_FUZZ_EXAMPLES"] = str(options.examples)
@@ -34,8 +38,12 @@ def main() -> int:
     logging.disable(logging.CRITICAL)
     from tests.unit import test_control_fuzz as fuzz
 
-    tests = [fuzz.test_arbitrary_bytes, fuzz.test_arbitrary_json,
-             fuzz.test_near_valid_requests, fuzz.test_valid_requests_reach_the_backend]
+    tests = [
+        fuzz.test_arbitrary_bytes,
+        fuzz.test_arbitrary_json,
+        fuzz.test_near_valid_requests,
+        fuzz.test_valid_requests_reach_the_backend,
+    ]
     failed = 0
     started = time.perf_counter()
     for test in tests:
@@ -50,12 +58,17 @@ def main() -> int:
             traceback.print_exc()
         run = sum(fuzz.EXAMPLES_RUN.values()) - before
         seconds = time.perf_counter() - test_started
-        print(f"{test.__name__:40} {run:>8,} examples  {seconds:7.1f} s  "
-              f"{1e6 * seconds / max(run, 1):6.0f} µs/example  {outcome}", flush=True)
+        print(
+            f"{test.__name__:40} {run:>8,} examples  {seconds:7.1f} s  "
+            f"{1e6 * seconds / max(run, 1):6.0f} µs/example  {outcome}",
+            flush=True,
+        )
     total = sum(fuzz.EXAMPLES_RUN.values())
     seconds = time.perf_counter() - started
-    print(f"{'total':40} {total:>8,} examples  {seconds:7.1f} s  "
-          f"({total / seconds:,.0f} examples/s); {failed} failed")
+    print(
+        f"{'total':40} {total:>8,} examples  {seconds:7.1f} s  "
+        f"({total / seconds:,.0f} examples/s); {failed} failed"
+    )
     return 1 if failed else 0
 
 

@@ -60,8 +60,7 @@ class Hammer:
         self.requests = 0
         self.errors = 0
         self.error_kinds: dict[str, int] = {}
-        self.threads = [threading.Thread(target=self._client, daemon=True)
-                        for _ in range(clients)]
+        self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
 
     def _client(self) -> None:
         while not self.stop.is_set():
@@ -113,17 +112,25 @@ def main() -> int:
             env = {"PYTHONPATH": str(REPO / "daemon")}
             for _ in range(5):
                 started = time.perf_counter()
-                subprocess.run([python, "-m", "spaceguard.ctl", "--socket",
-                                str(rig.host_socket), "status"], check=True,
-                               capture_output=True, env=env)
+                subprocess.run(
+                    [python, "-m", "spaceguard.ctl", "--socket", str(rig.host_socket), "status"],
+                    check=True,
+                    capture_output=True,
+                    env=env,
+                )
                 ctl_times.append(time.perf_counter() - started)
 
-        quiet, *_ = run_trials(python, args.trials, "0s", work / "quiet", [],
-                               before_trials=measure_status)
-        print(f"status round trip over the socket (200 requests): median "
-              f"{statistics.median(latencies) * 1000:.2f} ms, worst {max(latencies) * 1000:.2f} ms")
-        print(f"`spaceguardctl status` as a command (Python start-up included): median "
-              f"{statistics.median(ctl_times) * 1000:.0f} ms")
+        quiet, *_ = run_trials(
+            python, args.trials, "0s", work / "quiet", [], before_trials=measure_status
+        )
+        print(
+            f"status round trip over the socket (200 requests): median "
+            f"{statistics.median(latencies) * 1000:.2f} ms, worst {max(latencies) * 1000:.2f} ms"
+        )
+        print(
+            f"`spaceguardctl status` as a command (Python start-up included): median "
+            f"{statistics.median(ctl_times) * 1000:.0f} ms"
+        )
 
         hammers: list[Hammer] = []
 
@@ -137,21 +144,32 @@ def main() -> int:
                 hammer.__exit__()
 
         try:
-            busy, *_ = run_trials(python, args.trials, "0s", work / "busy", [],
-                                  before_trials=start_hammer, after_trials=stop_hammer)
+            busy, *_ = run_trials(
+                python,
+                args.trials,
+                "0s",
+                work / "busy",
+                [],
+                before_trials=start_hammer,
+                after_trials=stop_hammer,
+            )
         finally:
             stop_hammer()
         requests = sum(h.requests for h in hammers)
         print(f"reaction, threshold crossing -> frozen, {args.trials} trials each (predict off):")
         if quiet:
-            print(f"  quiet socket:                 median {statistics.median(quiet):.1f} ms, "
-                  f"worst {max(quiet):.1f} ms")
+            print(
+                f"  quiet socket:                 median {statistics.median(quiet):.1f} ms, "
+                f"worst {max(quiet):.1f} ms"
+            )
         if busy:
-            print(f"  {args.clients} clients hammering status: median "
-                  f"{statistics.median(busy):.1f} ms, worst {max(busy):.1f} ms "
-                  f"({requests} requests answered meanwhile, "
-                  f"{sum(h.errors for h in hammers)} client errors: "
-                  f"{hammers[0].error_kinds if hammers else {}})")
+            print(
+                f"  {args.clients} clients hammering status: median "
+                f"{statistics.median(busy):.1f} ms, worst {max(busy):.1f} ms "
+                f"({requests} requests answered meanwhile, "
+                f"{sum(h.errors for h in hammers)} client errors: "
+                f"{hammers[0].error_kinds if hammers else {}})"
+            )
         if quiet and busy:
             ratio = statistics.median(busy) / statistics.median(quiet)
             print(f"  degradation of the median: {ratio:.2f}x")

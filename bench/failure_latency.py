@@ -28,8 +28,10 @@ from space_reaction import cpu_seconds, host_pid
 from tests.guardrig import REPO, GuardRig, wait_until
 from tests.sandbox import LoopVolume, SystemdSandbox
 
-ERROR_LINE = ("2026/11/25 12:00:00 ERROR : Documents/report.xlsx: Failed to copy: "
-              "couldn't list files: Unauthorized: 401 Unauthorized\n")
+ERROR_LINE = (
+    "2026/11/25 12:00:00 ERROR : Documents/report.xlsx: Failed to copy: "
+    "couldn't list files: Unauthorized: 401 Unauthorized\n"
+)
 INFO_LINE = "2026/11/25 12:00:00 INFO  : Documents/notes.txt: Copied (new)\n"
 
 
@@ -47,25 +49,33 @@ def main() -> int:
         volume = LoopVolume(work / "vol", 100 * 1024).mount()
         sandbox = SystemdSandbox(work / "sandbox")
         try:
-            units = {f"m365-migrate@m{i}.service": "[Service]\nExecStart=/bin/sleep infinity\n"
-                     for i in range(args.logs)}
+            units = {
+                f"m365-migrate@m{i}.service": "[Service]\nExecStart=/bin/sleep infinity\n"
+                for i in range(args.logs)
+            }
             sandbox.up(units)
             logs = [work / f"m{i}.log" for i in range(args.logs)]
             for log in logs:
                 log.write_text(INFO_LINE)
             rig = GuardRig(sandbox, work, python, watchdog_sec=10, log_level="info")
-            rig.write_config(f"""
+            rig.write_config(
+                f"""
                 [volumes.space]
                 path = "{volume.mountpoint}"
                 pause_below = "1MiB"
                 resume_above = "2MiB"
-                """ + "".join(f"""
+                """
+                + "".join(
+                    f"""
                 [[migrations]]
                 account = "m{i}"
                 unit = "m365-migrate@m{i}.service"
                 volume = "space"
                 log = "{logs[i]}"
-                """ for i in range(args.logs)))
+                """
+                    for i in range(args.logs)
+                )
+            )
             rig.install()
             for unit in units:
                 sandbox.systemctl("start", unit)
@@ -95,20 +105,41 @@ def main() -> int:
                         break  # systemd removed the stopped unit's cgroup
                     time.sleep(0.0002)
                 latencies.append((time.monotonic() - written) * 1000)
-                wait_until(lambda: rig.metrics().get(
-                    'spaceguard_incidents_total{account="m0"}', 0) >= len(latencies), 30,
-                    "the incident")
-                subprocess.run([python, "-m", "spaceguard.ctl", "--socket", str(rig.host_socket),
-                                "retry", "m0"], check=True, capture_output=True, env=env)
+                wait_until(
+                    lambda: (
+                        rig.metrics().get('spaceguard_incidents_total{account="m0"}', 0)
+                        >= len(latencies)
+                    ),
+                    30,
+                    "the incident",
+                )
+                subprocess.run(
+                    [
+                        python,
+                        "-m",
+                        "spaceguard.ctl",
+                        "--socket",
+                        str(rig.host_socket),
+                        "retry",
+                        "m0",
+                    ],
+                    check=True,
+                    capture_output=True,
+                    env=env,
+                )
             rig.stop()
         finally:
             sandbox.down()
             volume.umount()
-    print(f"error line written -> migration unit stopped (cgroup empty), {args.trials} trials: "
-          f"median {statistics.median(latencies):.1f} ms, worst {max(latencies):.1f} ms, "
-          f"best {min(latencies):.1f} ms")
-    print(f"guard CPU while {args.logs} followed logs are quiet ({args.quiet_seconds:.0f} s): "
-          f"{quiet_cpu:.3f} % of one core")
+    print(
+        f"error line written -> migration unit stopped (cgroup empty), {args.trials} trials: "
+        f"median {statistics.median(latencies):.1f} ms, worst {max(latencies):.1f} ms, "
+        f"best {min(latencies):.1f} ms"
+    )
+    print(
+        f"guard CPU while {args.logs} followed logs are quiet ({args.quiet_seconds:.0f} s): "
+        f"{quiet_cpu:.3f} % of one core"
+    )
     return 0
 
 

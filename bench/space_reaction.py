@@ -79,10 +79,15 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
-def run_trials(python: str, trials: int, predict: str, work: Path, calls: list[float],
-               before_trials: Callable[[GuardRig], None] | None = None,
-               after_trials: Callable[[], None] | None = None,
-               ) -> tuple[list[float], int, int, list[int]]:
+def run_trials(
+    python: str,
+    trials: int,
+    predict: str,
+    work: Path,
+    calls: list[float],
+    before_trials: Callable[[GuardRig], None] | None = None,
+    after_trials: Callable[[], None] | None = None,
+) -> tuple[list[float], int, int, list[int]]:
     """Returns (reaction times in ms, trials that hit ENOSPC, predictive pauses, min avail);
     appends the guard's own FreezeUnit call durations (ms) to `calls`."""
     volume = LoopVolume(work / "vol", 1024, options=["nodelalloc"]).mount()
@@ -94,8 +99,9 @@ def run_trials(python: str, trials: int, predict: str, work: Path, calls: list[f
     try:
         (volume.mountpoint / "data").mkdir()
         status = work / "writer.status"
-        sandbox.up({"writer@bench.service": writer_unit(
-            python, volume.mountpoint / "data", "2G", status)})
+        sandbox.up(
+            {"writer@bench.service": writer_unit(python, volume.mountpoint / "data", "2G", status)}
+        )
         rig = GuardRig(sandbox, work, python, watchdog_sec=10, log_level="info")
         rig.write_config(f"""
             [volumes.bench]
@@ -134,13 +140,18 @@ def run_trials(python: str, trials: int, predict: str, work: Path, calls: list[f
             sandbox.systemctl("stop", "writer@bench.service")
             for path in (volume.mountpoint / "data").iterdir():
                 path.unlink()
-            wait_until(lambda: rig.metrics().get('spaceguard_volume_low{volume="bench"}') == 0,
-                       30, "the guard to see the space back")
+            wait_until(
+                lambda: rig.metrics().get('spaceguard_volume_low{volume="bench"}') == 0,
+                30,
+                "the guard to see the space back",
+            )
         if after_trials is not None:
             after_trials()
-        calls.extend(float(line.rsplit("took ", 1)[1].split()[0])
-                     for line in rig.journal().splitlines()
-                     if line.startswith("freeze ") and "D-Bus call took" in line)
+        calls.extend(
+            float(line.rsplit("took ", 1)[1].split()[0])
+            for line in rig.journal().splitlines()
+            if line.startswith("freeze ") and "D-Bus call took" in line
+        )
         rig.stop()
     finally:
         sandbox.down()
@@ -155,24 +166,30 @@ def idle_cost(python: str, seconds: float, work: Path) -> tuple[float, float]:
     volumes = [LoopVolume(work / f"idle{i}", 100 * 1024).mount() for i in range(2)]
     sandbox = SystemdSandbox(work / "idle-sandbox")
     try:
-        units = {f"sleeper@m{i}.service": "[Service]\nExecStart=/bin/sleep infinity\n"
-                 for i in range(10)}
+        units = {
+            f"sleeper@m{i}.service": "[Service]\nExecStart=/bin/sleep infinity\n" for i in range(10)
+        }
         sandbox.up(units)
-        rig = GuardRig(sandbox, work / "idle-rig", python, watchdog_sec=10,
-                       log_level="info")
+        rig = GuardRig(sandbox, work / "idle-rig", python, watchdog_sec=10, log_level="info")
         rig.workdir.mkdir()
-        migrations = "".join(f"""
+        migrations = "".join(
+            f"""
             [[migrations]]
             account = "m{i}"
             unit = "sleeper@m{i}.service"
             volume = "v{i % 2}"
-            """ for i in range(10))
-        volume_tables = "".join(f"""
+            """
+            for i in range(10)
+        )
+        volume_tables = "".join(
+            f"""
             [volumes.v{i}]
             path = "{volume.mountpoint}"
             pause_below = "5%"
             resume_above = "10%"
-            """ for i, volume in enumerate(volumes))
+            """
+            for i, volume in enumerate(volumes)
+        )
         rig.write_config(volume_tables + migrations)
         rig.install()
         for unit in units:
@@ -204,33 +221,47 @@ def main() -> int:
         (work / "a").mkdir()
         (work / "b").mkdir()
         (work / "c").mkdir()
-        print(f"reaction: {args.trials} trials, 1 GiB ext4 (nodelalloc), unthrottled writer, "
-              f"pause_below = 32 MiB, predict off")
+        print(
+            f"reaction: {args.trials} trials, 1 GiB ext4 (nodelalloc), unthrottled writer, "
+            f"pause_below = 32 MiB, predict off"
+        )
         calls: list[float] = []
-        reactions, enospc, early, avails = run_trials(python, args.trials, "0s", work / "a",
-                                                      calls)
+        reactions, enospc, early, avails = run_trials(python, args.trials, "0s", work / "a", calls)
         if reactions:
-            print(f"  threshold crossing -> unit frozen: median {statistics.median(reactions):.1f} "
-                  f"ms, worst {max(reactions):.1f} ms, best {min(reactions):.1f} ms "
-                  f"({len(reactions)} measured)")
-        print(f"  trials with ENOSPC: {enospc} of {args.trials}; frozen before crossing: "
-              f"{early}; least free space seen: {min(avails) / MIB:.1f} MiB")
+            print(
+                f"  threshold crossing -> unit frozen: median {statistics.median(reactions):.1f} "
+                f"ms, worst {max(reactions):.1f} ms, best {min(reactions):.1f} ms "
+                f"({len(reactions)} measured)"
+            )
+        print(
+            f"  trials with ENOSPC: {enospc} of {args.trials}; frozen before crossing: "
+            f"{early}; least free space seen: {min(avails) / MIB:.1f} MiB"
+        )
         if calls:
-            print(f"  of which the FreezeUnit call (guard's decision -> systemd replies frozen):"
-                  f" median {statistics.median(calls):.1f} ms, worst {max(calls):.1f} ms")
+            print(
+                f"  of which the FreezeUnit call (guard's decision -> systemd replies frozen):"
+                f" median {statistics.median(calls):.1f} ms, worst {max(calls):.1f} ms"
+            )
         print(f"ENOSPC check: {args.trials} trials with predict = 10m (the default)")
         calls_p: list[float] = []
-        reactions_p, enospc_p, early_p, avails_p = run_trials(python, args.trials, "10m",
-                                                              work / "b", calls_p)
-        print(f"  trials with ENOSPC: {enospc_p} of {args.trials}; frozen before the "
-              f"threshold was crossed: {early_p}; least free space seen: "
-              f"{min(avails_p) / MIB:.1f} MiB")
+        reactions_p, enospc_p, early_p, avails_p = run_trials(
+            python, args.trials, "10m", work / "b", calls_p
+        )
+        print(
+            f"  trials with ENOSPC: {enospc_p} of {args.trials}; frozen before the "
+            f"threshold was crossed: {early_p}; least free space seen: "
+            f"{min(avails_p) / MIB:.1f} MiB"
+        )
         if reactions_p:
-            print(f"  crossed before frozen in {len(reactions_p)} trials: median "
-                  f"{statistics.median(reactions_p):.1f} ms")
+            print(
+                f"  crossed before frozen in {len(reactions_p)} trials: median "
+                f"{statistics.median(reactions_p):.1f} ms"
+            )
         cpu, rss = idle_cost(python, args.idle_seconds, work / "c")
-        print(f"idle guard (2 volumes, 10 migrations, {args.idle_seconds:.0f} s): "
-              f"CPU {cpu:.3f} % of one core, RSS {rss:.1f} MiB")
+        print(
+            f"idle guard (2 volumes, 10 migrations, {args.idle_seconds:.0f} s): "
+            f"CPU {cpu:.3f} % of one core, RSS {rss:.1f} MiB"
+        )
     return 0
 
 

@@ -64,8 +64,10 @@ def main() -> int:
     parser.add_argument("--rate", default="24M", help="rclone --bwlimit (default 24M)")
     args = parser.parse_args()
     if os.geteuid() != 0:
-        print("demo: run as root (it mounts a loop volume and boots a sandboxed systemd)",
-              file=sys.stderr)
+        print(
+            "demo: run as root (it mounts a loop volume and boots a sandboxed systemd)",
+            file=sys.stderr,
+        )
         return 1
     missing = missing_for_sandbox()
     if missing:
@@ -113,8 +115,10 @@ def main() -> int:
             rig.install()
             rig.start()
             ctl_socket = ["--socket", str(rig.host_socket)]
-            print(f"spaceguard is up (Type=notify, WatchdogSec=5s); metrics on "
-                  f"http://127.0.0.1:{rig.metrics_port}/metrics")
+            print(
+                f"spaceguard is up (Type=notify, WatchdogSec=5s); metrics on "
+                f"http://127.0.0.1:{rig.metrics_port}/metrics"
+            )
             show([*ctl, *ctl_socket, "status"])
 
             say(f"Start the migration: rclone copy at {args.rate}/s into the volume")
@@ -122,37 +126,53 @@ def main() -> int:
             started = time.monotonic()
             while sandbox.show(UNIT, "FreezerState") != "frozen":
                 free = volume.usable_bytes / MIB
-                print(f"  t={time.monotonic() - started:4.1f}s  free {free:6.1f} MiB  "
-                      f"rclone {sandbox.show(UNIT, 'ActiveState')}", flush=True)
+                print(
+                    f"  t={time.monotonic() - started:4.1f}s  free {free:6.1f} MiB  "
+                    f"rclone {sandbox.show(UNIT, 'ActiveState')}",
+                    flush=True,
+                )
                 if sandbox.show(UNIT, "ActiveState") not in ("active", "activating"):
                     raise SystemExit("demo: rclone ended before the guard acted; see " + str(log))
                 time.sleep(1)
-            say(f"The guard froze the migration with {volume.usable_bytes / MIB:.1f} MiB "
-                "still free: no write error, nothing lost")
-            print(f"systemd: {UNIT} FreezerState={sandbox.show(UNIT, 'FreezerState')}, "
-                  f"ActiveState={sandbox.show(UNIT, 'ActiveState')}")
+            say(
+                f"The guard froze the migration with {volume.usable_bytes / MIB:.1f} MiB "
+                "still free: no write error, nothing lost"
+            )
+            print(
+                f"systemd: {UNIT} FreezerState={sandbox.show(UNIT, 'FreezerState')}, "
+                f"ActiveState={sandbox.show(UNIT, 'ActiveState')}"
+            )
             show([*ctl, *ctl_socket, "status"])
             print("guard's journal:")
             for line in rig.journal().splitlines():
                 if any(word in line for word in ("low on", "pausing", "freeze ")):
                     print("  " + line)
             metrics = rig.metrics()
-            print("metrics: " + ", ".join(
-                f"{key}={value:g}" for key, value in metrics.items()
-                if key.startswith(("spaceguard_migration_paused{", "spaceguard_volume_low"))))
+            print(
+                "metrics: "
+                + ", ".join(
+                    f"{key}={value:g}"
+                    for key, value in metrics.items()
+                    if key.startswith(("spaceguard_migration_paused{", "spaceguard_volume_low"))
+                )
+            )
 
             say("An operator frees space (scenario 3, step 2): removes the old archive")
             ballast.unlink()
             os.sync()
             show(["df", "-h", str(volume.mountpoint)])
-            wait_until(lambda: sandbox.show(UNIT, "FreezerState") == "running", 30,
-                       "the guard to thaw the migration")
+            wait_until(
+                lambda: sandbox.show(UNIT, "FreezerState") == "running",
+                30,
+                "the guard to thaw the migration",
+            )
             say("After 3 s above resume_above (96 MiB) the guard thawed the migration")
             for line in rig.journal().splitlines():
                 if any(word in line for word in ("recovered", "releasing", "thaw ")):
                     print("  " + line)
-            wait_until(lambda: sandbox.show(UNIT, "ActiveState") == "inactive", 120,
-                       "rclone to finish")
+            wait_until(
+                lambda: sandbox.show(UNIT, "ActiveState") == "inactive", 120, "rclone to finish"
+            )
             say(f"rclone finished: Result={sandbox.show(UNIT, 'Result')}; verify the copy")
             show(["rclone", "check", str(source), str(destination)])
             errors = [line for line in log.read_text().splitlines() if "ERROR" in line]

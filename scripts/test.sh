@@ -1,6 +1,6 @@
 #!/bin/bash
 # The whole test suite, on a fresh Debian 12 machine too: set-up (scripts/setup.sh),
-# then ruff, mypy (strict, from pyproject) and pytest over tests/ (unit, integration,
+# then ruff (lint and format), mypy (strict, from pyproject) and pytest over tests/ (unit, integration,
 # e2e) with the venv's Python. Extra arguments go to pytest: scripts/test.sh -k freeze
 # Exits non-zero if any step fails, and when pytest ran no test (its exit 5).
 # CI=true (exported through) turns skips of integration tests into failures.
@@ -12,9 +12,12 @@ py=.venv/bin/python
 failed=()
 
 lint_dirs=()
-for d in daemon tests bench; do [[ -d $d ]] && lint_dirs+=("$d"); done
+for d in daemon tests bench scripts; do [[ -d $d ]] && lint_dirs+=("$d"); done
 echo "== ruff check ${lint_dirs[*]}"
 "$py" -m ruff check "${lint_dirs[@]}" || failed+=(ruff)
+
+echo "== ruff format --check ${lint_dirs[*]}"
+"$py" -m ruff format --check "${lint_dirs[@]}" || failed+=("ruff format")
 
 echo "== mypy daemon"
 "$py" -m mypy daemon || failed+=(mypy)

@@ -30,9 +30,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def writer_unit(python: str, directory: Path, size: str, status: Path, *,
-                resume: bool = False, rate: str | None = None,
-                description: str = "migration stand-in") -> str:
+def writer_unit(
+    python: str,
+    directory: Path,
+    size: str,
+    status: Path,
+    *,
+    resume: bool = False,
+    rate: str | None = None,
+    description: str = "migration stand-in",
+) -> str:
     """A migration stand-in: writes SIZE into DIRECTORY, surviving ENOSPC."""
     args = [python, str(WRITER), str(directory), size, "--status", str(status)]
     if resume:
@@ -44,13 +51,19 @@ def writer_unit(python: str, directory: Path, size: str, status: Path, *,
         Description={description}
         [Service]
         Type=simple
-        ExecStart={' '.join(args)}
+        ExecStart={" ".join(args)}
         """)
 
 
 class GuardRig:
-    def __init__(self, sandbox: SystemdSandbox, workdir: Path, python: str,
-                 watchdog_sec: int = 3, log_level: str = "debug") -> None:
+    def __init__(
+        self,
+        sandbox: SystemdSandbox,
+        workdir: Path,
+        python: str,
+        watchdog_sec: int = 3,
+        log_level: str = "debug",
+    ) -> None:
         self.sandbox = sandbox
         self.workdir = workdir
         self.python = python
@@ -86,12 +99,13 @@ class GuardRig:
         dropin_dir = self.sandbox.units_dir / f"{GUARD_UNIT}.d"
         dropin_dir.mkdir(exist_ok=True)
         command = f"{self.python} -m spaceguard"
-        (dropin_dir / "test.conf").write_text(textwrap.dedent(f"""\
+        (dropin_dir / "test.conf").write_text(
+            textwrap.dedent(f"""\
             [Service]
             User=
             Group=
             SupplementaryGroups=
-            Environment=PYTHONPATH={REPO / 'daemon'}
+            Environment=PYTHONPATH={REPO / "daemon"}
             ExecStartPre=
             ExecStartPre={command} check-config {self.config_path}
             ExecStart=
@@ -102,7 +116,8 @@ class GuardRig:
             PrivateTmp=no
             ProtectHome=no
             ReadWritePaths={self.workdir}
-            """))
+            """)
+        )
         if self.sandbox.is_up:
             self.sandbox.daemon_reload()
 
@@ -111,8 +126,9 @@ class GuardRig:
         try:
             self.sandbox.systemctl("start", GUARD_UNIT, timeout=60)
         except SandboxError as error:
-            raise SandboxError(f"{error}\n--- guard journal ---\n{self.journal()[-4000:]}") \
-                from None
+            raise SandboxError(
+                f"{error}\n--- guard journal ---\n{self.journal()[-4000:]}"
+            ) from None
 
     def stop(self) -> None:
         self.sandbox.systemctl("stop", GUARD_UNIT, timeout=60)
@@ -128,8 +144,9 @@ class GuardRig:
 
     def metrics_text(self) -> str:
         """The guard's /metrics page, as Prometheus scrapes it."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
-                                    timeout=5) as response:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5
+        ) as response:
             return str(response.read().decode())
 
     def metrics(self) -> dict[str, float]:
@@ -147,8 +164,13 @@ class GuardRig:
         return data
 
 
-def wait_until(condition: Callable[[], object], timeout: float, what: str,
-               interval: float = 0.05, on_timeout: Callable[[], str] | None = None) -> object:
+def wait_until(
+    condition: Callable[[], object],
+    timeout: float,
+    what: str,
+    interval: float = 0.05,
+    on_timeout: Callable[[], str] | None = None,
+) -> object:
     deadline = time.monotonic() + timeout
     while True:
         value = condition()

@@ -76,14 +76,27 @@ _CORE_UNITS = (
 )
 # Standard targets that other units (and systemd itself) refer to: empty stand-ins.
 _STANDIN_TARGETS = (
-    "sysinit", "basic", "sockets", "timers", "paths", "slices", "local-fs", "shutdown",
-    "multi-user", "network", "network-online", "swap", "umount", "graphical",
+    "sysinit",
+    "basic",
+    "sockets",
+    "timers",
+    "paths",
+    "slices",
+    "local-fs",
+    "shutdown",
+    "multi-user",
+    "network",
+    "network-online",
+    "swap",
+    "umount",
+    "graphical",
 )
 
 UnitSource = Mapping[str, str] | Iterable[str | os.PathLike[str]]
 
 
 # --------------------------------------------------------------------------- CI / skips
+
 
 def in_ci() -> bool:
     """True when running under CI (env ``CI=true``): the one place this is decided."""
@@ -100,8 +113,9 @@ def require(condition: bool, why: str) -> None:
     import pytest  # only here: bench scripts and the demo import this module too
 
     if in_ci():
-        pytest.fail(f"{why} (CI=true: a real component that cannot start is a failure)",
-                    pytrace=False)
+        pytest.fail(
+            f"{why} (CI=true: a real component that cannot start is a failure)", pytrace=False
+        )
     pytest.skip(why)
 
 
@@ -110,6 +124,7 @@ class SandboxError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- host facts
+
 
 def cgroup_root() -> Path:
     """The host's cgroup v2 mount (``/sys/fs/cgroup/unified`` in hybrid mode)."""
@@ -231,12 +246,14 @@ def _kill_cgroup(cgroup: Path, timeout: float = 10.0) -> None:
                 break
             time.sleep(0.025)
     if _populated(cgroup):
-        raise SandboxError(f"cgroup {cgroup} still has processes after {timeout:.0f}s: "
-                           f"{_cgroup_pids(cgroup)}")
+        raise SandboxError(
+            f"cgroup {cgroup} still has processes after {timeout:.0f}s: {_cgroup_pids(cgroup)}"
+        )
     # remove the tree bottom-up; the kernel may need a moment after the last exit
     while True:
-        dirs = sorted((p for p in cgroup.rglob("*") if p.is_dir()),
-                      key=lambda p: len(p.parts), reverse=True)
+        dirs = sorted(
+            (p for p in cgroup.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True
+        )
         try:
             for d in [*dirs, cgroup]:
                 d.rmdir()
@@ -273,7 +290,7 @@ def cleanup_stale() -> list[str]:
     cleaned: list[str] = []
     root = cgroup_root()
     for cg in sorted(root.glob(CGROUP_PREFIX + "*")):
-        owner = cg.name[len(CGROUP_PREFIX):].split("-", 1)[0]
+        owner = cg.name[len(CGROUP_PREFIX) :].split("-", 1)[0]
         if cg.is_dir() and not _owner_alive(owner):
             _kill_cgroup(cg)
             cleaned.append(str(cg))
@@ -289,6 +306,7 @@ def cleanup_stale() -> list[str]:
 
 
 # --------------------------------------------------------------------------- sandbox
+
 
 def _tail(path: Path, limit: int = 6000) -> str:
     try:
@@ -461,11 +479,24 @@ class SystemdSandbox:
             # The shell moves itself into the sandbox's cgroup, then becomes `unshare`;
             # its child (PID 1 inside) becomes systemd. We keep the Popen to reap it.
             self._proc = subprocess.Popen(
-                ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"',
-                 str(self.cgroup / "cgroup.procs"),
-                 "unshare", "--pid", "--fork", "--mount", "--mount-proc", "--cgroup",
-                 "--propagation", "private", str(init)],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                [
+                    "/bin/sh",
+                    "-c",
+                    'echo $$ > "$0" && exec "$@"',
+                    str(self.cgroup / "cgroup.procs"),
+                    "unshare",
+                    "--pid",
+                    "--fork",
+                    "--mount",
+                    "--mount-proc",
+                    "--cgroup",
+                    "--propagation",
+                    "private",
+                    str(init),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         finally:
@@ -511,8 +542,7 @@ class SystemdSandbox:
                 break
             if time.monotonic() > deadline:
                 self._boot_failure(
-                    f"no systemd process / bus socket after {timeout:.0f}s"
-                    f" (systemd pid: {pid})"
+                    f"no systemd process / bus socket after {timeout:.0f}s (systemd pid: {pid})"
                 )
             time.sleep(0.02)
         self._pid = pid
@@ -573,12 +603,17 @@ class SystemdSandbox:
         env = dict(os.environ, SYSTEMD_PAGER="", SYSTEMD_COLORS="0", PAGER="cat")
         return subprocess.run(
             ["nsenter", "-t", str(self.pid), "-p", "-m", *cmd],
-            capture_output=True, text=True, check=check, timeout=timeout, input=input,
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=timeout,
+            input=input,
             env=env,
         )
 
-    def systemctl(self, *args: str, check: bool = True,
-                  timeout: float | None = 30.0) -> subprocess.CompletedProcess[str]:
+    def systemctl(
+        self, *args: str, check: bool = True, timeout: float | None = 30.0
+    ) -> subprocess.CompletedProcess[str]:
         """``systemctl --no-pager ARGS`` inside; raises SandboxError if it fails and check."""
         res = self.exec("systemctl", "--no-pager", *args, timeout=timeout)
         if check and res.returncode != 0:
@@ -640,6 +675,7 @@ class SystemdSandbox:
 
 # --------------------------------------------------------------------------- volumes
 
+
 class LoopVolume:
     """A small real ext4 volume in an image file, loop-mounted on the host.
 
@@ -698,8 +734,9 @@ class LoopVolume:
         if self.mounted:
             deadline = time.monotonic() + 10
             while True:
-                res = subprocess.run(["umount", str(self.mountpoint)],
-                                     capture_output=True, text=True, check=False)
+                res = subprocess.run(
+                    ["umount", str(self.mountpoint)], capture_output=True, text=True, check=False
+                )
                 if res.returncode == 0 or not os.path.ismount(self.mountpoint):
                     break
                 if time.monotonic() > deadline:
@@ -713,8 +750,7 @@ class LoopVolume:
     def _run(cmd: list[str]) -> None:
         res = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if res.returncode != 0:
-            raise SandboxError(f"{' '.join(cmd)} failed ({res.returncode}): "
-                               f"{res.stderr.strip()}")
+            raise SandboxError(f"{' '.join(cmd)} failed ({res.returncode}): {res.stderr.strip()}")
 
     def statvfs(self) -> os.statvfs_result:
         return os.statvfs(self.mountpoint)
@@ -750,6 +786,7 @@ class LoopVolume:
 
 # --------------------------------------------------------------------------- helpers
 
+
 def exec_line(args: Sequence[str]) -> str:
     """A command line for ``ExecStart=``: quoted, with systemd's ``%`` and ``$`` escaped."""
     return " ".join(shlex.quote(a).replace("%", "%%").replace("$", "$$") for a in args)
@@ -772,8 +809,16 @@ def writer_service(
     ``status`` must not be on the volume being filled (an ENOSPC note would not fit).
     ``extra`` is appended to the ``[Service]`` section (e.g. ``"User=nobody\\n"``).
     """
-    args = [python or sys.executable, str(WRITER_SCRIPT), str(directory), str(nbytes),
-            "--status", str(status), "--name", name]
+    args = [
+        python or sys.executable,
+        str(WRITER_SCRIPT),
+        str(directory),
+        str(nbytes),
+        "--status",
+        str(status),
+        "--name",
+        name,
+    ]
     if rate is not None:
         args += ["--rate", str(rate)]
     if resume:
@@ -799,8 +844,7 @@ def readable_package_dir() -> Path:
     if _READABLE_PACKAGE is None or not _READABLE_PACKAGE.exists():
         source = Path(__file__).resolve().parents[1] / "daemon" / "spaceguard"
         target = Path(tempfile.mkdtemp(prefix="spaceguard-pkg-"))
-        shutil.copytree(source, target / "spaceguard",
-                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(source, target / "spaceguard", ignore=shutil.ignore_patterns("__pycache__"))
         for path in [target, *target.rglob("*")]:
             path.chmod(0o755 if path.is_dir() else 0o644)
         _READABLE_PACKAGE = target

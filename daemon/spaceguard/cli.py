@@ -20,8 +20,10 @@ def check_config(path: Path) -> int:
         print(f"spaceguard: {error}", file=sys.stderr)
         print(f"spaceguard: configuration file {path} test failed", file=sys.stderr)
         return 1
-    print(f"spaceguard: configuration file {path} syntax is ok "
-          f"({len(config.volumes)} volumes, {len(config.migrations)} migrations)")
+    print(
+        f"spaceguard: configuration file {path} syntax is ok "
+        f"({len(config.volumes)} volumes, {len(config.migrations)} migrations)"
+    )
     return 0
 
 
@@ -33,8 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--config", "-c", type=Path, default=DEFAULT_CONFIG)
     check = commands.add_parser("check-config", help="validate a configuration file")
     check.add_argument("file", type=Path, nargs="?", default=DEFAULT_CONFIG)
-    parser.add_argument("--config", "-c", type=Path, default=DEFAULT_CONFIG, dest="top_config",
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--config",
+        "-c",
+        type=Path,
+        default=DEFAULT_CONFIG,
+        dest="top_config",
+        help=argparse.SUPPRESS,
+    )
     args = parser.parse_args(argv)
     if args.command == "check-config":
         return check_config(args.file)

@@ -143,8 +143,9 @@ class _Section:
     def error(self, key: str, message: str) -> ConfigError:
         return ConfigError(f"{self.source}: {self.path(key)}: {message}")
 
-    def get(self, key: str, convert: Callable[[Any], Any], default: Any = None,
-            required: bool = False) -> Any:
+    def get(
+        self, key: str, convert: Callable[[Any], Any], default: Any = None, required: bool = False
+    ) -> Any:
         self.seen.add(key)
         if key not in self.table:
             if required:
@@ -158,8 +159,10 @@ class _Section:
     def finish(self) -> None:
         unknown = sorted(set(self.table) - self.seen)
         if unknown:
-            raise self.error(unknown[0], "unknown key (check the spelling; see "
-                             "config/spaceguard.toml for every key)")
+            raise self.error(
+                unknown[0],
+                "unknown key (check the spelling; see config/spaceguard.toml for every key)",
+            )
 
 
 def _string(value: object) -> str:
@@ -193,13 +196,13 @@ def _listen(value: object) -> str:
         return text
     host, _, port = text.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"expected HOST:PORT (or \"\" to disable), got {text!r}")
+        raise ValueError(f'expected HOST:PORT (or "" to disable), got {text!r}')
     return text
 
 
 def _command(value: object) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(part, str) for part in value):
-        raise ValueError("expected a list of strings, e.g. [\"rclone\", \"check\", \"a:\", \"/b\"]")
+        raise ValueError('expected a list of strings, e.g. ["rclone", "check", "a:", "/b"]')
     if value and not value[0].startswith("/") and "/" in value[0]:
         raise ValueError("the program must be a bare name or an absolute path")
     return tuple(value)
@@ -226,8 +229,9 @@ def _read_guard(source: Path, raw: object) -> GuardConfig:
         reader_group=section.get("reader_group", _string, defaults.reader_group),
         admin_group=section.get("admin_group", _string, defaults.admin_group),
         log_level=section.get("log_level", _string, defaults.log_level),
-        log_recheck_interval=section.get("log_recheck_interval", parse_duration,
-                                         defaults.log_recheck_interval),
+        log_recheck_interval=section.get(
+            "log_recheck_interval", parse_duration, defaults.log_recheck_interval
+        ),
     )
     if guard.log_level not in ("debug", "info", "warning", "error"):
         raise section.error("log_level", "must be one of debug, info, warning, error")
@@ -243,10 +247,11 @@ def _read_volume(source: Path, name: str, raw: object) -> VolumeConfig:
     pause_inodes = section.get("pause_below_inodes", inode_threshold, Threshold(percent=1.0))
     resume_inodes = section.get("resume_above_inodes", inode_threshold, None)
     if resume_inodes is None:
-        resume_inodes = (Threshold(percent=min(100.0, pause_inodes.percent * 2))
-                         if pause_inodes.percent is not None
-                         else Threshold(amount=(pause_inodes.amount or 0) * 2,
-                                        counts_inodes=True))
+        resume_inodes = (
+            Threshold(percent=min(100.0, pause_inodes.percent * 2))
+            if pause_inodes.percent is not None
+            else Threshold(amount=(pause_inodes.amount or 0) * 2, counts_inodes=True)
+        )
     volume = VolumeConfig(
         name=name,
         path=section.get("path", _abs_path, required=True),
@@ -262,8 +267,9 @@ def _read_volume(source: Path, name: str, raw: object) -> VolumeConfig:
         poll_max=section.get("poll_max", parse_duration, 1.0),
     )
     _check_hysteresis(section, "resume_above", volume.pause_below, volume.resume_above)
-    _check_hysteresis(section, "resume_above_inodes", volume.pause_below_inodes,
-                      volume.resume_above_inodes)
+    _check_hysteresis(
+        section, "resume_above_inodes", volume.pause_below_inodes, volume.resume_above_inodes
+    )
     if volume.max_write_speed <= 0:
         raise section.error("max_write_speed", "must be above 0")
     if not 0 < volume.poll_min <= volume.poll_max:
@@ -275,24 +281,36 @@ def _read_volume(source: Path, name: str, raw: object) -> VolumeConfig:
 def _check_hysteresis(section: _Section, key: str, pause: Threshold, resume: Threshold) -> None:
     same_kind = (pause.percent is None) == (resume.percent is None)
     if not same_kind:
-        raise section.error(key, "must use the same kind of value as its pause threshold "
-                                 "(both percentages or both absolute)")
+        raise section.error(
+            key,
+            "must use the same kind of value as its pause threshold "
+            "(both percentages or both absolute)",
+        )
     if pause.percent is not None and resume.percent is not None:
         if resume.percent <= pause.percent:
-            raise section.error(key, f"{resume} must be above the pause threshold {pause} "
-                                     "(hysteresis: otherwise the guard would flap)")
+            raise section.error(
+                key,
+                f"{resume} must be above the pause threshold {pause} "
+                "(hysteresis: otherwise the guard would flap)",
+            )
     elif (resume.amount or 0) <= (pause.amount or 0):
-        raise section.error(key, f"{resume} must be above the pause threshold {pause} "
-                                 "(hysteresis: otherwise the guard would flap)")
+        raise section.error(
+            key,
+            f"{resume} must be above the pause threshold {pause} "
+            "(hysteresis: otherwise the guard would flap)",
+        )
 
 
-def _read_migration(source: Path, index: int, raw: object,
-                    volumes: Mapping[str, VolumeConfig]) -> MigrationConfig:
+def _read_migration(
+    source: Path, index: int, raw: object, volumes: Mapping[str, VolumeConfig]
+) -> MigrationConfig:
     section = _Section(source, f"migrations[{index}]", raw)
     account = section.get("account", _string, required=True)
     if not is_account(account):
-        raise section.error("account", f"{account!r} is not a usable account name "
-                                       "(letters, digits, '_.@-', at most 128)")
+        raise section.error(
+            "account",
+            f"{account!r} is not a usable account name (letters, digits, '_.@-', at most 128)",
+        )
     unit = section.get("unit", check_unit_name, required=True)
     volume = section.get("volume", _string, required=True)
     if volume not in volumes:
@@ -300,7 +318,7 @@ def _read_migration(source: Path, index: int, raw: object,
         raise section.error("volume", f"names unknown volume {volume!r} (configured: {known})")
     pause = section.get("pause", _string, "freeze")
     if pause not in ("freeze", "stop"):
-        raise section.error("pause", f"must be \"freeze\" or \"stop\", got {pause!r}")
+        raise section.error("pause", f'must be "freeze" or "stop", got {pause!r}')
     migration = MigrationConfig(
         account=account,
         unit=unit,
@@ -360,21 +378,26 @@ def _read_alerts(source: Path, raw: object) -> AlertsConfig:
             raise receiver.error("name", f"receiver {name!r} is configured twice")
         kind = receiver.get("kind", _string, required=True)
         if kind not in ("alertmanager", "webhook"):
-            raise receiver.error("kind", "must be \"alertmanager\" or \"webhook\"")
+            raise receiver.error("kind", 'must be "alertmanager" or "webhook"')
         url = receiver.get("url", _string, required=True)
         if not re.match(r"^https?://[^\s/]+", url):
             raise receiver.error("url", f"expected an http:// or https:// URL, got {url!r}")
         user = receiver.get("basic_auth_user", _string)
         password = _read_secret(receiver, "basic_auth_password_file")
         if (user is None) != (password is None):
-            raise receiver.error("basic_auth_user", "basic_auth_user and "
-                                 "basic_auth_password_file go together")
-        receivers.append(ReceiverConfig(
-            name=name, kind=kind, url=url.rstrip("/"),
-            bearer_token=_read_secret(receiver, "bearer_token_file"),
-            basic_auth=(user, password) if user is not None and password is not None else None,
-            timeout=receiver.get("timeout", parse_duration, 5.0),
-        ))
+            raise receiver.error(
+                "basic_auth_user", "basic_auth_user and basic_auth_password_file go together"
+            )
+        receivers.append(
+            ReceiverConfig(
+                name=name,
+                kind=kind,
+                url=url.rstrip("/"),
+                bearer_token=_read_secret(receiver, "bearer_token_file"),
+                basic_auth=(user, password) if user is not None and password is not None else None,
+                timeout=receiver.get("timeout", parse_duration, 5.0),
+            )
+        )
         receiver.finish()
     alerts = AlertsConfig(
         receivers=tuple(receivers),
@@ -397,14 +420,21 @@ def parse(source: Path, document: Mapping[str, Any]) -> Config:
     raw_migrations = top.get("migrations", lambda value: value, [])
     if not isinstance(raw_migrations, list):
         raise ConfigError(f"{source}: migrations: expected an array of tables ([[migrations]])")
-    migrations = tuple(_read_migration(source, index, raw, volumes)
-                       for index, raw in enumerate(raw_migrations))
+    migrations = tuple(
+        _read_migration(source, index, raw, volumes) for index, raw in enumerate(raw_migrations)
+    )
     _check_unique(source, migrations)
     rules = _read_rules(source, top.get("rules", lambda value: value, []))
     alerts = _read_alerts(source, top.get("alerts", lambda value: value, {}))
     top.finish()
-    return Config(source=source, guard=guard, volumes=volumes, migrations=migrations,
-                  rules=rules, alerts=alerts)
+    return Config(
+        source=source,
+        guard=guard,
+        volumes=volumes,
+        migrations=migrations,
+        rules=rules,
+        alerts=alerts,
+    )
 
 
 def _check_unique(source: Path, migrations: tuple[MigrationConfig, ...]) -> None:
@@ -412,21 +442,27 @@ def _check_unique(source: Path, migrations: tuple[MigrationConfig, ...]) -> None
     units: dict[str, int] = {}
     for index, migration in enumerate(migrations):
         if migration.account in accounts:
-            raise ConfigError(f"{source}: migrations[{index}].account: {migration.account!r} "
-                              f"is already used by migrations[{accounts[migration.account]}]")
+            raise ConfigError(
+                f"{source}: migrations[{index}].account: {migration.account!r} "
+                f"is already used by migrations[{accounts[migration.account]}]"
+            )
         accounts[migration.account] = index
         for unit in migration.units:
             if unit in units and units[unit] != index:
                 key = "unit" if unit == migration.unit else "resume_unit"
-                raise ConfigError(f"{source}: migrations[{index}].{key}: {unit!r} is already "
-                                  f"managed by migrations[{units[unit]}] (one unit, one migration)")
+                raise ConfigError(
+                    f"{source}: migrations[{index}].{key}: {unit!r} is already "
+                    f"managed by migrations[{units[unit]}] (one unit, one migration)"
+                )
             units[unit] = index
     for index, migration in enumerate(migrations):
         owner = units.get(migration.verify_unit)
         if owner is not None:
-            raise ConfigError(f"{source}: migrations[{index}].verify_unit: "
-                              f"{migration.verify_unit!r} runs migrations[{owner}] "
-                              "(a verification must not start a migration)")
+            raise ConfigError(
+                f"{source}: migrations[{index}].verify_unit: "
+                f"{migration.verify_unit!r} runs migrations[{owner}] "
+                "(a verification must not start a migration)"
+            )
 
 
 def load(path: Path) -> Config:

@@ -60,7 +60,9 @@ IDENTITY_CACHE_SECONDS = 10.0  # group changes show up within this long
 
 class ControlBackend(Protocol):
     def status(self) -> dict[str, Any]: ...
-    async def operator(self, verb: str, account: str, reason: str, force: bool, who: str) -> tuple[bool, str]: ...  # verb: pause|resume|retry  # noqa: E501
+    async def operator(
+        self, verb: str, account: str, reason: str, force: bool, who: str
+    ) -> tuple[bool, str]: ...  # verb: pause|resume|retry
     def incidents(self, account: str | None) -> list[dict[str, Any]]: ...
     def incident(self, incident_id: str) -> dict[str, Any] | None: ...
     def ack(self, incident_id: str, who: str) -> tuple[bool, str]: ...
@@ -104,16 +106,18 @@ class Access:
         return peer.uid == 0 or (self.admin_gid is not None and self.admin_gid in peer.gids)
 
     def may_read(self, peer: Peer) -> bool:
-        return (self.may_change(peer)
-                or (self.reader_gid is not None and self.reader_gid in peer.gids))
+        return self.may_change(peer) or (
+            self.reader_gid is not None and self.reader_gid in peer.gids
+        )
 
     def allows(self, peer: Peer, verb: str) -> bool:
         return self.may_read(peer) if verb in READ_VERBS else self.may_change(peer)
 
     def requirement(self, verb: str) -> str:
         """What a caller needs for `verb`, for the refusal message."""
-        groups = [self.admin_group] if verb in CHANGE_VERBS else [self.reader_group,
-                                                                  self.admin_group]
+        groups = (
+            [self.admin_group] if verb in CHANGE_VERBS else [self.reader_group, self.admin_group]
+        )
         named = [f"group {name!r}" for name in dict.fromkeys(groups) if name]
         if not named:
             return "root (no group is configured for it)"
@@ -124,8 +128,9 @@ class IdentityCache:
     """uid → (user name, groups) and group name → gid, kept briefly: the lookups read
     /etc/passwd and /etc/group, and a burst of clients should not repeat them."""
 
-    def __init__(self, ttl: float = IDENTITY_CACHE_SECONDS,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, ttl: float = IDENTITY_CACHE_SECONDS, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.ttl, self.clock = ttl, clock
         self._users: dict[tuple[int, int], tuple[float, str, frozenset[int]]] = {}
         self._groups: dict[str, tuple[float, int | None]] = {}
@@ -170,8 +175,7 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     return pid, uid, gid
 
 
-async def _dispatch(verb: str, args: dict[str, Any], peer: Peer,
-                    backend: ControlBackend) -> object:
+async def _dispatch(verb: str, args: dict[str, Any], peer: Peer, backend: ControlBackend) -> object:
     if verb == "version":
         return {"version": __version__, "protocol": PROTOCOL_VERSION}
     if verb == "status":
@@ -186,9 +190,12 @@ async def _dispatch(verb: str, args: dict[str, Any], peer: Peer,
     if verb == "check-config":
         return outcome_result(verb, backend.check_config(args.get("path")))
     if verb in ("pause", "resume", "retry"):
-        return outcome_result(verb, await backend.operator(verb, args["account"],
-                                                     args.get("reason", ""),
-                                                     args.get("force", False), peer.who))
+        return outcome_result(
+            verb,
+            await backend.operator(
+                verb, args["account"], args.get("reason", ""), args.get("force", False), peer.who
+            ),
+        )
     if verb == "ack":
         return outcome_result(verb, backend.ack(args["incident"], peer.who))
     if verb == "reload":
@@ -196,8 +203,9 @@ async def _dispatch(verb: str, args: dict[str, Any], peer: Peer,
     raise RequestError("unknown-verb", f"unknown verb {verb!r}")  # unreachable: VERBS checked
 
 
-async def handle_line(line: bytes, peer: Peer, backend: ControlBackend,
-                      access: Access | None = None) -> dict[str, Any]:
+async def handle_line(
+    line: bytes, peer: Peer, backend: ControlBackend, access: Access | None = None
+) -> dict[str, Any]:
     """One request line (without its newline) → one reply. Never raises (except for
     cancellation): bad input and backend failures both come back as error replies."""
     access = access or Access()
@@ -207,38 +215,49 @@ async def handle_line(line: bytes, peer: Peer, backend: ControlBackend,
         request = parse_request(line)
         request_id = read_request_id(request)
         verb = check_envelope(request)
-        if verb == "check-config" and isinstance(request.get("args"), dict) \
-                and "path" in request["args"] and not access.may_change(peer):
+        if (
+            verb == "check-config"
+            and isinstance(request.get("args"), dict)
+            and "path" in request["args"]
+            and not access.may_change(peer)
+        ):
             # checking another file makes the guard read it with its own rights: only for
             # those who may change the guard anyway
-            raise RequestError("forbidden", f"check-config with a path needs "
-                                            f"{access.requirement('reload')}; you are "
-                                            f"{peer.who}")
+            raise RequestError(
+                "forbidden",
+                f"check-config with a path needs "
+                f"{access.requirement('reload')}; you are "
+                f"{peer.who}",
+            )
         if not access.allows(peer, verb):
-            raise RequestError("forbidden", f"{verb} needs {access.requirement(verb)}; "
-                                            f"you are {peer.who}")
+            raise RequestError(
+                "forbidden", f"{verb} needs {access.requirement(verb)}; you are {peer.who}"
+            )
         args = check_args(verb, request.get("args"))
         result = jsonable(await _dispatch(verb, args, peer, backend))
     except RequestError as error:
         if error.code == "forbidden":
-            log.warning("control: refused %s for %s, pid %d: %s", verb, peer.who, peer.pid,
-                        error.message)
+            log.warning(
+                "control: refused %s for %s, pid %d: %s", verb, peer.who, peer.pid, error.message
+            )
         return error_reply(error.code, error.message, request_id)
     except TypeError as error:  # from jsonable: the backend returned something odd
         log.error("control: %s: cannot send the result: %s", verb, error)
         return error_reply("internal", f"{verb}: {error}", request_id)
     except Exception as error:
         log.error("control: %s for %s failed: %s", verb, peer.who, error, exc_info=True)
-        return error_reply("internal", f"{verb} failed: {type(error).__name__}: {error}",
-                           request_id)
+        return error_reply(
+            "internal", f"{verb} failed: {type(error).__name__}: {error}", request_id
+        )
     return ok_reply(result, request_id)
 
 
 # --- the listening socket -----------------------------------------------------------------
 
 
-def inherited_socket(environ: Mapping[str, str] | None = None,
-                     pid: int | None = None) -> socket.socket | None:
+def inherited_socket(
+    environ: Mapping[str, str] | None = None, pid: int | None = None
+) -> socket.socket | None:
     """The listening socket systemd passed (socket activation), or None.
 
     sd_listen_fds(): the fds are for us only when LISTEN_PID is our pid (a child of ours
@@ -255,17 +274,23 @@ def inherited_socket(environ: Mapping[str, str] | None = None,
         for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
             os.environ.pop(name, None)
     if int(listen_fds) > 1:
-        log.warning("control: systemd passed %s sockets; using the first (fd %d)", listen_fds,
-                    SD_LISTEN_FDS_START)
+        log.warning(
+            "control: systemd passed %s sockets; using the first (fd %d)",
+            listen_fds,
+            SD_LISTEN_FDS_START,
+        )
     try:
         sock = socket.socket(fileno=SD_LISTEN_FDS_START)
     except OSError as error:
-        raise ControlError(f"LISTEN_FDS is set but fd {SD_LISTEN_FDS_START} is not a socket: "
-                           f"{error.strerror}") from None
+        raise ControlError(
+            f"LISTEN_FDS is set but fd {SD_LISTEN_FDS_START} is not a socket: {error.strerror}"
+        ) from None
     if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
         sock.detach()
-        raise ControlError(f"the socket systemd passed (fd {SD_LISTEN_FDS_START}) is not a Unix "
-                           "stream socket: check ListenStream= in spaceguard.socket")
+        raise ControlError(
+            f"the socket systemd passed (fd {SD_LISTEN_FDS_START}) is not a Unix "
+            "stream socket: check ListenStream= in spaceguard.socket"
+        )
     os.set_inheritable(sock.fileno(), False)
     sock.setblocking(False)
     return sock
@@ -278,8 +303,10 @@ def _remove_stale_socket(path: Path) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(mode):
-        raise ControlError(f"{path} exists and is not a socket; not removing it "
-                           "(check control_socket in the config)")
+        raise ControlError(
+            f"{path} exists and is not a socket; not removing it "
+            "(check control_socket in the config)"
+        )
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.setblocking(False)
     try:
@@ -312,12 +339,20 @@ def bind_socket(path: Path, group: str, backlog: int) -> socket.socket:
             try:
                 os.chown(path, -1, grp.getgrnam(group).gr_gid)
             except KeyError:
-                log.warning("control: group %r does not exist; only the guard's own user "
-                            "and group can connect to %s", group, path)
+                log.warning(
+                    "control: group %r does not exist; only the guard's own user "
+                    "and group can connect to %s",
+                    group,
+                    path,
+                )
             except PermissionError:
                 # unprivileged guard (User=spaceguard) not in that group: still serve root
-                log.warning("control: cannot give %s to group %r (the guard's user must be a "
-                            "member; or use spaceguard.socket)", path, group)
+                log.warning(
+                    "control: cannot give %s to group %r (the guard's user must be a "
+                    "member; or use spaceguard.socket)",
+                    path,
+                    group,
+                )
         sock.listen(backlog)
         sock.setblocking(False)
     except OSError as error:
@@ -332,9 +367,16 @@ def bind_socket(path: Path, group: str, backlog: int) -> socket.socket:
 class ControlServer:
     """Serves the control socket on the running loop; one task per client."""
 
-    def __init__(self, path: Path, reader_group: str, admin_group: str,
-                 backend: ControlBackend, idle_timeout: float = 5.0,
-                 max_clients: int = 256, max_requests_per_second: float = 500.0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        reader_group: str,
+        admin_group: str,
+        backend: ControlBackend,
+        idle_timeout: float = 5.0,
+        max_clients: int = 256,
+        max_requests_per_second: float = 500.0,
+    ) -> None:
         self.path = path
         self.reader_group, self.admin_group = reader_group, admin_group
         self.backend = backend
@@ -366,25 +408,35 @@ class ControlServer:
             name = sock.getsockname()
             log.info("control: using the socket from systemd (%s)", name or "?")
             if isinstance(name, str) and name != str(self.path):
-                log.warning("control: systemd's socket is %s but control_socket is %s; "
-                            "spaceguardctl defaults to the latter", name, self.path)
+                log.warning(
+                    "control: systemd's socket is %s but control_socket is %s; "
+                    "spaceguardctl defaults to the latter",
+                    name,
+                    self.path,
+                )
         else:
             for name in (self.admin_group, self.reader_group):
                 if name and self.identities.group(name) is None:
                     log.warning("control: configured group %r does not exist", name)
             # A socket file has one group: the readers' (admins must be readers too, see
             # README), else the admins'.
-            socket_group = next((name for name in (self.reader_group, self.admin_group)
-                                 if name and self.identities.group(name) is not None), "")
+            socket_group = next(
+                (
+                    name
+                    for name in (self.reader_group, self.admin_group)
+                    if name and self.identities.group(name) is not None
+                ),
+                "",
+            )
             sock = bind_socket(self.path, socket_group, backlog=self.backlog)
             st = self.path.stat()
             self._bound_inode = (st.st_dev, st.st_ino)
             log.info("control: listening on %s", self.path)
         # readuntil() enforces the line limit: a client cannot grow the buffer past it.
         # asyncio calls listen() again, so the backlog is given here too.
-        self._server = await asyncio.start_unix_server(self._client_connected, sock=sock,
-                                                       limit=MAX_LINE_BYTES,
-                                                       backlog=self.backlog)
+        self._server = await asyncio.start_unix_server(
+            self._client_connected, sock=sock, limit=MAX_LINE_BYTES, backlog=self.backlog
+        )
 
     async def close(self) -> None:
         if self._server is not None:
@@ -404,9 +456,12 @@ class ControlServer:
             self._bound_inode = None
 
     def access(self) -> Access:
-        return Access(self.reader_group, self.admin_group,
-                      self.identities.group(self.reader_group),
-                      self.identities.group(self.admin_group))
+        return Access(
+            self.reader_group,
+            self.admin_group,
+            self.identities.group(self.reader_group),
+            self.identities.group(self.admin_group),
+        )
 
     def _peer(self, writer: asyncio.StreamWriter) -> Peer:
         sock = writer.get_extra_info("socket")
@@ -414,15 +469,19 @@ class ControlServer:
         user, gids = self.identities.user(uid, gid)
         return Peer(uid=uid, gid=gid, pid=pid, user=user, gids=gids)
 
-    async def _client_connected(self, reader: asyncio.StreamReader,
-                                writer: asyncio.StreamWriter) -> None:
+    async def _client_connected(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         task = asyncio.current_task()
         assert task is not None
         if len(self._clients) >= self.max_clients:
             self.refused_busy += 1
             with contextlib.suppress(OSError):
-                writer.write(encode_reply(error_reply(
-                    "busy", f"too many clients ({self.max_clients}); try again")))
+                writer.write(
+                    encode_reply(
+                        error_reply("busy", f"too many clients ({self.max_clients}); try again")
+                    )
+                )
             writer.close()
             return
         self._clients.add(task)
@@ -470,12 +529,20 @@ class ControlServer:
                 async with asyncio.timeout(self.idle_timeout):
                     line = await reader.readuntil(b"\n")
             except TimeoutError:
-                await self._send(writer, error_reply(
-                    "timeout", f"no complete request within {self.idle_timeout:g} s; closing"))
+                await self._send(
+                    writer,
+                    error_reply(
+                        "timeout", f"no complete request within {self.idle_timeout:g} s; closing"
+                    ),
+                )
                 return
             except asyncio.LimitOverrunError:
-                await self._send(writer, error_reply(
-                    "too-long", f"request line longer than {MAX_LINE_BYTES} bytes; closing"))
+                await self._send(
+                    writer,
+                    error_reply(
+                        "too-long", f"request line longer than {MAX_LINE_BYTES} bytes; closing"
+                    ),
+                )
                 return
             except asyncio.IncompleteReadError as eof:
                 if not eof.partial.strip():
@@ -487,4 +554,3 @@ class ControlServer:
             await self._send(writer, reply)
             if last:
                 return
-

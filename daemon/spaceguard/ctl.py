@@ -54,11 +54,14 @@ def _connect(path: str, timeout: float) -> socket.socket:
     except FileNotFoundError:
         reason = "no such socket (is spaceguard running? is --socket right?)"
     except ConnectionRefusedError:
-        reason = ("connection refused (the socket exists but nothing listens: "
-                  "is spaceguard running?)")
+        reason = (
+            "connection refused (the socket exists but nothing listens: is spaceguard running?)"
+        )
     except PermissionError:
-        reason = ("permission denied (you need to be in the socket's group, "
-                  "spaceguard's reader or admin group, or root)")
+        reason = (
+            "permission denied (you need to be in the socket's group, "
+            "spaceguard's reader or admin group, or root)"
+        )
     except TimeoutError:
         reason = f"timed out after {timeout:g} s (the guard is not accepting connections)"
     except OSError as error:
@@ -117,14 +120,15 @@ def call(path: str, verb: str, args: Mapping[str, Any], timeout: float) -> Any:
 def _printable(text: str, keep_newlines: bool = False) -> str:
     """Escape control characters: log lines and reasons must not drive the terminal."""
     kept = "\n\t" if keep_newlines else ""
-    return "".join(char if char.isprintable() or char in kept else repr(char)[1:-1]
-                   for char in text)
+    return "".join(
+        char if char.isprintable() or char in kept else repr(char)[1:-1] for char in text
+    )
 
 
 def _cell(value: object, limit: int = 0) -> str:
     text = "-" if value is None or value == "" else _printable(str(value))
     if limit and len(text) > limit:
-        text = text[:limit - 1] + "…"
+        text = text[: limit - 1] + "…"
     return text
 
 
@@ -161,10 +165,13 @@ def relative_time(timestamp: object, now: float) -> str:
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max([len(header), *(len(row[i]) for row in rows)])
-              for i, header in enumerate(headers)]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True))
-             .rstrip() for line in (headers, *rows)]
+    widths = [
+        max([len(header), *(len(row[i]) for row in rows)]) for i, header in enumerate(headers)
+    ]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in (headers, *rows)
+    ]
     return "\n".join(lines)
 
 
@@ -198,13 +205,23 @@ def _volume_row(volume: Mapping[str, Any]) -> list[str]:
         state = "LOW" + (f": {volume['low_reason']}" if volume.get("low_reason") else "")
     else:
         state = "ok"
-    thresholds = [f"{label} {volume[key]}" for label, key in
-                  (("pause <", "pause_below"), ("resume >", "resume_above")) if volume.get(key)]
+    thresholds = [
+        f"{label} {volume[key]}"
+        for label, key in (("pause <", "pause_below"), ("resume >", "resume_above"))
+        if volume.get(key)
+    ]
     if thresholds and state == "ok":
         state += f" ({', '.join(thresholds)})"
-    return [_cell(volume.get("name")), _cell(volume.get("path")),
-            _cell(human_bytes(avail) if avail is not None else None), percent, inodes,
-            fill_rate, time_to_pause, _cell(state, 60)]
+    return [
+        _cell(volume.get("name")),
+        _cell(volume.get("path")),
+        _cell(human_bytes(avail) if avail is not None else None),
+        percent,
+        inodes,
+        fill_rate,
+        time_to_pause,
+        _cell(state, 60),
+    ]
 
 
 def _hold_text(hold: object, now: float) -> str:
@@ -238,11 +255,16 @@ def _migration_row(migration: Mapping[str, Any], now: float) -> list[str]:
     retry_text = "-" if retries is None else str(retries)
     if retries is not None and migration.get("max_retries") is not None:
         retry_text += f"/{migration['max_retries']}"
-    return [_cell(migration.get("account")), _cell(migration.get("unit")),
-            _cell(migration.get("state")), _cell(_hold_text(migration.get("hold"), now), 60),
-            _cell(_failure_text(migration.get("failure"), now), 100), retry_text,
-            human_bytes(migration.get("transferred_bytes")),
-            relative_time(migration.get("last_progress_at"), now)]
+    return [
+        _cell(migration.get("account")),
+        _cell(migration.get("unit")),
+        _cell(migration.get("state")),
+        _cell(_hold_text(migration.get("hold"), now), 60),
+        _cell(_failure_text(migration.get("failure"), now), 100),
+        retry_text,
+        human_bytes(migration.get("transferred_bytes")),
+        relative_time(migration.get("last_progress_at"), now),
+    ]
 
 
 def render_status(status: Mapping[str, Any], now: float) -> str:
@@ -259,15 +281,42 @@ def render_status(status: Mapping[str, Any], now: float) -> str:
             lines.append(f"{label}: {_cell(status[key])}")
     volumes = [v for v in status.get("volumes") or [] if isinstance(v, dict)]
     lines += ["", "VOLUMES"]
-    lines.append(table(["NAME", "PATH", "FREE", "FREE %", "INODES FREE", "FILL RATE",
-                        "TIME TO PAUSE", "STATE"], [_volume_row(v) for v in volumes])
-                 if volumes else "  (none)")
+    lines.append(
+        table(
+            [
+                "NAME",
+                "PATH",
+                "FREE",
+                "FREE %",
+                "INODES FREE",
+                "FILL RATE",
+                "TIME TO PAUSE",
+                "STATE",
+            ],
+            [_volume_row(v) for v in volumes],
+        )
+        if volumes
+        else "  (none)"
+    )
     migrations = [m for m in status.get("migrations") or [] if isinstance(m, dict)]
     lines += ["", "MIGRATIONS"]
-    lines.append(table(["ACCOUNT", "UNIT", "STATE", "PAUSED BY / REASON / SINCE", "FAILURE",
-                        "RETRIES", "TRANSFERRED", "LAST PROGRESS"],
-                       [_migration_row(m, now) for m in migrations])
-                 if migrations else "  (none)")
+    lines.append(
+        table(
+            [
+                "ACCOUNT",
+                "UNIT",
+                "STATE",
+                "PAUSED BY / REASON / SINCE",
+                "FAILURE",
+                "RETRIES",
+                "TRANSFERRED",
+                "LAST PROGRESS",
+            ],
+            [_migration_row(m, now) for m in migrations],
+        )
+        if migrations
+        else "  (none)"
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -282,14 +331,28 @@ def _utc(timestamp: object) -> str:
 
 
 def render_incidents(incidents: Sequence[Any]) -> str:
-    rows = [[_cell(item.get("id")), _utc(item.get("time")), _cell(item.get("account")),
-             _cell(item.get("class")), _cell(item.get("trigger")), _cell(item.get("outcome"), 40),
-             _cell(item.get("acked_by") or "no"), _cell(item.get("detail"), 60)]
-            for item in incidents if isinstance(item, dict)]
+    rows = [
+        [
+            _cell(item.get("id")),
+            _utc(item.get("time")),
+            _cell(item.get("account")),
+            _cell(item.get("class")),
+            _cell(item.get("trigger")),
+            _cell(item.get("outcome"), 40),
+            _cell(item.get("acked_by") or "no"),
+            _cell(item.get("detail"), 60),
+        ]
+        for item in incidents
+        if isinstance(item, dict)
+    ]
     if not rows:
         return "no incidents\n"
-    return table(["ID", "TIME (UTC)", "ACCOUNT", "CLASS", "TRIGGER", "OUTCOME", "ACKED",
-                  "DETAIL"], rows) + "\n"
+    return (
+        table(
+            ["ID", "TIME (UTC)", "ACCOUNT", "CLASS", "TRIGGER", "OUTCOME", "ACKED", "DETAIL"], rows
+        )
+        + "\n"
+    )
 
 
 def render(verb: str, result: Any, now: float) -> str:
@@ -302,8 +365,10 @@ def render(verb: str, result: Any, now: float) -> str:
         text = _printable(result["text"], keep_newlines=True)
         return text if text.endswith("\n") else text + "\n"
     if verb == "version" and isinstance(result, dict):
-        return (f"spaceguardctl {__version__}\nspaceguard {_cell(result.get('version'))} "
-                f"(protocol {_cell(result.get('protocol'))})\n")
+        return (
+            f"spaceguardctl {__version__}\nspaceguard {_cell(result.get('version'))} "
+            f"(protocol {_cell(result.get('protocol'))})\n"
+        )
     if isinstance(result, dict) and isinstance(result.get("message"), str) and len(result) == 1:
         return _printable(result["message"]) + "\n"
     return json.dumps(result, indent=2, ensure_ascii=False, sort_keys=True) + "\n"
@@ -327,15 +392,24 @@ def build_parser() -> argparse.ArgumentParser:
     # default to SUPPRESS (the parsers share these option objects, so a default would let
     # the verb's parser overwrite a value given before the verb); parse() fills them in.
     common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
-    common.add_argument("--socket", metavar="PATH",
-                        help=f"control socket (default $SPACEGUARD_SOCKET or {DEFAULT_SOCKET})")
+    common.add_argument(
+        "--socket",
+        metavar="PATH",
+        help=f"control socket (default $SPACEGUARD_SOCKET or {DEFAULT_SOCKET})",
+    )
     common.add_argument("--json", action="store_true", help="print the raw result as JSON")
-    common.add_argument("--timeout", type=_positive_seconds, metavar="SECONDS",
-                        help=f"how long to wait for the guard (default {DEFAULT_TIMEOUT:g})")
+    common.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        metavar="SECONDS",
+        help=f"how long to wait for the guard (default {DEFAULT_TIMEOUT:g})",
+    )
     parser = argparse.ArgumentParser(
-        prog="spaceguardctl", parents=[common],
+        prog="spaceguardctl",
+        parents=[common],
         description="See and steer spaceguard, which guards the rclone migrations.",
-        epilog="exit codes: 0 ok, 1 refused or failed, 2 usage, 3 cannot connect, 4 forbidden")
+        epilog="exit codes: 0 ok, 1 refused or failed, 2 usage, 3 cannot connect, 4 forbidden",
+    )
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     def verb(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -347,8 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     pause.add_argument("--reason", default=None, help="why (shown in status and the journal)")
     resume = verb("resume", "resume a paused migration")
     resume.add_argument("account")
-    resume.add_argument("--force", action="store_true",
-                        help="resume even though its volume is still low on space")
+    resume.add_argument(
+        "--force", action="store_true", help="resume even though its volume is still low on space"
+    )
     retry = verb("retry", "start a failed migration again (after an unrecoverable failure)")
     retry.add_argument("account")
     incidents = verb("incidents", "list incidents")
@@ -385,8 +460,9 @@ def request_args(options: argparse.Namespace) -> dict[str, Any]:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     options = build_parser().parse_args(argv)
-    options.socket = getattr(options, "socket", None) \
-        or os.environ.get("SPACEGUARD_SOCKET") or DEFAULT_SOCKET
+    options.socket = (
+        getattr(options, "socket", None) or os.environ.get("SPACEGUARD_SOCKET") or DEFAULT_SOCKET
+    )
     options.json = getattr(options, "json", False)
     options.timeout = getattr(options, "timeout", DEFAULT_TIMEOUT)
     return options

@@ -51,8 +51,13 @@ from .volumes import VolumeSampler
 from .watermarks import seconds_to_pause
 
 log = logging.getLogger("spaceguard")
-LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "notice": journal.NOTICE,
-              "warning": logging.WARNING, "error": logging.ERROR}
+LOG_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "notice": journal.NOTICE,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 TICK_INTERVAL = 1.0
 POSITION_SAVE_INTERVAL = 1.0
 STATUS_INTERVAL = 1.0
@@ -76,8 +81,11 @@ class Guard:
                 try:
                     self.saved_positions[account] = LogPosition.from_json(raw)
                 except ValueError as error:  # that log is read from its start instead
-                    log.error("saved log position of %s is unusable (%s): reading its log "
-                              "from the start", account, error)
+                    log.error(
+                        "saved log position of %s is unusable (%s): reading its log from the start",
+                        account,
+                        error,
+                    )
         else:
             self.state = initial_state(config)
         self.ready = False
@@ -95,37 +103,58 @@ class Guard:
         self._flush_handle: asyncio.TimerHandle | None = None
         self._status_key: tuple[Any, ...] = ()
         self._status_sent = 0.0
-        self.systemd = SystemdClient(config.guard.bus_address, self._units(config),
-                                     self._on_unit, self._on_connection)
+        self.systemd = SystemdClient(
+            config.guard.bus_address, self._units(config), self._on_unit, self._on_connection
+        )
         self.logwatch = LogWatcher()
         self.alerts = self._alert_sender(config)
         self.metrics: MetricsServer | None = None
-        self.control = ControlServer(config.guard.control_socket, config.guard.reader_group,
-                                     config.guard.admin_group, self)
+        self.control = ControlServer(
+            config.guard.control_socket, config.guard.reader_group, config.guard.admin_group, self
+        )
 
     # -- wiring ---------------------------------------------------------------------------
 
     @staticmethod
     def _units(config: Config) -> set[str]:
         """Every unit the guard may act on: the migrations', and their verify units."""
-        return {unit for migration in config.migrations
-                for unit in (*migration.units, migration.verify_unit) if unit}
+        return {
+            unit
+            for migration in config.migrations
+            for unit in (*migration.units, migration.verify_unit)
+            if unit
+        }
 
     @staticmethod
     def _alert_sender(config: Config) -> AlertSender:
-        receivers = [AlertReceiver(name=r.name, kind=r.kind, url=r.url,
-                                   bearer_token=r.bearer_token, basic_auth=r.basic_auth,
-                                   timeout_s=r.timeout)
-                     for r in config.alerts.receivers]
-        return AlertSender(receivers, config.guard.state_dir / "alerts",
-                           resend_interval_s=config.alerts.resend_interval,
-                           max_backoff_s=config.alerts.max_backoff,
-                           generator_url=config.alerts.generator_url)
+        receivers = [
+            AlertReceiver(
+                name=r.name,
+                kind=r.kind,
+                url=r.url,
+                bearer_token=r.bearer_token,
+                basic_auth=r.basic_auth,
+                timeout_s=r.timeout,
+            )
+            for r in config.alerts.receivers
+        ]
+        return AlertSender(
+            receivers,
+            config.guard.state_dir / "alerts",
+            resend_interval_s=config.alerts.resend_interval,
+            max_backoff_s=config.alerts.max_backoff,
+            generator_url=config.alerts.generator_url,
+        )
 
     def _rules(self, config: Config) -> CompiledRules:
-        return compile_rules([ClassifyRule(name=r.name, pattern=r.pattern,
-                                           failure_class=FailureClass(r.failure_class))
-                              for r in config.rules])
+        return compile_rules(
+            [
+                ClassifyRule(
+                    name=r.name, pattern=r.pattern, failure_class=FailureClass(r.failure_class)
+                )
+                for r in config.rules
+            ]
+        )
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -136,8 +165,9 @@ class Guard:
             self._alert_state_problem()
         try:
             if self.config.guard.metrics_listen:
-                self.metrics = MetricsServer(make_registry(self.snapshot),
-                                             self.config.guard.metrics_listen)
+                self.metrics = MetricsServer(
+                    make_registry(self.snapshot), self.config.guard.metrics_listen
+                )
                 await self.metrics.start()
             await self.control.start()
         except (OSError, ControlError) as error:
@@ -154,8 +184,10 @@ class Guard:
         self._spawn(self._watchdog())
         self._spawn(self._become_ready())
         await self.stopping.wait()
-        log.info("stopping: paused migrations stay paused (state saved in %s)",
-                 self.config.guard.state_dir)
+        log.info(
+            "stopping: paused migrations stay paused (state saved in %s)",
+            self.config.guard.state_dir,
+        )
         self.notifier.stopping()
         await self.shutdown()
         return 0
@@ -192,8 +224,9 @@ class Guard:
             old = self.samplers.pop(name, None)
             if old is not None:
                 old.stop()
-            sampler = VolumeSampler(volume, self.handle,
-                                    is_low=functools.partial(self._volume_low, name))
+            sampler = VolumeSampler(
+                volume, self.handle, is_low=functools.partial(self._volume_low, name)
+            )
             self.samplers[name] = sampler
             sampler.start()
         for name in set(self.samplers) - set(self.config.volumes):
@@ -251,7 +284,8 @@ class Guard:
             self._deferred.extend(others)
             if self._deferred and self._flush_handle is None:
                 self._flush_handle = asyncio.get_running_loop().call_later(
-                    DEFER_SECONDS, self._flush_deferred)
+                    DEFER_SECONDS, self._flush_deferred
+                )
         else:
             for action in others:
                 self._execute(action)
@@ -267,8 +301,12 @@ class Guard:
     def _update_status(self, force: bool = False) -> None:
         """STATUS= goes to PID 1, which is on the path of every freeze: send it when what
         an operator acts on changes (holds, failures, bus, config), else once a second."""
-        key = (self.state.migrations, self.state.bus_connected, self.config_problem,
-               tuple((v.up, v.low) for v in self.state.volumes.values()))
+        key = (
+            self.state.migrations,
+            self.state.bus_connected,
+            self.config_problem,
+            tuple((v.up, v.low) for v in self.state.volumes.values()),
+        )
         now = time.monotonic()
         if force or key != self._status_key or now - self._status_sent >= STATUS_INTERVAL:
             self._status_key, self._status_sent = key, now
@@ -285,11 +323,16 @@ class Guard:
             case WriteIncident():
                 self._spawn(self._write_incident(action))
             case RaiseAlert():
-                self.alerts.fire(GuardAlert(
-                    key=action.key, name=action.name,
-                    labels={**action.labels, "severity": action.severity},
-                    annotations={"summary": action.summary, "description": action.description},
-                    starts_at=time.time(), ends_at=None))
+                self.alerts.fire(
+                    GuardAlert(
+                        key=action.key,
+                        name=action.name,
+                        labels={**action.labels, "severity": action.severity},
+                        annotations={"summary": action.summary, "description": action.description},
+                        starts_at=time.time(),
+                        ends_at=None,
+                    )
+                )
             case ResolveAlert():
                 self.alerts.resolve(action.key, time.time())
             case Reply():
@@ -300,8 +343,12 @@ class Guard:
                 log.log(LOG_LEVELS[action.level], "%s", action.message)
 
     async def _unit_action(self, action: UnitAction) -> None:
-        method = {"freeze": self.systemd.freeze, "thaw": self.systemd.thaw,
-                  "stop": self.systemd.stop, "start": self.systemd.start}[action.kind]
+        method = {
+            "freeze": self.systemd.freeze,
+            "thaw": self.systemd.thaw,
+            "stop": self.systemd.stop,
+            "start": self.systemd.start,
+        }[action.kind]
         started = time.monotonic()
         try:
             await method(action.unit)
@@ -309,8 +356,12 @@ class Guard:
             self.counters.actions[(action.kind, action.reason, "error")] += 1
             self.handle(ActionDone(action, False, str(error) or type(error).__name__))
         else:
-            log.info("%s %s: D-Bus call took %.1f ms", action.kind, action.unit,
-                     (time.monotonic() - started) * 1000)
+            log.info(
+                "%s %s: D-Bus call took %.1f ms",
+                action.kind,
+                action.unit,
+                (time.monotonic() - started) * 1000,
+            )
             self.counters.actions[(action.kind, action.reason, "ok")] += 1
             if action.reason == "retry":
                 self.counters.retries[action.account] += 1
@@ -318,10 +369,16 @@ class Guard:
 
     async def _verify(self, action: RunVerify) -> None:
         self.verify_seq += 1  # unique even for two verifications in one second
-        name = action.unit or \
-            f"spaceguard-verify-{action.account}-{int(time.time())}-{self.verify_seq}.service"
-        log.info("%s: verifying the source: %s (unit %s)", action.account,
-                 " ".join(action.command) or "configured verify_unit", name)
+        name = (
+            action.unit
+            or f"spaceguard-verify-{action.account}-{int(time.time())}-{self.verify_seq}.service"
+        )
+        log.info(
+            "%s: verifying the source: %s (unit %s)",
+            action.account,
+            " ".join(action.command) or "configured verify_unit",
+            name,
+        )
         try:
             if action.unit:
                 await self.systemd.run_unit(action.unit, action.timeout)
@@ -356,8 +413,11 @@ class Guard:
 
     def _save(self, force: bool = False) -> None:
         state = self.state
-        key = (state.migrations, state.incident_seq,
-               tuple((v.low, v.low_reason) for v in state.volumes.values()))
+        key = (
+            state.migrations,
+            state.incident_seq,
+            tuple((v.low, v.low_reason) for v in state.volumes.values()),
+        )
         if not force and key == self._durable_key:
             return
         positions = self._positions()
@@ -385,26 +445,36 @@ class Guard:
             if time.monotonic() - last_recheck >= self.config.guard.log_recheck_interval:
                 last_recheck = time.monotonic()
                 self.logwatch.recheck()  # backs inotify up: a missed event cannot blind us
-            if self._positions_dirty and time.monotonic() - last_positions >= \
-                    POSITION_SAVE_INTERVAL:
+            if (
+                self._positions_dirty
+                and time.monotonic() - last_positions >= POSITION_SAVE_INTERVAL
+            ):
                 self._positions_dirty = False
                 self.store.save_soon(self.state, self._positions())
                 last_positions = time.monotonic()
 
     async def _become_ready(self) -> None:
-        while not (self.state.bus_connected and all(
-                v.sampled_at or v.error for v in self.state.volumes.values())):
+        while not (
+            self.state.bus_connected
+            and all(v.sampled_at or v.error for v in self.state.volumes.values())
+        ):
             await asyncio.sleep(0.01)
         self.ready = True
         self.notifier.ready(self.status_line())
-        log.info("spaceguard %s ready: %d volumes, %d migrations", __version__,
-                 len(self.config.volumes), len(self.config.migrations))
+        log.info(
+            "spaceguard %s ready: %d volumes, %d migrations",
+            __version__,
+            len(self.config.volumes),
+            len(self.config.migrations),
+        )
 
     def healthy(self) -> bool:
         """Earned watchdog: every sampler reported within its deadline."""
         now = time.monotonic()
-        return all(now - sampler.last_report <= max(3 * sampler.config.poll_max, 2.0)
-                   for sampler in self.samplers.values())
+        return all(
+            now - sampler.last_report <= max(3 * sampler.config.poll_max, 2.0)
+            for sampler in self.samplers.values()
+        )
 
     async def _watchdog(self) -> None:
         interval = Notifier.watchdog_interval()
@@ -461,10 +531,15 @@ class Guard:
                 parts.append(f"{name}: UNAVAILABLE")
                 continue
             percent = 100.0 * volume.avail_bytes / volume.size_bytes if volume.size_bytes else 0
-            parts.append(f"{name}: {format_size(volume.avail_bytes)} free ({percent:.1f}%)"
-                         + (f" LOW({volume.low_reason})" if volume.low else ""))
-        paused = [f"{account} ({m.hold.by}: {m.hold.reason})"
-                  for account, m in self.state.migrations.items() if m.hold]
+            parts.append(
+                f"{name}: {format_size(volume.avail_bytes)} free ({percent:.1f}%)"
+                + (f" LOW({volume.low_reason})" if volume.low else "")
+            )
+        paused = [
+            f"{account} ({m.hold.by}: {m.hold.reason})"
+            for account, m in self.state.migrations.items()
+            if m.hold
+        ]
         failed = [account for account, m in self.state.migrations.items() if m.failure]
         line = "; ".join(parts)
         line += "; paused: " + (", ".join(paused) if paused else "none")
@@ -478,24 +553,41 @@ class Guard:
 
     def snapshot(self) -> Snapshot:
         stats = self.alerts.stats()
-        delivery = {name: DeliveryStats(sent_ok=s.sent_ok, sent_error=s.sent_error,
-                                        spooled=s.spooled,
-                                        oldest_spooled_age=s.oldest_spooled_age)
-                    for name, s in stats.items()}
-        return Snapshot(config=self.config, state=self.state, counters=self.counters,
-                        now=time.time(), config_reload_ok=not self.config_problem,
-                        open_incidents=self.open_incidents, delivery=delivery,
-                        log_lines={a: m.lines_read for a, m in self.logs.items()},
-                        log_errors={(a, c.value): n for a, m in self.logs.items()
-                                    for c, n in m.errors.items()})
+        delivery = {
+            name: DeliveryStats(
+                sent_ok=s.sent_ok,
+                sent_error=s.sent_error,
+                spooled=s.spooled,
+                oldest_spooled_age=s.oldest_spooled_age,
+            )
+            for name, s in stats.items()
+        }
+        return Snapshot(
+            config=self.config,
+            state=self.state,
+            counters=self.counters,
+            now=time.time(),
+            config_reload_ok=not self.config_problem,
+            open_incidents=self.open_incidents,
+            delivery=delivery,
+            log_lines={a: m.lines_read for a, m in self.logs.items()},
+            log_errors={(a, c.value): n for a, m in self.logs.items() for c, n in m.errors.items()},
+        )
 
     def _alert_state_problem(self) -> None:
-        self.alerts.fire(GuardAlert(
-            key="state-corrupt", name="SpaceguardStateCorrupt",
-            labels={"severity": "warning"},
-            annotations={"summary": "spaceguard's saved state was unreadable",
-                         "description": self.store.problem},
-            starts_at=time.time(), ends_at=None))
+        self.alerts.fire(
+            GuardAlert(
+                key="state-corrupt",
+                name="SpaceguardStateCorrupt",
+                labels={"severity": "warning"},
+                annotations={
+                    "summary": "spaceguard's saved state was unreadable",
+                    "description": self.store.problem,
+                },
+                starts_at=time.time(),
+                ends_at=None,
+            )
+        )
 
     # -- ControlBackend -----------------------------------------------------------------------
 
@@ -506,42 +598,81 @@ class Guard:
             if volume is None:
                 continue
             eta = seconds_to_pause(volume_config, volume)
-            volumes.append({
-                "name": name, "path": str(volume_config.path), "up": volume.up,
-                "error": volume.error, "avail_bytes": volume.avail_bytes,
-                "size_bytes": volume.size_bytes, "avail_files": volume.avail_files,
-                "files": volume.files, "fill_rate": volume.fill_rate,
-                "seconds_to_pause": None if eta == float("inf") else eta,
-                "low": volume.low, "low_reason": volume.low_reason,
-                "pause_below": str(volume_config.pause_below),
-                "resume_above": str(volume_config.resume_above)})
+            volumes.append(
+                {
+                    "name": name,
+                    "path": str(volume_config.path),
+                    "up": volume.up,
+                    "error": volume.error,
+                    "avail_bytes": volume.avail_bytes,
+                    "size_bytes": volume.size_bytes,
+                    "avail_files": volume.avail_files,
+                    "files": volume.files,
+                    "fill_rate": volume.fill_rate,
+                    "seconds_to_pause": None if eta == float("inf") else eta,
+                    "low": volume.low,
+                    "low_reason": volume.low_reason,
+                    "pause_below": str(volume_config.pause_below),
+                    "resume_above": str(volume_config.resume_above),
+                }
+            )
         migrations = []
         for migration_config in self.config.migrations:
             migration = self.state.migrations[migration_config.account]
             failure = migration.failure
-            migrations.append({
-                "account": migration.account, "unit": migration_config.unit,
-                "units": {unit: {"active_state": v.active_state, "sub_state": v.sub_state,
-                                 "freezer_state": v.freezer_state, "result": v.result}
-                          for unit, v in migration.units.items()},
-                "volume": migration_config.volume, "state": migration_state(migration),
-                "hold": {"by": migration.hold.by, "reason": migration.hold.reason,
-                         "since": migration.hold.since, "note": migration.hold.note}
-                if migration.hold else None,
-                "failure": {"class": failure.failure_class, "trigger": failure.trigger,
-                            "detail": failure.detail, "phase": failure.phase,
-                            "incident": failure.incident_id,
-                            "next_retry_at": failure.next_retry_at} if failure else None,
-                "retries": migration.retries, "max_retries": migration_config.max_retries,
-                "transferred_bytes": migration.transferred_bytes,
-                "last_progress_at": migration.last_progress_at})
-        return {"version": __version__, "ready": self.ready,
-                "bus_connected": self.state.bus_connected, "config": str(self.config_path),
-                "config_problem": self.config_problem, "state_problem": self.store.problem,
-                "volumes": volumes, "migrations": migrations}
+            migrations.append(
+                {
+                    "account": migration.account,
+                    "unit": migration_config.unit,
+                    "units": {
+                        unit: {
+                            "active_state": v.active_state,
+                            "sub_state": v.sub_state,
+                            "freezer_state": v.freezer_state,
+                            "result": v.result,
+                        }
+                        for unit, v in migration.units.items()
+                    },
+                    "volume": migration_config.volume,
+                    "state": migration_state(migration),
+                    "hold": {
+                        "by": migration.hold.by,
+                        "reason": migration.hold.reason,
+                        "since": migration.hold.since,
+                        "note": migration.hold.note,
+                    }
+                    if migration.hold
+                    else None,
+                    "failure": {
+                        "class": failure.failure_class,
+                        "trigger": failure.trigger,
+                        "detail": failure.detail,
+                        "phase": failure.phase,
+                        "incident": failure.incident_id,
+                        "next_retry_at": failure.next_retry_at,
+                    }
+                    if failure
+                    else None,
+                    "retries": migration.retries,
+                    "max_retries": migration_config.max_retries,
+                    "transferred_bytes": migration.transferred_bytes,
+                    "last_progress_at": migration.last_progress_at,
+                }
+            )
+        return {
+            "version": __version__,
+            "ready": self.ready,
+            "bus_connected": self.state.bus_connected,
+            "config": str(self.config_path),
+            "config_problem": self.config_problem,
+            "state_problem": self.store.problem,
+            "volumes": volumes,
+            "migrations": migrations,
+        }
 
-    async def operator(self, verb: str, account: str, reason: str, force: bool,
-                       who: str) -> tuple[bool, str]:
+    async def operator(
+        self, verb: str, account: str, reason: str, force: bool, who: str
+    ) -> tuple[bool, str]:
         if verb not in ("pause", "resume", "retry"):
             return False, f"unknown operator verb {verb!r}"
         self.request_seq += 1
@@ -574,8 +705,9 @@ class Guard:
             config = load(target)
         except ConfigError as error:
             return False, str(error)
-        return True, (f"{target}: OK ({len(config.volumes)} volumes, "
-                      f"{len(config.migrations)} migrations)")
+        return True, (
+            f"{target}: OK ({len(config.volumes)} volumes, {len(config.migrations)} migrations)"
+        )
 
 
 async def run_guard(config_path: Path) -> int:
@@ -588,4 +720,3 @@ async def run_guard(config_path: Path) -> int:
     config.guard.state_dir.mkdir(parents=True, exist_ok=True)
     guard = Guard(config_path, config)
     return await guard.run()
-

@@ -28,8 +28,13 @@ def partial_report(destination: Path | None, since: float) -> dict[str, Any]:
     started (candidates a person may want to check). Read-only; bounded in time and size."""
     if destination is None:
         return {"destination": "", "note": "no destination configured"}
-    report: dict[str, Any] = {"destination": str(destination), "files": 0, "bytes": 0,
-                              "recent": [], "truncated": False}
+    report: dict[str, Any] = {
+        "destination": str(destination),
+        "files": 0,
+        "bytes": 0,
+        "recent": [],
+        "truncated": False,
+    }
     recent: list[tuple[float, str, int]] = []
     deadline = time.monotonic() + PARTIAL_SCAN_SECONDS
     seen = 0
@@ -53,8 +58,9 @@ def partial_report(destination: Path | None, since: float) -> dict[str, Any]:
     except OSError as error:
         report["error"] = str(error)
     recent.sort(reverse=True)
-    report["recent"] = [{"path": path, "bytes": size, "mtime": mtime}
-                        for mtime, path, size in recent[:20]]
+    report["recent"] = [
+        {"path": path, "bytes": size, "mtime": mtime} for mtime, path, size in recent[:20]
+    ]
     report["recent_count"] = len(recent)
     return report
 
@@ -87,20 +93,29 @@ def render_text(record: Mapping[str, Any]) -> str:
     partial = record.get("partial") or {}
     lines.append("Partial migration (for a person to review; the guard deletes nothing):")
     if partial.get("destination"):
-        lines.append(f"  {partial['destination']}: {partial.get('files', 0)} files, "
-                     f"{partial.get('bytes', 0)} bytes"
-                     + (" (scan truncated)" if partial.get("truncated") else ""))
+        lines.append(
+            f"  {partial['destination']}: {partial.get('files', 0)} files, "
+            f"{partial.get('bytes', 0)} bytes"
+            + (" (scan truncated)" if partial.get("truncated") else "")
+        )
         lines.append(f"  changed during the failed run: {partial.get('recent_count', 0)} files")
-        lines += [f"    {item['path']} ({item['bytes']} bytes)"
-                  for item in partial.get("recent", [])]
+        lines += [
+            f"    {item['path']} ({item['bytes']} bytes)" for item in partial.get("recent", [])
+        ]
     else:
         lines.append(f"  {partial.get('note', 'no destination configured')}")
-    lines += ["", "Runbook (scenario 1): check the source with `rclone lsd` / `rclone check`,",
-              "read the log, fix the cause, then `spaceguardctl retry ACCOUNT` and "
-              f"`spaceguardctl ack {record['id']}`.", ""]
+    lines += [
+        "",
+        "Runbook (scenario 1): check the source with `rclone lsd` / `rclone check`,",
+        "read the log, fix the cause, then `spaceguardctl retry ACCOUNT` and "
+        f"`spaceguardctl ack {record['id']}`.",
+        "",
+    ]
     if record.get("acked_by"):
-        lines.append(f"Acknowledged by {record['acked_by']} at "
-                     f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(record['acked_at']))}")
+        lines.append(
+            f"Acknowledged by {record['acked_by']} at "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(record['acked_at']))}"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -108,11 +123,17 @@ class IncidentStore:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
 
-    def write(self, record: Mapping[str, Any], context: Sequence[str],
-              partial: Mapping[str, Any]) -> Path:
+    def write(
+        self, record: Mapping[str, Any], context: Sequence[str], partial: Mapping[str, Any]
+    ) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True)
-        full = {**record, "context": list(context), "partial": dict(partial),
-                "acked_by": "", "acked_at": None}
+        full = {
+            **record,
+            "context": list(context),
+            "partial": dict(partial),
+            "acked_by": "",
+            "acked_at": None,
+        }
         path = self.directory / f"{record['id']}.json"
         # the text first: the JSON file is what lists an incident, so it comes last
         write_atomic(self.directory / f"{record['id']}.txt", render_text(full).encode())
@@ -145,9 +166,22 @@ class IncidentStore:
             data = self.get(name[:-5])
             if data is None or (account and data.get("account") != account):
                 continue
-            summaries.append({key: data.get(key) for key in (
-                "id", "account", "unit", "time", "trigger", "class", "detail", "outcome",
-                "acked_by")})
+            summaries.append(
+                {
+                    key: data.get(key)
+                    for key in (
+                        "id",
+                        "account",
+                        "unit",
+                        "time",
+                        "trigger",
+                        "class",
+                        "detail",
+                        "outcome",
+                        "acked_by",
+                    )
+                }
+            )
         return summaries
 
     def open_counts(self) -> dict[str, int]:
@@ -166,7 +200,9 @@ class IncidentStore:
             return True, f"{incident_id} was already acknowledged by {data['acked_by']}"
         data.pop("text", None)
         data["acked_by"], data["acked_at"] = who, now
-        write_atomic(self.directory / f"{incident_id}.json",
-                     json.dumps(data, indent=2, sort_keys=True).encode())
+        write_atomic(
+            self.directory / f"{incident_id}.json",
+            json.dumps(data, indent=2, sort_keys=True).encode(),
+        )
         write_atomic(self.directory / f"{incident_id}.txt", render_text(data).encode())
         return True, f"{incident_id} acknowledged"

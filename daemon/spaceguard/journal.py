@@ -5,8 +5,13 @@ from __future__ import annotations
 import logging
 import sys
 
-PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
-              logging.CRITICAL: 2}
+PRIORITIES = {
+    logging.DEBUG: 7,
+    logging.INFO: 6,
+    logging.WARNING: 4,
+    logging.ERROR: 3,
+    logging.CRITICAL: 2,
+}
 NOTICE = 25  # between INFO and WARNING, like syslog's LOG_NOTICE (priority 5)
 logging.addLevelName(NOTICE, "NOTICE")
 PRIORITIES[NOTICE] = 5

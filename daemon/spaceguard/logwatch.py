@@ -416,8 +416,11 @@ class _Follower:
             if resume.matches_head(fd):
                 self._adopt(fd, st, offset=resume.offset)
             else:
-                log.info("%s: %s was replaced or truncated; reading it from the start",
-                         self.key, self.path)
+                log.info(
+                    "%s: %s was replaced or truncated; reading it from the start",
+                    self.key,
+                    self.path,
+                )
                 self._adopt(fd, st, offset=0)
             return True
         found = self._find_inode(resume)

@@ -25,7 +25,6 @@ from .watermarks import seconds_to_pause
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class Counters:
     """Monotonic counts since the guard started (Prometheus handles the resets)."""
@@ -73,35 +72,59 @@ def _guard(snap: Snapshot) -> Iterator[Metric]:
     info = GaugeMetricFamily("spaceguard_build_info", "spaceguard version", labels=["version"])
     info.add_metric([__version__], 1)
     yield info
-    yield GaugeMetricFamily("spaceguard_dbus_connected",
-                            "1 while the guard is connected to the system bus",
-                            value=int(snap.state.bus_connected))
-    yield GaugeMetricFamily("spaceguard_config_last_reload_successful",
-                            "0 when the last reload was refused (the old config stays)",
-                            value=int(snap.config_reload_ok))
+    yield GaugeMetricFamily(
+        "spaceguard_dbus_connected",
+        "1 while the guard is connected to the system bus",
+        value=int(snap.state.bus_connected),
+    )
+    yield GaugeMetricFamily(
+        "spaceguard_config_last_reload_successful",
+        "0 when the last reload was refused (the old config stays)",
+        value=int(snap.config_reload_ok),
+    )
 
 
 def _volumes(snap: Snapshot) -> Iterator[Metric]:
     labels = ["volume"]
     families = {
-        "up": GaugeMetricFamily("spaceguard_volume_up", "1 while the volume's path is a "
-                                "mounted file system the guard can sample", labels=labels),
-        "avail": GaugeMetricFamily("spaceguard_volume_avail_bytes", "bytes available to "
-                                   "unprivileged writers (f_bavail)", labels=labels),
-        "size": GaugeMetricFamily("spaceguard_volume_size_bytes", "file system size in bytes",
-                                  labels=labels),
-        "files_avail": GaugeMetricFamily("spaceguard_volume_files_avail", "inodes available "
-                                         "to unprivileged writers (f_favail)", labels=labels),
-        "files": GaugeMetricFamily("spaceguard_volume_files", "inodes in the file system",
-                                   labels=labels),
-        "rate": GaugeMetricFamily("spaceguard_volume_fill_rate_bytes_per_second",
-                                  "bytes consumed per second (negative when freed)",
-                                  labels=labels),
-        "eta": GaugeMetricFamily("spaceguard_volume_seconds_to_pause", "predicted seconds until "
-                                 "the pause threshold at the current fill rate (+Inf: not "
-                                 "filling)", labels=labels),
-        "low": GaugeMetricFamily("spaceguard_volume_low", "1 while the volume is below its "
-                                 "pause threshold (migrations on it are paused)", labels=labels),
+        "up": GaugeMetricFamily(
+            "spaceguard_volume_up",
+            "1 while the volume's path is a mounted file system the guard can sample",
+            labels=labels,
+        ),
+        "avail": GaugeMetricFamily(
+            "spaceguard_volume_avail_bytes",
+            "bytes available to unprivileged writers (f_bavail)",
+            labels=labels,
+        ),
+        "size": GaugeMetricFamily(
+            "spaceguard_volume_size_bytes", "file system size in bytes", labels=labels
+        ),
+        "files_avail": GaugeMetricFamily(
+            "spaceguard_volume_files_avail",
+            "inodes available to unprivileged writers (f_favail)",
+            labels=labels,
+        ),
+        "files": GaugeMetricFamily(
+            "spaceguard_volume_files", "inodes in the file system", labels=labels
+        ),
+        "rate": GaugeMetricFamily(
+            "spaceguard_volume_fill_rate_bytes_per_second",
+            "bytes consumed per second (negative when freed)",
+            labels=labels,
+        ),
+        "eta": GaugeMetricFamily(
+            "spaceguard_volume_seconds_to_pause",
+            "predicted seconds until "
+            "the pause threshold at the current fill rate (+Inf: not "
+            "filling)",
+            labels=labels,
+        ),
+        "low": GaugeMetricFamily(
+            "spaceguard_volume_low",
+            "1 while the volume is below its pause threshold (migrations on it are paused)",
+            labels=labels,
+        ),
     }
     for name, volume_config in snap.config.volumes.items():
         volume = snap.state.volumes.get(name)
@@ -121,24 +144,45 @@ def _volumes(snap: Snapshot) -> Iterator[Metric]:
 
 def _migrations(snap: Snapshot) -> Iterator[Metric]:
     labels = ["account", "unit"]
-    state_family = GaugeMetricFamily("spaceguard_migration_state", "1 for the migration's "
-                                     "current state", labels=[*labels, "state"])
-    paused = GaugeMetricFamily("spaceguard_migration_paused", "1 while the migration is paused",
-                               labels=labels)
-    paused_seconds = GaugeMetricFamily("spaceguard_migration_paused_seconds",
-                                       "how long the migration has been paused", labels=labels)
-    pause_info = GaugeMetricFamily("spaceguard_migration_pause_info", "who paused the migration "
-                                   "and why (1 while paused)", labels=[*labels, "by", "reason"])
-    failed = GaugeMetricFamily("spaceguard_migration_failed", "1 while the migration is failed",
-                               labels=[*labels, "class"])
-    stalled = GaugeMetricFamily("spaceguard_migration_stalled", "1 while the migration is "
-                                "stopped for making no progress", labels=labels)
-    retries = CounterMetricFamily("spaceguard_migration_retries", "retries started by the guard",
-                                  labels=labels)
-    progress = GaugeMetricFamily("spaceguard_migration_last_progress_timestamp_seconds",
-                                 "when the migration last made progress", labels=labels)
-    transferred = GaugeMetricFamily("spaceguard_migration_transferred_bytes",
-                                    "bytes transferred, from rclone's stats", labels=labels)
+    state_family = GaugeMetricFamily(
+        "spaceguard_migration_state",
+        "1 for the migration's current state",
+        labels=[*labels, "state"],
+    )
+    paused = GaugeMetricFamily(
+        "spaceguard_migration_paused", "1 while the migration is paused", labels=labels
+    )
+    paused_seconds = GaugeMetricFamily(
+        "spaceguard_migration_paused_seconds",
+        "how long the migration has been paused",
+        labels=labels,
+    )
+    pause_info = GaugeMetricFamily(
+        "spaceguard_migration_pause_info",
+        "who paused the migration and why (1 while paused)",
+        labels=[*labels, "by", "reason"],
+    )
+    failed = GaugeMetricFamily(
+        "spaceguard_migration_failed", "1 while the migration is failed", labels=[*labels, "class"]
+    )
+    stalled = GaugeMetricFamily(
+        "spaceguard_migration_stalled",
+        "1 while the migration is stopped for making no progress",
+        labels=labels,
+    )
+    retries = CounterMetricFamily(
+        "spaceguard_migration_retries", "retries started by the guard", labels=labels
+    )
+    progress = GaugeMetricFamily(
+        "spaceguard_migration_last_progress_timestamp_seconds",
+        "when the migration last made progress",
+        labels=labels,
+    )
+    transferred = GaugeMetricFamily(
+        "spaceguard_migration_transferred_bytes",
+        "bytes transferred, from rclone's stats",
+        labels=labels,
+    )
     for migration_config in snap.config.migrations:
         migration = snap.state.migrations.get(migration_config.account)
         if migration is None:
@@ -154,47 +198,65 @@ def _migrations(snap: Snapshot) -> Iterator[Metric]:
             pause_info.add_metric([*key, hold.by, hold.reason], 1)
         failure = migration.failure
         for failure_class in (FailureClass.TRANSIENT, FailureClass.UNRECOVERABLE):
-            failed.add_metric([*key, failure_class],
-                              int(failure is not None and failure.failure_class == failure_class))
+            failed.add_metric(
+                [*key, failure_class],
+                int(failure is not None and failure.failure_class == failure_class),
+            )
         stalled.add_metric(key, int(failure is not None and failure.trigger == "stall"))
         retries.add_metric(key, snap.counters.retries[migration_config.account])
         if migration.last_progress_at:
             progress.add_metric(key, migration.last_progress_at)
         transferred.add_metric(key, migration.transferred_bytes)
-    yield from (state_family, paused, paused_seconds, pause_info, failed, stalled, retries,
-                progress, transferred)
+    yield from (
+        state_family,
+        paused,
+        paused_seconds,
+        pause_info,
+        failed,
+        stalled,
+        retries,
+        progress,
+        transferred,
+    )
 
 
 def _activity(snap: Snapshot) -> Iterator[Metric]:
     counters = snap.counters
     accounts = [m.account for m in snap.config.migrations]
     lines = CounterMetricFamily("spaceguard_log_lines", "log lines read", labels=["account"])
-    errors = CounterMetricFamily("spaceguard_log_errors", "classified error lines",
-                                 labels=["account", "class"])
-    incidents = CounterMetricFamily("spaceguard_incidents", "incidents written",
-                                    labels=["account"])
-    open_incidents = GaugeMetricFamily("spaceguard_incidents_open", "incidents not acknowledged",
-                                       labels=["account"])
+    errors = CounterMetricFamily(
+        "spaceguard_log_errors", "classified error lines", labels=["account", "class"]
+    )
+    incidents = CounterMetricFamily("spaceguard_incidents", "incidents written", labels=["account"])
+    open_incidents = GaugeMetricFamily(
+        "spaceguard_incidents_open", "incidents not acknowledged", labels=["account"]
+    )
     for account in accounts:
         lines.add_metric([account], snap.log_lines.get(account, 0))
         incidents.add_metric([account], counters.incidents[account])
         open_incidents.add_metric([account], snap.open_incidents.get(account, 0))
     for (account, failure_class), count in sorted(snap.log_errors.items()):
         errors.add_metric([account, failure_class], count)
-    actions = CounterMetricFamily("spaceguard_actions", "actions taken on units",
-                                  labels=["action", "reason", "result"])
+    actions = CounterMetricFamily(
+        "spaceguard_actions", "actions taken on units", labels=["action", "reason", "result"]
+    )
     for (action, reason, result), count in sorted(counters.actions.items()):
         actions.add_metric([action, reason, result], count)
     yield from (lines, errors, incidents, open_incidents, actions)
 
 
 def _delivery(snap: Snapshot) -> Iterator[Metric]:
-    sent = CounterMetricFamily("spaceguard_alerts_sent", "alert deliveries",
-                               labels=["receiver", "result"])
-    spooled = GaugeMetricFamily("spaceguard_alerts_spooled", "alerts waiting for delivery",
-                                labels=["receiver"])
-    oldest = GaugeMetricFamily("spaceguard_alerts_oldest_spooled_age_seconds",
-                               "age of the oldest undelivered alert", labels=["receiver"])
+    sent = CounterMetricFamily(
+        "spaceguard_alerts_sent", "alert deliveries", labels=["receiver", "result"]
+    )
+    spooled = GaugeMetricFamily(
+        "spaceguard_alerts_spooled", "alerts waiting for delivery", labels=["receiver"]
+    )
+    oldest = GaugeMetricFamily(
+        "spaceguard_alerts_oldest_spooled_age_seconds",
+        "age of the oldest undelivered alert",
+        labels=["receiver"],
+    )
     for receiver, stats in sorted(snap.delivery.items()):
         sent.add_metric([receiver, "ok"], stats.sent_ok)
         sent.add_metric([receiver, "error"], stats.sent_error)
@@ -216,8 +278,9 @@ class MetricsServer:
         try:
             self.server = await asyncio.start_server(self._serve, self.host, self.port)
         except OSError as error:
-            raise OSError(error.errno, f"metrics_listen {self.host}:{self.port}: "
-                                       f"{error.strerror or error}") from None
+            raise OSError(
+                error.errno, f"metrics_listen {self.host}:{self.port}: {error.strerror or error}"
+            ) from None
         for sock in self.server.sockets:
             self.port = int(sock.getsockname()[1])
             break
@@ -239,12 +302,19 @@ class MetricsServer:
                 status, kind = "200 OK", "text/plain; version=0.0.4; charset=utf-8"
             else:
                 status, body, kind = "404 Not Found", b"try /metrics\n", "text/plain"
-            writer.write(f"HTTP/1.0 {status}\r\nContent-Type: {kind}\r\n"
-                         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-                         .encode() + body)
+            writer.write(
+                f"HTTP/1.0 {status}\r\nContent-Type: {kind}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                + body
+            )
             await asyncio.wait_for(writer.drain(), 10.0)
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                ConnectionError, ValueError):
+        except (
+            TimeoutError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            ConnectionError,
+            ValueError,
+        ):
             pass
         finally:
             writer.close()

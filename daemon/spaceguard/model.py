@@ -198,8 +198,16 @@ class ActionDone:
     error: str = ""
 
 
-Event = (VolumeSampled | VolumeUnavailable | UnitChanged | BusChanged | LogParsed
-         | OperatorRequest | Tick | ActionDone)
+Event = (
+    VolumeSampled
+    | VolumeUnavailable
+    | UnitChanged
+    | BusChanged
+    | LogParsed
+    | OperatorRequest
+    | Tick
+    | ActionDone
+)
 
 
 # --- actions -----------------------------------------------------------------------------

@@ -29,8 +29,7 @@ def check_unit_name(name: object) -> str:
         raise ValueError(f"expected a unit name, got {name!r}")
     if len(name) > 255:
         raise ValueError("a unit name is at most 255 characters")
-    if SERVICE_RE.fullmatch(name) is None or name.startswith("@") \
-            or name.endswith("@.service"):
+    if SERVICE_RE.fullmatch(name) is None or name.startswith("@") or name.endswith("@.service"):
         raise ValueError(
             f"{name!r} is not a valid systemd service name "
             "(letters, digits, ':_.\\-', an optional '@instance', ending in .service)"

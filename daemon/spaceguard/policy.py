@@ -66,8 +66,9 @@ UNIT_ACTION_BACKOFF_MAX = 30.0
 def initial_state(config: Config, saved: GuardState | None = None) -> GuardState:
     """The state for `config`: saved durable state is kept for migrations still configured."""
     saved = saved or GuardState()
-    migrations = {m.account: _fit_units(saved.migrations.get(m.account), m)
-                  for m in config.migrations}
+    migrations = {
+        m.account: _fit_units(saved.migrations.get(m.account), m) for m in config.migrations
+    }
     volumes = {name: saved.volumes.get(name, VolumeState()) for name in config.volumes}
     return replace(saved, migrations=migrations, volumes=volumes)
 
@@ -76,12 +77,14 @@ def _fit_units(saved: MigrationState | None, migration: MigrationConfig) -> Migr
     state = saved or MigrationState(account=migration.account)
     units = {unit: state.units.get(unit, UnitView()) for unit in migration.units}
     pending = {key: kind for key, kind in state.pending.items() if key in units or key == "verify"}
-    return replace(state, units=units, paused_units=state.paused_units & set(units),
-                   pending=pending)
+    return replace(
+        state, units=units, paused_units=state.paused_units & set(units), pending=pending
+    )
 
 
-def decide(config: Config, state: GuardState, event: Event,
-           now: float) -> tuple[GuardState, list[Action]]:
+def decide(
+    config: Config, state: GuardState, event: Event, now: float
+) -> tuple[GuardState, list[Action]]:
     decision = _Decision(config, state, now)
     decision.apply(event)
     decision.reconcile()
@@ -93,8 +96,10 @@ def reload_problem(old: Config, new: Config, state: GuardState) -> str:
     for account, migration in state.migrations.items():
         if new.migration(account) is None and (migration.paused_units or migration.hold):
             # dropping it would leave it paused with nobody to resume it or say so
-            return (f"migration {account!r} is removed but still paused; resume it first "
-                    f"(spaceguardctl resume {account} --force), then reload")
+            return (
+                f"migration {account!r} is removed but still paused; resume it first "
+                f"(spaceguardctl resume {account} --force), then reload"
+            )
     for key in ("state_dir", "control_socket", "metrics_listen", "bus_address"):
         if getattr(old.guard, key) != getattr(new.guard, key):
             return f"guard.{key}: cannot change on reload (restart the guard to apply it)"
@@ -128,16 +133,24 @@ class _Decision:
         self.actions: list[Action] = []
 
     def result(self) -> tuple[GuardState, list[Action]]:
-        new = GuardState(volumes=self.volumes, migrations=self.migrations,
-                         bus_connected=self.bus_connected, incident_seq=self.incident_seq)
-        if (new.volumes == self.state.volumes and new.migrations == self.state.migrations
-                and new.bus_connected == self.state.bus_connected
-                and new.incident_seq == self.state.incident_seq):
+        new = GuardState(
+            volumes=self.volumes,
+            migrations=self.migrations,
+            bus_connected=self.bus_connected,
+            incident_seq=self.incident_seq,
+        )
+        if (
+            new.volumes == self.state.volumes
+            and new.migrations == self.state.migrations
+            and new.bus_connected == self.state.bus_connected
+            and new.incident_seq == self.state.incident_seq
+        ):
             new = self.state  # unchanged: callers may compare by identity
         return new, self.actions
 
-    def log(self, level: Literal["debug", "info", "notice", "warning", "error"],
-            message: str) -> None:
+    def log(
+        self, level: Literal["debug", "info", "notice", "warning", "error"], message: str
+    ) -> None:
         self.actions.append(Log(level, message))
 
     # -- events ---------------------------------------------------------------------------
@@ -152,9 +165,11 @@ class _Decision:
                 self._unit_changed(event)
             case BusChanged(connected=connected):
                 if connected != self.bus_connected:
-                    self.log("notice" if connected else "error",
-                             "D-Bus connection " + ("restored" if connected else
-                                                    "lost: actions wait until it is back"))
+                    self.log(
+                        "notice" if connected else "error",
+                        "D-Bus connection "
+                        + ("restored" if connected else "lost: actions wait until it is back"),
+                    )
                 self.bus_connected = connected
             case LogParsed():
                 self._log_parsed(event)
@@ -170,9 +185,17 @@ class _Decision:
         if volume is None:
             return
         old = self.volumes.get(event.volume, VolumeState())
-        state = replace(old, up=True, error="", avail_bytes=event.avail_bytes,
-                        size_bytes=event.size_bytes, avail_files=event.avail_files,
-                        files=event.files, fill_rate=event.fill_rate, sampled_at=self.now)
+        state = replace(
+            old,
+            up=True,
+            error="",
+            avail_bytes=event.avail_bytes,
+            size_bytes=event.size_bytes,
+            avail_files=event.avail_files,
+            files=event.files,
+            fill_rate=event.fill_rate,
+            sampled_at=self.now,
+        )
         pause_bytes, resume_bytes, pause_files, resume_files = thresholds(volume, state)
         if not state.low:
             reason = ""
@@ -180,23 +203,31 @@ class _Decision:
                 reason = "space"
             elif state.files and state.avail_files < pause_files:
                 reason = "inodes"
-            elif (volume.predict > 0 and state.avail_bytes < resume_bytes
-                  and seconds_to_pause(volume, state) <= volume.predict):
+            elif (
+                volume.predict > 0
+                and state.avail_bytes < resume_bytes
+                and seconds_to_pause(volume, state) <= volume.predict
+            ):
                 # Early pause only inside the hysteresis band: outside it a pause could
                 # not be held (free space would already be above resume_above), so the
                 # guard would flap; there the fill rate only shortens the poll interval.
                 reason = "predicted"
             if reason:
-                state = replace(state, low=True, low_reason=reason, low_since=self.now,
-                                recovered_since=None)
-                self.log("warning", f"volume {volume.name} ({volume.path}) is low on "
-                         f"{'inodes' if reason == 'inodes' else 'space'}: "
-                         f"{format_size(state.avail_bytes)} free, {state.avail_files} inodes free, "
-                         f"filling at {format_size(state.fill_rate)}/s "
-                         f"(pause below {volume.pause_below}, reason {reason})")
+                state = replace(
+                    state, low=True, low_reason=reason, low_since=self.now, recovered_since=None
+                )
+                self.log(
+                    "warning",
+                    f"volume {volume.name} ({volume.path}) is low on "
+                    f"{'inodes' if reason == 'inodes' else 'space'}: "
+                    f"{format_size(state.avail_bytes)} free, {state.avail_files} inodes free, "
+                    f"filling at {format_size(state.fill_rate)}/s "
+                    f"(pause below {volume.pause_below}, reason {reason})",
+                )
         else:
             recovered = state.avail_bytes >= resume_bytes and (
-                not state.files or state.avail_files >= resume_files)
+                not state.files or state.avail_files >= resume_files
+            )
             if not recovered:
                 state = replace(state, recovered_since=None)
             else:
@@ -207,14 +238,22 @@ class _Decision:
     def _volume_unavailable(self, event: VolumeUnavailable) -> None:
         old = self.volumes.get(event.volume, VolumeState())
         if old.up or old.error != event.error:
-            self.log("error", f"volume {event.volume}: {event.error}; migrations on it are "
-                     "paused until it is back (they would write to the wrong file system)")
+            self.log(
+                "error",
+                f"volume {event.volume}: {event.error}; migrations on it are "
+                "paused until it is back (they would write to the wrong file system)",
+            )
         # A vanished mount is treated as low: migrations would otherwise write into the
         # mount point on the parent file system.
         self.volumes[event.volume] = replace(
-            old, up=False, error=event.error, recovered_since=None, low=True,
+            old,
+            up=False,
+            error=event.error,
+            recovered_since=None,
+            low=True,
             low_reason=old.low_reason if old.low else "unavailable",
-            low_since=old.low_since if old.low else self.now)
+            low_since=old.low_since if old.low else self.now,
+        )
 
     def _unit_changed(self, event: UnitChanged) -> None:
         migration = unit_owner(self.config, event.unit)
@@ -232,31 +271,60 @@ class _Decision:
             state = self._external_change(migration, state, event.unit, old, new, pending)
         elif event.unit in state.paused_units and not old.known:
             state = self._reconcile_saved(migration, state, event.unit, new)
-        elif not old.known and new.frozen and state.hold is not None \
-                and state.hold.by == "guard" and migration.pause == "freeze":
+        elif (
+            not old.known
+            and new.frozen
+            and state.hold is not None
+            and state.hold.by == "guard"
+            and migration.pause == "freeze"
+        ):
             # The saved hold proves the guard meant to freeze it: it crashed between the
             # FreezeUnit call and recording that the call succeeded. Adopt it, so it is
             # thawed when the hold is released instead of staying frozen unnoticed.
-            self.log("notice", f"{migration.account}: {event.unit} is frozen and the saved "
-                     "state has a guard hold: adopting it as frozen by the guard")
+            self.log(
+                "notice",
+                f"{migration.account}: {event.unit} is frozen and the saved "
+                "state has a guard hold: adopting it as frozen by the guard",
+            )
             state = replace(state, paused_units=state.paused_units | {event.unit})
         if new.running and not old.running:
             # a fresh run: log failures of an earlier run no longer classify this one
-            state = replace(state, running_since=self.now, finished=False,
-                            last_log_failure=None if old.known else state.last_log_failure)
+            state = replace(
+                state,
+                running_since=self.now,
+                finished=False,
+                last_log_failure=None if old.known else state.last_log_failure,
+            )
             if state.hold is None and old.known:
                 # running again without a hold (a start whose reply was lost, a person):
                 # nothing is left to restart, and in stop mode nothing is paused any more
-                state = replace(state, restart_on_release=False, paused_units=(
-                    state.paused_units if migration.pause == "freeze" else frozenset()))
-        ended = old.known and old.active_state not in ("inactive", "failed") \
+                state = replace(
+                    state,
+                    restart_on_release=False,
+                    paused_units=(
+                        state.paused_units if migration.pause == "freeze" else frozenset()
+                    ),
+                )
+        ended = (
+            old.known
+            and old.active_state not in ("inactive", "failed")
             and new.active_state in ("inactive", "failed")
+        )
         # a unit that ended on its own, or one found failed at first sight (after a restart)
-        ended_alone = ended and pending != "stop" and event.unit not in state.paused_units \
+        ended_alone = (
+            ended
+            and pending != "stop"
+            and event.unit not in state.paused_units
             and state.failure is None
-        found_failed = not old.known and new.active_state == "failed" \
-            and state.failure is None and event.unit not in state.paused_units \
-            and state.hold is None and not state.finished
+        )
+        found_failed = (
+            not old.known
+            and new.active_state == "failed"
+            and state.failure is None
+            and event.unit not in state.paused_units
+            and state.hold is None
+            and not state.finished
+        )
         if ended_alone or found_failed:
             state = self._unit_ended(migration, state, event.unit, new)
         self.migrations[migration.account] = state
@@ -267,40 +335,65 @@ class _Decision:
         unit whether it landed, and go on as if that reply had come."""
         state = self.migrations[migration.account]
         kind = state.pending[unit]
-        landed = {"freeze": view.frozen, "thaw": view.known and not view.frozen,
-                  "stop": view.known and not view.running,
-                  "start": view.active_state in ACTIVE_STATES}.get(kind, False)
+        landed = {
+            "freeze": view.frozen,
+            "thaw": view.known and not view.frozen,
+            "stop": view.known and not view.running,
+            "start": view.active_state in ACTIVE_STATES,
+        }.get(kind, False)
         if not landed:  # it never happened: the reconcile step asks again if still wanted
             self.migrations[migration.account] = replace(
-                state, pending={k: v for k, v in state.pending.items() if k != unit})
+                state, pending={k: v for k, v in state.pending.items() if k != unit}
+            )
             return
         stopping = state.failure is not None and state.failure.phase == "stopping"
         reason = "failure" if kind == "stop" and stopping else "restored"
-        self._action_done(ActionDone(UnitAction(cast(Any, kind), unit, migration.account,
-                                                reason), True))
+        self._action_done(
+            ActionDone(UnitAction(cast(Any, kind), unit, migration.account, reason), True)
+        )
 
-    def _external_change(self, migration: MigrationConfig, state: MigrationState, unit: str,
-                         old: UnitView, new: UnitView, pending: str | None) -> MigrationState:
+    def _external_change(
+        self,
+        migration: MigrationConfig,
+        state: MigrationState,
+        unit: str,
+        old: UnitView,
+        new: UnitView,
+        pending: str | None,
+    ) -> MigrationState:
         """Someone else acted on a unit the guard paused."""
-        if migration.pause == "freeze" and old.frozen and not new.frozen and new.running \
-                and pending != "thaw":
+        if (
+            migration.pause == "freeze"
+            and old.frozen
+            and not new.frozen
+            and new.running
+            and pending != "thaw"
+        ):
             return self._taken_over(migration, state, unit, "thawed")
         if migration.pause == "stop" and not old.running and new.running and pending != "start":
             return self._taken_over(migration, state, unit, "started")
-        if old.active_state != new.active_state and not new.running and not new.frozen \
-                and migration.pause == "freeze":
+        if (
+            old.active_state != new.active_state
+            and not new.running
+            and not new.frozen
+            and migration.pause == "freeze"
+        ):
             # stopped while frozen: nothing left to thaw; if the hold remains, a restart
             # of the unit is frozen again by the reconcile step
             return replace(state, paused_units=state.paused_units - {unit})
         return state
 
-    def _reconcile_saved(self, migration: MigrationConfig, state: MigrationState, unit: str,
-                         new: UnitView) -> MigrationState:
+    def _reconcile_saved(
+        self, migration: MigrationConfig, state: MigrationState, unit: str, new: UnitView
+    ) -> MigrationState:
         """First sight of a unit the saved state says the guard paused (after a restart)."""
         if migration.pause == "freeze":
             if new.frozen:
-                self.log("info", f"{migration.account}: {unit} is still frozen by the guard "
-                         "(restored from saved state)")
+                self.log(
+                    "info",
+                    f"{migration.account}: {unit} is still frozen by the guard "
+                    "(restored from saved state)",
+                )
                 return state
             if new.running:
                 return self._taken_over(migration, state, unit, "thawed while the guard was down")
@@ -309,33 +402,44 @@ class _Decision:
             return self._taken_over(migration, state, unit, "started while the guard was down")
         return state
 
-    def _taken_over(self, migration: MigrationConfig, state: MigrationState, unit: str,
-                    how: str) -> MigrationState:
+    def _taken_over(
+        self, migration: MigrationConfig, state: MigrationState, unit: str, how: str
+    ) -> MigrationState:
         volume = self.volumes.get(migration.volume, VolumeState())
-        self.log("warning", f"{migration.account}: {unit} was {how} by someone else; taking "
-                 "it as an operator's decision: the guard releases its hold"
-                 + (" and will not pause it again until the volume recovers" if volume.low
-                    else ""))
+        self.log(
+            "warning",
+            f"{migration.account}: {unit} was {how} by someone else; taking "
+            "it as an operator's decision: the guard releases its hold"
+            + (" and will not pause it again until the volume recovers" if volume.low else ""),
+        )
         self.actions.append(ResolveAlert(f"paused/{migration.account}"))
         # freeze: what else the guard froze is thawed; stop: the migration runs again
         # through this unit, so nothing the guard stopped is to be restarted
         paused = state.paused_units - {unit} if migration.pause == "freeze" else frozenset()
-        return replace(state, hold=None, paused_units=paused,
-                       restart_on_release=False, override=volume.low)
+        return replace(
+            state, hold=None, paused_units=paused, restart_on_release=False, override=volume.low
+        )
 
-    def _unit_ended(self, migration: MigrationConfig, state: MigrationState, unit: str,
-                    view: UnitView) -> MigrationState:
+    def _unit_ended(
+        self, migration: MigrationConfig, state: MigrationState, unit: str, view: UnitView
+    ) -> MigrationState:
         """A unit stopped running without the guard asking it to."""
         if view.active_state != "failed" and view.result in ("success", ""):
-            if any(other != unit and other_view.active_state in ACTIVE_STATES
-                   for other, other_view in state.units.items()):
+            if any(
+                other != unit and other_view.active_state in ACTIVE_STATES
+                for other, other_view in state.units.items()
+            ):
                 return state  # its other unit still runs the migration: not finished
             self.log("info", f"{migration.account}: {unit} finished successfully")
             self.actions.append(ResolveAlert(f"failed/{migration.account}"))
-            return replace(state, finished=True, retries=0, last_log_failure=None,
-                           restart_on_release=False)
-        exit_status = (f"result={view.result} {view.exec_code or 'status'}={view.exec_status}"
-                       if view.exec_code else f"result={view.result}")
+            return replace(
+                state, finished=True, retries=0, last_log_failure=None, restart_on_release=False
+            )
+        exit_status = (
+            f"result={view.result} {view.exec_code or 'status'}={view.exec_status}"
+            if view.exec_code
+            else f"result={view.result}"
+        )
         evidence = state.last_log_failure
         failure_class = FailureClass.TRANSIENT  # killed by a signal: worth another try
         if view.exec_code == "exited":
@@ -345,33 +449,63 @@ class _Decision:
             # network failures, and 5 after an expired token's retries)
             failure_class = evidence.failure_class
         if failure_class == FailureClass.DISK_FULL:
-            return self._disk_full(migration, replace(state, restart_on_release=True),
-                                   evidence.line if evidence else exit_status)
-        return self._fail(migration, state, failure_class, "unit-failed",
-                          f"{unit} failed ({exit_status})", evidence, exit_status)
+            return self._disk_full(
+                migration,
+                replace(state, restart_on_release=True),
+                evidence.line if evidence else exit_status,
+            )
+        return self._fail(
+            migration,
+            state,
+            failure_class,
+            "unit-failed",
+            f"{unit} failed ({exit_status})",
+            evidence,
+            exit_status,
+        )
 
-    def _disk_full(self, migration: MigrationConfig, state: MigrationState,
-                   line: str) -> MigrationState:
+    def _disk_full(
+        self, migration: MigrationConfig, state: MigrationState, line: str
+    ) -> MigrationState:
         """The migration itself hit ENOSPC: scenario 3's business (pause), not a failure."""
         volume = self.volumes.get(migration.volume, VolumeState())
         if not volume.low:
             self.volumes[migration.volume] = replace(
-                volume, low=True, low_reason="disk_full", low_since=self.now,
-                recovered_since=None)
-            self.log("warning", f"volume {migration.volume}: {migration.account} reports a full "
-                     f"disk ({line.strip()[:200]}); treating the volume as low")
+                volume, low=True, low_reason="disk_full", low_since=self.now, recovered_since=None
+            )
+            self.log(
+                "warning",
+                f"volume {migration.volume}: {migration.account} reports a full "
+                f"disk ({line.strip()[:200]}); treating the volume as low",
+            )
         return replace(state, override=False)
 
-    def _fail(self, migration: MigrationConfig, state: MigrationState,
-              failure_class: FailureClass, trigger: str, detail: str,
-              evidence: LogEvidence | None = None, exit_status: str = "") -> MigrationState:
-        self.log("error", f"{migration.account}: migration failed ({failure_class}, {trigger}): "
-                 f"{detail}; stopping {', '.join(migration.units)}")
-        failure = Failure(failure_class=failure_class, trigger=trigger, detail=detail,
-                          since=self.now, phase="stopping",
-                          lines=(evidence.line,) if evidence else (), evidence=evidence,
-                          exit_status=exit_status,
-                          steps=(f"{_stamp(self.now)} detected: {detail}",))
+    def _fail(
+        self,
+        migration: MigrationConfig,
+        state: MigrationState,
+        failure_class: FailureClass,
+        trigger: str,
+        detail: str,
+        evidence: LogEvidence | None = None,
+        exit_status: str = "",
+    ) -> MigrationState:
+        self.log(
+            "error",
+            f"{migration.account}: migration failed ({failure_class}, {trigger}): "
+            f"{detail}; stopping {', '.join(migration.units)}",
+        )
+        failure = Failure(
+            failure_class=failure_class,
+            trigger=trigger,
+            detail=detail,
+            since=self.now,
+            phase="stopping",
+            lines=(evidence.line,) if evidence else (),
+            evidence=evidence,
+            exit_status=exit_status,
+            steps=(f"{_stamp(self.now)} detected: {detail}",),
+        )
         return replace(state, failure=failure, finished=False)
 
     def _log_parsed(self, event: LogParsed) -> None:
@@ -387,59 +521,85 @@ class _Decision:
             state = replace(state, last_log_failure=evidence)
             if evidence.failure_class == FailureClass.DISK_FULL:
                 state = self._disk_full(migration, state, evidence.line)
-            elif evidence.failure_class == FailureClass.UNRECOVERABLE and \
-                    state.failure is None and any(view.running for view in state.units.values()):
-                state = self._fail(migration, state, FailureClass.UNRECOVERABLE, "log",
-                                   f"log line matched rule {evidence.rule}", evidence)
+            elif (
+                evidence.failure_class == FailureClass.UNRECOVERABLE
+                and state.failure is None
+                and any(view.running for view in state.units.values())
+            ):
+                state = self._fail(
+                    migration,
+                    state,
+                    FailureClass.UNRECOVERABLE,
+                    "log",
+                    f"log line matched rule {evidence.rule}",
+                    evidence,
+                )
         self.migrations[event.account] = state
 
     def _operator(self, event: OperatorRequest) -> None:
         migration = self.config.migration(event.account)
         if migration is None:
-            self.actions.append(Reply(event.request_id, False,
-                                      f"no migration for account {event.account!r}"))
+            self.actions.append(
+                Reply(event.request_id, False, f"no migration for account {event.account!r}")
+            )
             return
         state = self.migrations[event.account]
         volume = self.volumes.get(migration.volume, VolumeState())
         if event.verb == "pause":
             reason = event.reason or "paused by operator"
-            state = replace(state, hold=Hold("operator", "operator", self.now, reason),
-                            override=False)
+            state = replace(
+                state, hold=Hold("operator", "operator", self.now, reason), override=False
+            )
             self.log("notice", f"{event.account}: operator hold by {event.who}: {reason}")
-            self.actions.append(Reply(event.request_id, True,
-                                      f"{event.account}: paused (operator hold: {reason})"))
+            self.actions.append(
+                Reply(event.request_id, True, f"{event.account}: paused (operator hold: {reason})")
+            )
         elif event.verb == "resume":
             if state.hold is None and not state.paused_units:
-                self.actions.append(Reply(event.request_id, False,
-                                          f"{event.account}: not paused"))
+                self.actions.append(Reply(event.request_id, False, f"{event.account}: not paused"))
                 return
             if volume.low and not event.force:
-                self.actions.append(Reply(
-                    event.request_id, False,
-                    f"{event.account}: volume {migration.volume} is still low "
-                    f"({format_size(volume.avail_bytes)} free, reason {volume.low_reason}); "
-                    "resuming now may fill it: use --force to resume anyway"))
+                self.actions.append(
+                    Reply(
+                        event.request_id,
+                        False,
+                        f"{event.account}: volume {migration.volume} is still low "
+                        f"({format_size(volume.avail_bytes)} free, reason {volume.low_reason}); "
+                        "resuming now may fill it: use --force to resume anyway",
+                    )
+                )
                 return
             restart = state.restart_on_release or (
-                state.hold is not None and migration.pause == "stop")
+                state.hold is not None and migration.pause == "stop"
+            )
             state = replace(state, hold=None, override=volume.low, restart_on_release=restart)
-            self.log("notice", f"{event.account}: resumed by {event.who}"
-                     + (" despite low space (override until the volume recovers)"
-                        if volume.low else ""))
+            self.log(
+                "notice",
+                f"{event.account}: resumed by {event.who}"
+                + (" despite low space (override until the volume recovers)" if volume.low else ""),
+            )
             # the guard's "paused" alert (if any) must not keep firing for a running migration
             self.actions.append(ResolveAlert(f"paused/{event.account}"))
             self.actions.append(Reply(event.request_id, True, f"{event.account}: resuming"))
         else:
             if state.hold is not None:
-                self.actions.append(Reply(event.request_id, False,
-                                          f"{event.account}: paused; resume it first"))
+                self.actions.append(
+                    Reply(event.request_id, False, f"{event.account}: paused; resume it first")
+                )
                 return
             if any(view.running for view in state.units.values()) and state.failure is None:
-                self.actions.append(Reply(event.request_id, False,
-                                          f"{event.account}: already running"))
+                self.actions.append(
+                    Reply(event.request_id, False, f"{event.account}: already running")
+                )
                 return
-            state = replace(state, failure=None, retries=0, last_log_failure=None,
-                            restart_on_release=True, finished=False)
+            state = replace(
+                state,
+                failure=None,
+                retries=0,
+                last_log_failure=None,
+                restart_on_release=True,
+                finished=False,
+            )
             self.log("notice", f"{event.account}: retry requested by {event.who}")
             self.actions.append(ResolveAlert(f"failed/{event.account}"))
             self.actions.append(Reply(event.request_id, True, f"{event.account}: retrying"))
@@ -453,59 +613,91 @@ class _Decision:
         if isinstance(action, RunVerify):
             pending = {k: v for k, v in state.pending.items() if k != "verify"}
             result = "passed" if event.ok else f"failed: {event.error}"
-            self.log("info" if event.ok else "warning",
-                     f"{action.account}: source verification {result}")
+            self.log(
+                "info" if event.ok else "warning", f"{action.account}: source verification {result}"
+            )
             failure = state.failure
             if failure is not None and failure.phase == "verifying":
-                failure = replace(failure, phase="documenting", verify_result=result,
-                                  steps=(*failure.steps,
-                                         f"{_stamp(self.now)} verify: {result}"))
+                failure = replace(
+                    failure,
+                    phase="documenting",
+                    verify_result=result,
+                    steps=(*failure.steps, f"{_stamp(self.now)} verify: {result}"),
+                )
             self.migrations[action.account] = replace(state, pending=pending, failure=failure)
             return
         pending = {k: v for k, v in state.pending.items() if k != action.unit}
         state = replace(state, pending=pending)
         failure = state.failure
         if failure is not None:
-            failure = replace(failure, steps=(*failure.steps, f"{_stamp(self.now)} {action.kind} "
-                              f"{action.unit}: {'ok' if event.ok else 'error: ' + event.error}"))
+            failure = replace(
+                failure,
+                steps=(
+                    *failure.steps,
+                    f"{_stamp(self.now)} {action.kind} "
+                    f"{action.unit}: {'ok' if event.ok else 'error: ' + event.error}",
+                ),
+            )
             state = replace(state, failure=failure)
         if event.ok:
-            self.log("notice", f"{action.account}: {action.kind} {action.unit} done "
-                     f"({action.reason})")
+            self.log(
+                "notice", f"{action.account}: {action.kind} {action.unit} done ({action.reason})"
+            )
             state = replace(state, action_errors=0, action_retry_at=0.0)
             view = state.units.get(action.unit, UnitView())
             if action.kind == "freeze":
-                state = replace(state, paused_units=state.paused_units | {action.unit},
-                                units={**state.units, action.unit: replace(
-                                    view, freezer_state="frozen")})
+                state = replace(
+                    state,
+                    paused_units=state.paused_units | {action.unit},
+                    units={**state.units, action.unit: replace(view, freezer_state="frozen")},
+                )
             elif action.kind == "stop":
                 if view.active_state in ACTIVE_STATES:  # the job is done: the unit is down
-                    state = replace(state, units={**state.units, action.unit: replace(
-                        view, active_state="inactive", sub_state="dead")})
+                    state = replace(
+                        state,
+                        units={
+                            **state.units,
+                            action.unit: replace(view, active_state="inactive", sub_state="dead"),
+                        },
+                    )
                 taken_over = state.hold is None and any(
                     other != action.unit and other_view.active_state in ACTIVE_STATES
-                    for other, other_view in state.units.items())
+                    for other, other_view in state.units.items()
+                )
                 if action.reason != "failure" and state.failure is None and not taken_over:
                     # a pause (space, operator), even if the hold ended while the job ran:
                     # the guard stopped it, so the guard starts it again (unless someone
                     # already runs the migration through its other unit)
-                    state = replace(state, paused_units=state.paused_units | {action.unit},
-                                    restart_on_release=True)
+                    state = replace(
+                        state,
+                        paused_units=state.paused_units | {action.unit},
+                        restart_on_release=True,
+                    )
                 else:  # stopped in a failure: nothing to thaw; a retry starts it again
                     state = replace(state, paused_units=state.paused_units - {action.unit})
             elif action.kind == "thaw":
-                state = replace(state, paused_units=state.paused_units - {action.unit},
-                                last_progress_at=self.now,
-                                units={**state.units, action.unit: replace(
-                                    view, freezer_state="running")})
+                state = replace(
+                    state,
+                    paused_units=state.paused_units - {action.unit},
+                    last_progress_at=self.now,
+                    units={**state.units, action.unit: replace(view, freezer_state="running")},
+                )
             elif action.kind == "start":
-                state = replace(state, paused_units=frozenset(), restart_on_release=False,
-                                last_progress_at=self.now, running_since=self.now)
+                state = replace(
+                    state,
+                    paused_units=frozenset(),
+                    restart_on_release=False,
+                    last_progress_at=self.now,
+                    running_since=self.now,
+                )
         else:
             errors = state.action_errors + 1
             delay = min(0.25 * 2 ** min(errors, 10), UNIT_ACTION_BACKOFF_MAX)
-            self.log("error", f"{action.account}: {action.kind} {action.unit} failed: "
-                     f"{event.error}; trying again in {delay:.1f}s")
+            self.log(
+                "error",
+                f"{action.account}: {action.kind} {action.unit} failed: "
+                f"{event.error}; trying again in {delay:.1f}s",
+            )
             state = replace(state, action_errors=errors, action_retry_at=self.now + delay)
         self.migrations[action.account] = state
 
@@ -514,12 +706,17 @@ class _Decision:
     def reconcile(self) -> None:
         for name, volume_config in self.config.volumes.items():
             volume = self.volumes.get(name, VolumeState())
-            if volume.low and volume.recovered_since is not None and \
-                    self.now - volume.recovered_since >= volume_config.resume_after:
-                self.volumes[name] = replace(volume, low=False, low_reason="",
-                                             recovered_since=None)
-                self.log("notice", f"volume {name} recovered: {format_size(volume.avail_bytes)} "
-                         f"free for {volume_config.resume_after:g}s")
+            if (
+                volume.low
+                and volume.recovered_since is not None
+                and self.now - volume.recovered_since >= volume_config.resume_after
+            ):
+                self.volumes[name] = replace(volume, low=False, low_reason="", recovered_since=None)
+                self.log(
+                    "notice",
+                    f"volume {name} recovered: {format_size(volume.avail_bytes)} "
+                    f"free for {volume_config.resume_after:g}s",
+                )
         for migration in self.config.migrations:
             state = self.migrations[migration.account]
             state = self._holds(migration, state)
@@ -533,44 +730,59 @@ class _Decision:
         volume = self.volumes.get(migration.volume, VolumeState())
         if volume.low and state.hold is None and not state.override:
             reason = volume.low_reason or "space"
-            self.log("warning", f"{migration.account}: pausing ({migration.pause}) because "
-                     f"volume {migration.volume} is low ({reason})")
-            adopted = {unit for unit, view in state.units.items()
-                       if view.frozen and unit not in state.paused_units
-                       and state.pending.get(unit) != "thaw"}
+            self.log(
+                "warning",
+                f"{migration.account}: pausing ({migration.pause}) because "
+                f"volume {migration.volume} is low ({reason})",
+            )
+            adopted = {
+                unit
+                for unit, view in state.units.items()
+                if view.frozen
+                and unit not in state.paused_units
+                and state.pending.get(unit) != "thaw"
+            }
             if adopted and migration.pause == "freeze":
                 # Frozen already, with no record of who did it: most likely the guard, just
                 # before a crash that lost the record. Under the new hold it is the guard's
                 # to thaw at recovery (an operator's freeze belongs in spaceguardctl pause).
-                self.log("notice", f"{migration.account}: {', '.join(sorted(adopted))} "
-                         "already frozen: held by the guard from now on")
+                self.log(
+                    "notice",
+                    f"{migration.account}: {', '.join(sorted(adopted))} "
+                    "already frozen: held by the guard from now on",
+                )
                 state = replace(state, paused_units=state.paused_units | adopted)
             return replace(state, hold=Hold("guard", reason, self.now))
         if not volume.low:
             if state.override:
                 state = replace(state, override=False)
-            if state.last_log_failure is not None and \
-                    state.last_log_failure.failure_class == FailureClass.DISK_FULL:
+            if (
+                state.last_log_failure is not None
+                and state.last_log_failure.failure_class == FailureClass.DISK_FULL
+            ):
                 # space is back: an old ENOSPC line must not classify a later exit (that
                 # would mark a volume with plenty of space low and pause every migration)
                 state = replace(state, last_log_failure=None)
             if state.hold is not None and state.hold.by == "guard":
-                self.log("notice", f"{migration.account}: releasing the guard's hold "
-                         f"({state.hold.reason}), volume {migration.volume} has "
-                         f"{format_size(volume.avail_bytes)} free")
+                self.log(
+                    "notice",
+                    f"{migration.account}: releasing the guard's hold "
+                    f"({state.hold.reason}), volume {migration.volume} has "
+                    f"{format_size(volume.avail_bytes)} free",
+                )
                 self.actions.append(ResolveAlert(f"paused/{migration.account}"))
                 state = replace(state, hold=None, last_progress_at=self.now)
         return state
 
-    def _announce_pause(self, migration: MigrationConfig,
-                        state: MigrationState) -> MigrationState:
+    def _announce_pause(self, migration: MigrationConfig, state: MigrationState) -> MigrationState:
         """Once per guard hold, when a running migration is actually being paused (a hold on
         a migration that is not running is no news until a unit of it starts)."""
         hold = state.hold
         if hold is None or hold.by != "guard" or hold.alerted:
             return state
         if not state.paused_units and not any(
-                kind in ("freeze", "stop") for kind in state.pending.values()):
+            kind in ("freeze", "stop") for kind in state.pending.values()
+        ):
             return state
         self.actions.append(self._pause_alert(migration, hold.reason))
         return replace(state, hold=replace(hold, alerted=True))
@@ -579,17 +791,26 @@ class _Decision:
         volume_config = self.config.volumes[migration.volume]
         volume = self.volumes.get(migration.volume, VolumeState())
         return RaiseAlert(
-            key=f"paused/{migration.account}", name="SpaceguardMigrationPaused",
+            key=f"paused/{migration.account}",
+            name="SpaceguardMigrationPaused",
             severity="warning",
-            labels={"account": migration.account, "unit": migration.unit,
-                    "volume": migration.volume, "reason": reason, "by": "guard"},
+            labels={
+                "account": migration.account,
+                "unit": migration.unit,
+                "volume": migration.volume,
+                "reason": reason,
+                "by": "guard",
+            },
             summary=f"Migration {migration.account} paused: {migration.volume} is low",
-            description=(f"spaceguard paused {migration.unit} ({migration.pause}) because "
-                         f"{volume_config.path} has {format_size(volume.avail_bytes)} free "
-                         f"(pause below {volume_config.pause_below}, reason {reason}). "
-                         "It resumes by itself once free space stays above "
-                         f"{volume_config.resume_above} for {volume_config.resume_after:g}s. "
-                         "Runbook scenario 3: df -h, du -sh PATH/* | sort -h, free space."))
+            description=(
+                f"spaceguard paused {migration.unit} ({migration.pause}) because "
+                f"{volume_config.path} has {format_size(volume.avail_bytes)} free "
+                f"(pause below {volume_config.pause_below}, reason {reason}). "
+                "It resumes by itself once free space stays above "
+                f"{volume_config.resume_above} for {volume_config.resume_after:g}s. "
+                "Runbook scenario 3: df -h, du -sh PATH/* | sort -h, free space."
+            ),
+        )
 
     def _stall(self, migration: MigrationConfig, state: MigrationState) -> MigrationState:
         if migration.stall_after <= 0 or state.failure is not None or state.hold is not None:
@@ -600,9 +821,13 @@ class _Decision:
             return state
         since = max(state.last_progress_at or 0.0, state.running_since or 0.0)
         if since and self.now - since >= migration.stall_after:
-            return self._fail(migration, state, FailureClass.TRANSIENT, "stall",
-                              f"no progress for {self.now - since:.0f}s "
-                              f"(stall_after {migration.stall_after:g}s)")
+            return self._fail(
+                migration,
+                state,
+                FailureClass.TRANSIENT,
+                "stall",
+                f"no progress for {self.now - since:.0f}s (stall_after {migration.stall_after:g}s)",
+            )
         return state
 
     def _failure_steps(self, migration: MigrationConfig, state: MigrationState) -> MigrationState:
@@ -617,78 +842,131 @@ class _Decision:
                 return state  # _drive_units stops them
             if any(not view.known for view in state.units.values()):
                 return state
-            failure = replace(failure, phase="verifying" if migration.verifies
-                              else "documenting")
+            failure = replace(failure, phase="verifying" if migration.verifies else "documenting")
             if migration.verifies and self.bus_connected and "verify" not in state.pending:
-                self.actions.append(RunVerify(migration.account, migration.verify_command,
-                                              migration.verify_timeout, migration.verify_unit))
+                self.actions.append(
+                    RunVerify(
+                        migration.account,
+                        migration.verify_command,
+                        migration.verify_timeout,
+                        migration.verify_unit,
+                    )
+                )
                 state = replace(state, pending={**state.pending, "verify": "verify"})
                 what = migration.verify_unit or " ".join(migration.verify_command)
-                failure = replace(failure, steps=(*failure.steps,
-                                                  f"{_stamp(self.now)} verify: {what}"))
+                failure = replace(
+                    failure, steps=(*failure.steps, f"{_stamp(self.now)} verify: {what}")
+                )
             elif migration.verifies:
                 failure = replace(failure, phase="stopping")
         if failure.phase == "documenting":
             return self._document(migration, replace(state, failure=failure))
-        if failure.phase == "waiting-retry" and failure.next_retry_at is not None \
-                and self.now >= failure.next_retry_at and self.bus_connected \
-                and state.hold is None:
-            self.log("notice", f"{migration.account}: retry {state.retries + 1} of "
-                     f"{migration.max_retries}: starting {migration.resume_unit}")
+        if (
+            failure.phase == "waiting-retry"
+            and failure.next_retry_at is not None
+            and self.now >= failure.next_retry_at
+            and self.bus_connected
+            and state.hold is None
+        ):
+            self.log(
+                "notice",
+                f"{migration.account}: retry {state.retries + 1} of "
+                f"{migration.max_retries}: starting {migration.resume_unit}",
+            )
             self.actions.append(ResolveAlert(f"failed/{migration.account}"))
-            return replace(state, failure=None, retries=state.retries + 1,
-                           last_log_failure=None, restart_on_release=True)
+            return replace(
+                state,
+                failure=None,
+                retries=state.retries + 1,
+                last_log_failure=None,
+                restart_on_release=True,
+            )
         return replace(state, failure=failure)
 
     def _document(self, migration: MigrationConfig, state: MigrationState) -> MigrationState:
         failure = state.failure
         assert failure is not None
         self.incident_seq += 1
-        incident_id = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(self.now))}-" \
-                      f"{migration.account}-{self.incident_seq}"
-        will_retry = failure.failure_class == FailureClass.TRANSIENT and \
-            state.retries < migration.max_retries
+        incident_id = (
+            f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(self.now))}-"
+            f"{migration.account}-{self.incident_seq}"
+        )
+        will_retry = (
+            failure.failure_class == FailureClass.TRANSIENT
+            and state.retries < migration.max_retries
+        )
         next_retry_at = self.now + retry_delay(migration, state.retries) if will_retry else None
         if will_retry:
             assert next_retry_at is not None
-            outcome = (f"retry {state.retries + 1} of {migration.max_retries} at "
-                       f"{_stamp(next_retry_at)}")
+            outcome = (
+                f"retry {state.retries + 1} of {migration.max_retries} at {_stamp(next_retry_at)}"
+            )
         elif failure.failure_class == FailureClass.TRANSIENT:
             outcome = f"gave up after {state.retries} retries: waiting for an operator"
         else:
             outcome = "unrecoverable: left stopped until an operator acts (spaceguardctl retry)"
         volume = self.volumes.get(migration.volume, VolumeState())
-        steps = (*failure.steps, f"{_stamp(self.now)} incident {incident_id} written",
-                 f"{_stamp(self.now)} decision: {outcome}")
+        steps = (
+            *failure.steps,
+            f"{_stamp(self.now)} incident {incident_id} written",
+            f"{_stamp(self.now)} decision: {outcome}",
+        )
         record: dict[str, Any] = {
-            "id": incident_id, "account": migration.account, "unit": migration.unit,
-            "units": list(migration.units), "time": self.now, "trigger": failure.trigger,
-            "class": failure.failure_class.value, "detail": failure.detail,
-            "matched_lines": list(failure.lines), "exit_status": failure.exit_status,
-            "verify": failure.verify_result, "retries": state.retries,
-            "max_retries": migration.max_retries, "next_retry_at": next_retry_at,
-            "outcome": outcome, "steps": list(steps),
-            "free_bytes": volume.avail_bytes, "free_files": volume.avail_files,
+            "id": incident_id,
+            "account": migration.account,
+            "unit": migration.unit,
+            "units": list(migration.units),
+            "time": self.now,
+            "trigger": failure.trigger,
+            "class": failure.failure_class.value,
+            "detail": failure.detail,
+            "matched_lines": list(failure.lines),
+            "exit_status": failure.exit_status,
+            "verify": failure.verify_result,
+            "retries": state.retries,
+            "max_retries": migration.max_retries,
+            "next_retry_at": next_retry_at,
+            "outcome": outcome,
+            "steps": list(steps),
+            "free_bytes": volume.avail_bytes,
+            "free_files": volume.avail_files,
             "volume": migration.volume,
-            "progress": {"transferred_bytes": state.transferred_bytes,
-                         "last_progress_at": state.last_progress_at},
+            "progress": {
+                "transferred_bytes": state.transferred_bytes,
+                "last_progress_at": state.last_progress_at,
+            },
             "log": str(migration.log) if migration.log else "",
             "destination": str(migration.destination) if migration.destination else "",
         }
         self.actions.append(WriteIncident(record, failure.evidence))
         severity = "warning" if will_retry else "critical"
-        self.actions.append(RaiseAlert(
-            key=f"failed/{migration.account}", name="SpaceguardMigrationFailed",
-            severity=severity,
-            labels={"account": migration.account, "unit": migration.unit,
-                    "class": failure.failure_class.value, "incident": incident_id},
-            summary=f"Migration {migration.account} failed ({failure.failure_class})",
-            description=f"{failure.detail}. {outcome}. Incident {incident_id}: "
-                        "spaceguardctl show " + incident_id + " (runbook scenario 1)."))
-        self.log("error" if not will_retry else "warning",
-                 f"{migration.account}: incident {incident_id}: {outcome}")
-        failure = replace(failure, phase="waiting-retry" if will_retry else "needs-operator",
-                          incident_id=incident_id, steps=steps, next_retry_at=next_retry_at)
+        self.actions.append(
+            RaiseAlert(
+                key=f"failed/{migration.account}",
+                name="SpaceguardMigrationFailed",
+                severity=severity,
+                labels={
+                    "account": migration.account,
+                    "unit": migration.unit,
+                    "class": failure.failure_class.value,
+                    "incident": incident_id,
+                },
+                summary=f"Migration {migration.account} failed ({failure.failure_class})",
+                description=f"{failure.detail}. {outcome}. Incident {incident_id}: "
+                "spaceguardctl show " + incident_id + " (runbook scenario 1).",
+            )
+        )
+        self.log(
+            "error" if not will_retry else "warning",
+            f"{migration.account}: incident {incident_id}: {outcome}",
+        )
+        failure = replace(
+            failure,
+            phase="waiting-retry" if will_retry else "needs-operator",
+            incident_id=incident_id,
+            steps=steps,
+            next_retry_at=next_retry_at,
+        )
         return replace(state, failure=failure)
 
     def _drive_units(self, migration: MigrationConfig, state: MigrationState) -> MigrationState:
@@ -698,10 +976,11 @@ class _Decision:
         wanted: list[UnitAction] = []
         stopping = state.failure is not None and state.failure.phase == "stopping"
         if stopping:
-            wanted += [UnitAction("stop", unit, migration.account, "failure")
-                       for unit, view in state.units.items()
-                       if view.active_state in ACTIVE_STATES
-                       and view.active_state != "deactivating"]
+            wanted += [
+                UnitAction("stop", unit, migration.account, "failure")
+                for unit, view in state.units.items()
+                if view.active_state in ACTIVE_STATES and view.active_state != "deactivating"
+            ]
         elif state.hold is not None:
             reason = state.hold.reason
             for unit, view in state.units.items():
@@ -718,12 +997,23 @@ class _Decision:
                 view = state.units.get(unit, UnitView())
                 if migration.pause == "freeze" and view.frozen:
                     wanted.append(UnitAction("thaw", unit, migration.account, "released"))
-            if state.failure is None and state.restart_on_release and not state.pending and all(
+            if (
+                state.failure is None
+                and state.restart_on_release
+                and not state.pending
+                and all(
                     view.known and view.active_state not in ACTIVE_STATES
-                    for view in state.units.values()):
-                wanted.append(UnitAction("start", migration.resume_unit, migration.account,
-                                         "retry" if state.retries and not state.paused_units
-                                         else "resume"))
+                    for view in state.units.values()
+                )
+            ):
+                wanted.append(
+                    UnitAction(
+                        "start",
+                        migration.resume_unit,
+                        migration.account,
+                        "retry" if state.retries and not state.paused_units else "resume",
+                    )
+                )
         pending = dict(state.pending)
         for action in wanted:
             if action.unit in pending:

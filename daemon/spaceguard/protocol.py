@@ -38,8 +38,11 @@ class RequestError(Exception):
 
 
 def error_reply(code: str, message: str, request_id: str | int | None = None) -> dict[str, Any]:
-    reply: dict[str, Any] = {"v": PROTOCOL_VERSION, "ok": False,
-                             "error": {"code": code, "message": message}}
+    reply: dict[str, Any] = {
+        "v": PROTOCOL_VERSION,
+        "ok": False,
+        "error": {"code": code, "message": message},
+    }
     if request_id is not None:
         reply["id"] = request_id
     return reply
@@ -49,8 +52,10 @@ def check_account(name: str, value: object) -> str:
     if not isinstance(value, str):
         raise RequestError("bad-request", f"{name} must be a string, got {kind(value)}")
     if not is_account(value):
-        raise RequestError("bad-request", f"{name} {clip(value)!r} is not an account name "
-                                          "(letters, digits, '_.@-', at most 128)")
+        raise RequestError(
+            "bad-request",
+            f"{name} {clip(value)!r} is not an account name (letters, digits, '_.@-', at most 128)",
+        )
     return value
 
 
@@ -58,8 +63,10 @@ def check_incident_id(name: str, value: object) -> str:
     if not isinstance(value, str):
         raise RequestError("bad-request", f"{name} must be a string, got {kind(value)}")
     if not is_incident_id(value):
-        raise RequestError("bad-request", f"{name} {clip(value)!r} is not an incident id "
-                                          "(letters, digits, '_.@:-', at most 200)")
+        raise RequestError(
+            "bad-request",
+            f"{name} {clip(value)!r} is not an incident id (letters, digits, '_.@:-', at most 200)",
+        )
     return value
 
 
@@ -67,8 +74,9 @@ def check_reason(name: str, value: object) -> str:
     if not isinstance(value, str):
         raise RequestError("bad-request", f"{name} must be a string, got {kind(value)}")
     if len(value) > MAX_REASON_CHARS:
-        raise RequestError("bad-request", f"{name} is {len(value)} characters; "
-                                          f"at most {MAX_REASON_CHARS}")
+        raise RequestError(
+            "bad-request", f"{name} is {len(value)} characters; at most {MAX_REASON_CHARS}"
+        )
     # it ends up in the journal and in STATUS=: one printable line, or it could forge entries
     if any(not char.isprintable() for char in value):
         raise RequestError("bad-request", f"{name} must be one line of printable text")
@@ -85,8 +93,9 @@ def check_config_path(name: str, value: object) -> str:
     if not isinstance(value, str):
         raise RequestError("bad-request", f"{name} must be a string, got {kind(value)}")
     if not value.startswith("/") or len(value) > MAX_PATH_CHARS or "\0" in value:
-        raise RequestError("bad-request", f"{name} must be an absolute path "
-                                          f"(at most {MAX_PATH_CHARS} characters)")
+        raise RequestError(
+            "bad-request", f"{name} must be an absolute path (at most {MAX_PATH_CHARS} characters)"
+        )
     return value
 
 
@@ -109,9 +118,15 @@ assert set(ARGUMENTS) == VERBS
 
 
 def kind(value: object) -> str:
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
-            int: "a number", float: "a number", type(None): "null"}.get(type(value),
-                                                                        type(value).__name__)
+    return {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
 
 
 def clip(text: str, limit: int = 60) -> str:
@@ -127,8 +142,9 @@ def check_args(verb: str, raw: object) -> dict[str, Any]:
     unknown = sorted(set(raw) - set(spec))
     if unknown:
         allowed = ", ".join(spec) or "none"
-        raise RequestError("bad-request", f"{verb}: unknown argument {clip(unknown[0])!r} "
-                                          f"(allowed: {allowed})")
+        raise RequestError(
+            "bad-request", f"{verb}: unknown argument {clip(unknown[0])!r} (allowed: {allowed})"
+        )
     args: dict[str, Any] = {}
     for name, (check, required) in spec.items():
         if name in raw:
@@ -146,8 +162,11 @@ def read_request_id(request: dict[str, Any]) -> str | int | None:
         return value
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) <= MAX_REQUEST_ID_INT:
         return value
-    raise RequestError("bad-request", f"id must be a string of at most {MAX_REQUEST_ID_CHARS} "
-                                      f"characters or an integer, got {kind(value)}")
+    raise RequestError(
+        "bad-request",
+        f"id must be a string of at most {MAX_REQUEST_ID_CHARS} "
+        f"characters or an integer, got {kind(value)}",
+    )
 
 
 def parse_request(line: bytes) -> dict[str, Any]:
@@ -174,33 +193,44 @@ def check_envelope(request: dict[str, Any]) -> str:
     """Check v, verb and the top-level keys; return the verb."""
     unknown = sorted(set(request) - {"v", "verb", "args", "id"})
     if unknown:
-        raise RequestError("bad-request", f"unknown key {clip(unknown[0])!r} "
-                                          "(a request has v, verb, args and id)")
+        raise RequestError(
+            "bad-request", f"unknown key {clip(unknown[0])!r} (a request has v, verb, args and id)"
+        )
     if "v" not in request:
-        raise RequestError("bad-request", f"missing protocol version \"v\" "
-                                          f"(this guard speaks {PROTOCOL_VERSION})")
+        raise RequestError(
+            "bad-request", f'missing protocol version "v" (this guard speaks {PROTOCOL_VERSION})'
+        )
     version = request["v"]
     if isinstance(version, bool) or not isinstance(version, int):
         raise RequestError("bad-request", f"v must be an integer, got {kind(version)}")
     if version != PROTOCOL_VERSION:
-        raise RequestError("unsupported-version", f"protocol version {clip(str(version))} is "
-                                                  f"not supported (this guard speaks "
-                                                  f"{PROTOCOL_VERSION})")
+        raise RequestError(
+            "unsupported-version",
+            f"protocol version {clip(str(version))} is "
+            f"not supported (this guard speaks "
+            f"{PROTOCOL_VERSION})",
+        )
     verb = request.get("verb")
     if not isinstance(verb, str):
         raise RequestError("bad-request", f"verb must be a string, got {kind(verb)}")
     if verb not in VERBS:
-        raise RequestError("unknown-verb", f"unknown verb {clip(verb)!r} "
-                                           f"(known: {', '.join(sorted(VERBS))})")
+        raise RequestError(
+            "unknown-verb", f"unknown verb {clip(verb)!r} (known: {', '.join(sorted(VERBS))})"
+        )
     return verb
 
 
 def outcome_result(verb: str, outcome: object) -> dict[str, Any]:
     """A backend's (ok, message) as a result, or a `refused` error."""
-    if (not isinstance(outcome, tuple) or len(outcome) != 2 or not isinstance(outcome[0], bool)
-            or not isinstance(outcome[1], str)):
-        raise RequestError("internal", f"{verb}: the guard returned {kind(outcome)} "
-                                       "instead of (ok, message)")
+    if (
+        not isinstance(outcome, tuple)
+        or len(outcome) != 2
+        or not isinstance(outcome[0], bool)
+        or not isinstance(outcome[1], str)
+    ):
+        raise RequestError(
+            "internal", f"{verb}: the guard returned {kind(outcome)} instead of (ok, message)"
+        )
     ok, message = outcome
     if not ok:
         raise RequestError("invalid-config" if verb == "check-config" else "refused", message)
@@ -226,8 +256,12 @@ def jsonable(value: object, depth: int = 0) -> object:
 
 
 def encode_reply(reply: Mapping[str, Any]) -> bytes:
-    return json.dumps(reply, ensure_ascii=False, allow_nan=False,
-                      separators=(",", ":")).encode("utf-8") + b"\n"
+    return (
+        json.dumps(reply, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode(
+            "utf-8"
+        )
+        + b"\n"
+    )
 
 
 def ok_reply(result: object, request_id: str | int | None = None) -> dict[str, Any]:

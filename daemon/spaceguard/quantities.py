@@ -30,18 +30,27 @@ class Threshold:
         amount = self.amount or 0
         if self.counts_inodes:
             return f"{amount} inodes"
-        for unit, factor in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2),
-                             ("KiB", 1024)):
+        for unit, factor in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
             if amount >= factor:
                 return f"{amount / factor:.4g}{unit}"
         return f"{amount}B"
 
 
 _SIZE_UNITS = {
-    "": 1, "b": 1,
-    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
-    "t": 1000**4, "tb": 1000**4,
-    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
 }
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -62,8 +71,7 @@ def parse_size(value: object) -> int:
         raise ValueError(f"expected a size like 50GiB, got {value!r}")
     match = _SIZE_RE.match(value)
     if not match or match.group(2).lower() not in _SIZE_UNITS:
-        raise ValueError(f"cannot read {value!r} as a size "
-                         "(use e.g. 1048576, \"500MiB\", \"50GiB\")")
+        raise ValueError(f'cannot read {value!r} as a size (use e.g. 1048576, "500MiB", "50GiB")')
     amount = float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
     if not math.isfinite(amount):  # hundreds of digits: int() would raise OverflowError
         raise ValueError(f"{value!r} is too large to be a size")
@@ -91,7 +99,7 @@ def parse_threshold(value: object, *, sizes: bool = True) -> Threshold:
         return Threshold(percent=percent)
     if not sizes:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"expected an inode count or a percentage like \"1%\", got {value!r}")
+            raise ValueError(f'expected an inode count or a percentage like "1%", got {value!r}')
         return Threshold(amount=value, counts_inodes=True)
     return Threshold(amount=parse_size(value))
 
@@ -107,12 +115,12 @@ def parse_duration(value: object) -> float:
             raise ValueError(f"a duration must be a finite number of seconds, got {value}")
         return float(value)
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"expected a duration like \"30s\" or \"15m\", got {value!r}")
+        raise ValueError(f'expected a duration like "30s" or "15m", got {value!r}')
     text = value.strip().replace(" ", "")
     if _BARE_NUMBER_RE.fullmatch(text):
         return float(text)
     if not _DURATION_FULL_RE.fullmatch(text):
-        raise ValueError(f"cannot read {value!r} as a duration (use e.g. \"30s\", \"15m\", \"2h\")")
+        raise ValueError(f'cannot read {value!r} as a duration (use e.g. "30s", "15m", "2h")')
     total = 0.0
     for match in _DURATION_RE.finditer(text):
         total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]

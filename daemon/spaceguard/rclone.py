@@ -184,9 +184,7 @@ DEFAULT_RULES: tuple[ClassifyRule, ...] = (
         _T,
         ("timeout", "deadline exceeded", "timed out"),
     ),
-    ClassifyRule(
-        "connection_refused", r"(?i:connection refused)", _T, ("connection refused",)
-    ),
+    ClassifyRule("connection_refused", r"(?i:connection refused)", _T, ("connection refused",)),
     ClassifyRule(
         "connection_reset",
         r"(?i:connection reset|\bbroken pipe\b)",
@@ -366,8 +364,18 @@ _TEXT_LEVEL = re.compile(
 _DATE_PREFIX = re.compile(_PREFIX)
 
 _ERROR_LEVELS: Final = frozenset(
-    {"EMERGENCY", "ALERT", "CRITICAL", "ERROR", "error", "fatal", "panic", "critical", "alert",
-     "emergency"}
+    {
+        "EMERGENCY",
+        "ALERT",
+        "CRITICAL",
+        "ERROR",
+        "error",
+        "fatal",
+        "panic",
+        "critical",
+        "alert",
+        "emergency",
+    }
 )
 _QUIET_LEVELS: Final = frozenset({"DEBUG", "INFO", "debug", "info", "trace"})
 
@@ -393,8 +401,16 @@ _STATS_ERRORS = re.compile(r"Errors:\s*(\d{1,18})\b", re.ASCII)
 _STATS_ELAPSED = re.compile(r"Elapsed time:\s*(\S+)")
 _DURATION_PART = re.compile(r"(\d{1,18}(?:\.\d{1,18})?)(ms|µs|us|ns|y|w|d|h|m|s)")
 _DURATION_SECONDS: Final = {
-    "y": 365 * 86400.0, "w": 7 * 86400.0, "d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0,
-    "ms": 1e-3, "µs": 1e-6, "us": 1e-6, "ns": 1e-9,
+    "y": 365 * 86400.0,
+    "w": 7 * 86400.0,
+    "d": 86400.0,
+    "h": 3600.0,
+    "m": 60.0,
+    "s": 1.0,
+    "ms": 1e-3,
+    "µs": 1e-6,
+    "us": 1e-6,
+    "ns": 1e-9,
 }
 _UNIT_POWERS: Final = {"k": 1, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5, "E": 6}
 _COPIED = "Copied ("
@@ -604,9 +620,7 @@ class RcloneLogParser:
         self._apply_rules(start, message[:MAX_EXAMINED_CHARS], level, batch)
         return True
 
-    def _apply_rules(
-        self, start: int, message: str, level: str | None, batch: _BatchState
-    ) -> None:
+    def _apply_rules(self, start: int, message: str, level: str | None, batch: _BatchState) -> None:
         rule = self._rules.classify(message) if message else None
         if rule is not None:
             batch.matches.append((start, rule))
@@ -641,9 +655,7 @@ class RcloneLogParser:
 
     def _update_json_stats(self, stats: dict[str, object], batch: _BatchState) -> None:
         self._set_bytes(_json_int(stats, "bytes"), _json_int(stats, "totalBytes"), batch)
-        self._set_files(
-            _json_int(stats, "transfers"), _json_int(stats, "totalTransfers"), batch
-        )
+        self._set_files(_json_int(stats, "transfers"), _json_int(stats, "totalTransfers"), batch)
         errors = _json_int(stats, "errors")
         if errors is not None:
             self._errors = errors

@@ -49,10 +49,15 @@ class MigrationLog:
             window = [*tail, *lines]  # only built when a line was classified
             for failure in result.failures:
                 index = len(tail) + failure.line_number
-                evidence.append(LogEvidence(
-                    failure.failure_class, failure.rule, failure.line,
-                    first + failure.line_number,
-                    tuple(window[max(0, index - CONTEXT_BEFORE):index])))
+                evidence.append(
+                    LogEvidence(
+                        failure.failure_class,
+                        failure.rule,
+                        failure.line,
+                        first + failure.line_number,
+                        tuple(window[max(0, index - CONTEXT_BEFORE) : index]),
+                    )
+                )
                 self.errors[failure.failure_class] += 1
         transferred = result.progress.bytes_transferred if result.progress else None
         if not evidence and not result.progressed and transferred is None:
@@ -63,6 +68,7 @@ class MigrationLog:
         """The lines an incident quotes: around the classified line, else the latest."""
         if evidence is None:
             return [line for _seq, line in self._recent][-CONTEXT_FALLBACK:]
-        after = [line for seq, line in self._recent
-                 if evidence.seq < seq <= evidence.seq + CONTEXT_AFTER]
+        after = [
+            line for seq, line in self._recent if evidence.seq < seq <= evidence.seq + CONTEXT_AFTER
+        ]
         return [*evidence.before, evidence.line, *after]

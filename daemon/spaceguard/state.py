@@ -34,16 +34,19 @@ def durable(state: GuardState) -> dict[str, Any]:
     views: those are re-read, and reconciled against what was saved)."""
     return {
         "incident_seq": state.incident_seq,
-        "volumes": {name: {"low": v.low, "low_reason": v.low_reason, "low_since": v.low_since}
-                    for name, v in state.volumes.items()},
+        "volumes": {
+            name: {"low": v.low, "low_reason": v.low_reason, "low_since": v.low_since}
+            for name, v in state.volumes.items()
+        },
         "migrations": {
             account: {
                 "hold": asdict(m.hold) if m.hold else None,
                 "paused_units": sorted(m.paused_units),
                 # unit actions in flight: their replies die with the process; the policy
                 # judges on the first sight of each unit whether they landed
-                "pending": {unit: kind for unit, kind in sorted(m.pending.items())
-                            if unit != "verify"},
+                "pending": {
+                    unit: kind for unit, kind in sorted(m.pending.items()) if unit != "verify"
+                },
                 "restart_on_release": m.restart_on_release,
                 "override": m.override,
                 "failure": _failure_json(m.failure),
@@ -71,28 +74,43 @@ def _failure_json(failure: Failure | None) -> dict[str, Any] | None:
 def _evidence_json(evidence: LogEvidence | None) -> dict[str, Any] | None:
     if evidence is None:
         return None
-    return {"failure_class": evidence.failure_class.value, "rule": evidence.rule,
-            "line": evidence.line, "seq": evidence.seq, "before": list(evidence.before)}
+    return {
+        "failure_class": evidence.failure_class.value,
+        "rule": evidence.rule,
+        "line": evidence.line,
+        "seq": evidence.seq,
+        "before": list(evidence.before),
+    }
 
 
 def _evidence(data: Mapping[str, Any] | None) -> LogEvidence | None:
     if data is None:
         return None
-    return LogEvidence(FailureClass(data["failure_class"]), str(data["rule"]), str(data["line"]),
-                       int(data["seq"]), tuple(str(line) for line in data["before"]))
+    return LogEvidence(
+        FailureClass(data["failure_class"]),
+        str(data["rule"]),
+        str(data["line"]),
+        int(data["seq"]),
+        tuple(str(line) for line in data["before"]),
+    )
 
 
 def _failure(data: Mapping[str, Any]) -> Failure:
-    fields = {**data, "failure_class": FailureClass(data["failure_class"]),
-              "lines": tuple(data["lines"]), "steps": tuple(data["steps"]),
-              "evidence": _evidence(data.get("evidence"))}
+    fields = {
+        **data,
+        "failure_class": FailureClass(data["failure_class"]),
+        "lines": tuple(data["lines"]),
+        "steps": tuple(data["steps"]),
+        "evidence": _evidence(data.get("evidence")),
+    }
     return Failure(**fields)
 
 
 def _restore(data: Mapping[str, Any]) -> GuardState:
     volumes = {
-        name: VolumeState(low=bool(v["low"]), low_reason=str(v["low_reason"]),
-                          low_since=float(v["low_since"]))
+        name: VolumeState(
+            low=bool(v["low"]), low_reason=str(v["low_reason"]), low_since=float(v["low_since"])
+        )
         for name, v in data["volumes"].items()
     }
     migrations = {}
@@ -111,8 +129,9 @@ def _restore(data: Mapping[str, Any]) -> GuardState:
             transferred_bytes=int(m["transferred_bytes"]),
             finished=bool(m["finished"]),
         )
-    return GuardState(volumes=volumes, migrations=migrations,
-                      incident_seq=int(data["incident_seq"]))
+    return GuardState(
+        volumes=volumes, migrations=migrations, incident_seq=int(data["incident_seq"])
+    )
 
 
 class StateStore:
@@ -131,10 +150,15 @@ class StateStore:
         try:
             data = json.loads(raw)
             if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
-                raise ValueError(f"unknown format (version {data.get('version')!r})"
-                                 if isinstance(data, dict) else "not a JSON object")
-            saved = Saved(state=_restore(data["state"]),
-                          log_positions={k: dict(v) for k, v in data["log_positions"].items()})
+                raise ValueError(
+                    f"unknown format (version {data.get('version')!r})"
+                    if isinstance(data, dict)
+                    else "not a JSON object"
+                )
+            saved = Saved(
+                state=_restore(data["state"]),
+                log_positions={k: dict(v) for k, v in data["log_positions"].items()},
+            )
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             why = f"saved state is unreadable ({type(error).__name__}: {error})"
             aside = set_aside(self.path, why)
@@ -143,10 +167,13 @@ class StateStore:
         self._last = raw
         return saved
 
-    def _encode(self, state: GuardState,
-                log_positions: Mapping[str, Mapping[str, int]]) -> bytes | None:
-        data = json.dumps({"version": STATE_VERSION, "state": durable(state),
-                           "log_positions": log_positions}, sort_keys=True).encode()
+    def _encode(
+        self, state: GuardState, log_positions: Mapping[str, Mapping[str, int]]
+    ) -> bytes | None:
+        data = json.dumps(
+            {"version": STATE_VERSION, "state": durable(state), "log_positions": log_positions},
+            sort_keys=True,
+        ).encode()
         return None if data == self._last else data
 
     def save(self, state: GuardState, log_positions: Mapping[str, Mapping[str, int]]) -> bool:
@@ -158,8 +185,7 @@ class StateStore:
         self._write(data)
         return True
 
-    def save_soon(self, state: GuardState,
-                  log_positions: Mapping[str, Mapping[str, int]]) -> None:
+    def save_soon(self, state: GuardState, log_positions: Mapping[str, Mapping[str, int]]) -> None:
         """Write in the background (in order), so that an fsync never delays the loop, and
         so never a freeze that the same decision just sent out."""
         data = self._encode(state, log_positions)

@@ -48,9 +48,13 @@ class SystemdError(Exception):
 class SystemdClient:
     """One connection to the system bus, rebuilt after a loss, and the units' live view."""
 
-    def __init__(self, address: str, units: Iterable[str],
-                 on_unit: Callable[[str, UnitView], None],
-                 on_connection: Callable[[bool], None]) -> None:
+    def __init__(
+        self,
+        address: str,
+        units: Iterable[str],
+        on_unit: Callable[[str, UnitView], None],
+        on_connection: Callable[[bool], None],
+    ) -> None:
         self.address = address
         self.units = set(units)
         self.on_unit = on_unit
@@ -115,14 +119,21 @@ class SystemdClient:
         self.bus = bus
         bus.add_message_handler(self._on_message)
         for rule in MATCH_RULES:
-            await self._call("org.freedesktop.DBus", "/org/freedesktop/DBus",
-                             "org.freedesktop.DBus", "AddMatch", "s", [rule])
+            await self._call(
+                "org.freedesktop.DBus",
+                "/org/freedesktop/DBus",
+                "org.freedesktop.DBus",
+                "AddMatch",
+                "s",
+                [rule],
+            )
         await self._call(SYSTEMD, MANAGER_PATH, MANAGER, "Subscribe")
         self.paths.clear()
         await self._load_units(sorted(self.units))
         self._set_connected(True)
-        log.info("D-Bus connected (%s); watching %d units",
-                 self.address or "system bus", len(self.units))
+        log.info(
+            "D-Bus connected (%s); watching %d units", self.address or "system bus", len(self.units)
+        )
 
     def _set_connected(self, connected: bool) -> None:
         if connected != self.connected:
@@ -145,8 +156,7 @@ class SystemdClient:
                 if interface == UNIT:
                     raise
                 continue  # a unit that is not found has no Service interface
-            values = {key: value.value for key, value in reply[0].items()
-                      if key in _WATCHED}
+            values = {key: value.value for key, value in reply[0].items() if key in _WATCHED}
             self.properties.setdefault(unit, {}).update(values)
         self._emit(unit)
 
@@ -165,8 +175,9 @@ class SystemdClient:
             old_state = props.get("ActiveState")
             props.update(values)
             stale = [key for key in invalidated if key in _WATCHED]
-            ended = values.get("ActiveState") in ("inactive", "failed") and \
-                old_state != values.get("ActiveState")
+            ended = values.get("ActiveState") in ("inactive", "failed") and old_state != values.get(
+                "ActiveState"
+            )
             if stale or ended:
                 # Result and the exit status must be current when a unit ends: fetch them
                 # before anyone decides on it.
@@ -196,24 +207,40 @@ class SystemdClient:
 
     def _emit(self, unit: str) -> None:
         props = self.properties.get(unit, {})
-        self.on_unit(unit, UnitView(
-            active_state=str(props.get("ActiveState", "unknown")),
-            sub_state=str(props.get("SubState", "")),
-            freezer_state=str(props.get("FreezerState", "running")),
-            result=str(props.get("Result", "")),
-            exec_code=CLD_CODES.get(int(props.get("ExecMainCode", 0) or 0), ""),
-            exec_status=int(props.get("ExecMainStatus", 0) or 0),
-        ))
+        self.on_unit(
+            unit,
+            UnitView(
+                active_state=str(props.get("ActiveState", "unknown")),
+                sub_state=str(props.get("SubState", "")),
+                freezer_state=str(props.get("FreezerState", "running")),
+                result=str(props.get("Result", "")),
+                exec_code=CLD_CODES.get(int(props.get("ExecMainCode", 0) or 0), ""),
+                exec_status=int(props.get("ExecMainStatus", 0) or 0),
+            ),
+        )
 
     # -- calls ------------------------------------------------------------------------------
 
-    async def _call(self, destination: str, path: str, interface: str, member: str,
-                    signature: str = "", body: list[Any] | None = None) -> list[Any]:
+    async def _call(
+        self,
+        destination: str,
+        path: str,
+        interface: str,
+        member: str,
+        signature: str = "",
+        body: list[Any] | None = None,
+    ) -> list[Any]:
         bus = self.bus
         if bus is None or not bus.connected:
             raise SystemdError("not connected to D-Bus")
-        message = Message(destination=destination, path=path, interface=interface,
-                          member=member, signature=signature, body=body or [])
+        message = Message(
+            destination=destination,
+            path=path,
+            interface=interface,
+            member=member,
+            signature=signature,
+            body=body or [],
+        )
         reply = await asyncio.wait_for(bus.call(message), CALL_TIMEOUT)
         if reply is None:
             return []
@@ -271,16 +298,23 @@ class SystemdClient:
             ("TimeoutStartUSec", Variant("t", int(timeout * 1_000_000))),
             ("CollectMode", Variant("s", "inactive-or-failed")),
         ]
-        reply = await self._call(SYSTEMD, MANAGER_PATH, MANAGER, "StartTransientUnit",
-                                 "ssa(sv)a(sa(sv))", [name, "fail", properties, []])
+        reply = await self._call(
+            SYSTEMD,
+            MANAGER_PATH,
+            MANAGER,
+            "StartTransientUnit",
+            "ssa(sv)a(sa(sv))",
+            [name, "fail", properties, []],
+        )
         await self._wait_job(str(reply[0]), f"verification {name}", timeout + JOB_TIMEOUT)
 
     async def run_unit(self, unit: str, timeout: float) -> None:
         """Start a configured oneshot unit and wait until it has run; raises SystemdError
         unless it succeeded (its own TimeoutStartSec bounds it; `timeout` is our limit)."""
         self._check(unit)
-        reply = await self._call(SYSTEMD, MANAGER_PATH, MANAGER, "StartUnit", "ss",
-                                 [unit, "replace"])
+        reply = await self._call(
+            SYSTEMD, MANAGER_PATH, MANAGER, "StartUnit", "ss", [unit, "replace"]
+        )
         await self._wait_job(str(reply[0]), f"verification {unit}", timeout + JOB_TIMEOUT)
 
     def _check(self, unit: str) -> None:
@@ -290,8 +324,9 @@ class SystemdClient:
             raise SystemdError(f"refusing to act on {unit}: not a configured migration unit")
 
 
-_WATCHED = frozenset({"ActiveState", "SubState", "FreezerState", "Result", "ExecMainCode",
-                      "ExecMainStatus"})
+_WATCHED = frozenset(
+    {"ActiveState", "SubState", "FreezerState", "Result", "ExecMainCode", "ExecMainStatus"}
+)
 
 
 def _describe(error: BaseException | None) -> str:

@@ -41,8 +41,13 @@ class Usage:
 def read_usage(path: str) -> Usage:
     """What an unprivileged writer can still use: f_bavail / f_favail, not f_bfree."""
     st = os.statvfs(path)
-    return Usage(avail_bytes=st.f_bavail * st.f_frsize, size_bytes=st.f_blocks * st.f_frsize,
-                 avail_files=st.f_favail, files=st.f_files, fsid=st.f_fsid)
+    return Usage(
+        avail_bytes=st.f_bavail * st.f_frsize,
+        size_bytes=st.f_blocks * st.f_frsize,
+        avail_files=st.f_favail,
+        files=st.f_files,
+        fsid=st.f_fsid,
+    )
 
 
 class FillRate:
@@ -97,10 +102,13 @@ def is_mount_point(path: str) -> bool:
 class VolumeSampler:
     """Samples one volume on the asyncio loop and hands each result to `emit`."""
 
-    def __init__(self, config: VolumeConfig,
-                 emit: Callable[[VolumeSampled | VolumeUnavailable], None],
-                 is_low: Callable[[], bool],
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        config: VolumeConfig,
+        emit: Callable[[VolumeSampled | VolumeUnavailable], None],
+        is_low: Callable[[], bool],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.config = config
         self.emit = emit
         self.is_low = is_low
@@ -124,8 +132,9 @@ class VolumeSampler:
     def _run(self) -> None:
         interval = self.sample()
         loop = asyncio.get_running_loop()
-        self._handle = loop.call_later(interval, self._run) if interval > 0 else \
-            loop.call_soon(self._run)
+        self._handle = (
+            loop.call_later(interval, self._run) if interval > 0 else loop.call_soon(self._run)
+        )
 
     def sample(self) -> float:
         """Take one sample, emit it, and return the interval until the next one."""
@@ -143,8 +152,16 @@ class VolumeSampler:
             self.emit(VolumeUnavailable(self.config.name, problem))
             return min(self.config.poll_max, 0.25)
         rate = self.rate.add(now, usage.avail_bytes)
-        self.emit(VolumeSampled(self.config.name, usage.avail_bytes, usage.size_bytes,
-                                usage.avail_files, usage.files, rate))
+        self.emit(
+            VolumeSampled(
+                self.config.name,
+                usage.avail_bytes,
+                usage.size_bytes,
+                usage.avail_files,
+                usage.files,
+                rate,
+            )
+        )
         return poll_interval(self.config, usage, rate, self.is_low())
 
     def _mount_problem(self, usage: Usage) -> str:

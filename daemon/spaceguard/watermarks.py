@@ -11,9 +11,12 @@ from .model import VolumeState
 
 def thresholds(volume: VolumeConfig, state: VolumeState) -> tuple[int, int, int, int]:
     """(pause bytes, resume bytes, pause files, resume files) for the volume's current size."""
-    return (volume.pause_below.limit(state.size_bytes), volume.resume_above.limit(state.size_bytes),
-            volume.pause_below_inodes.limit(state.files),
-            volume.resume_above_inodes.limit(state.files))
+    return (
+        volume.pause_below.limit(state.size_bytes),
+        volume.resume_above.limit(state.size_bytes),
+        volume.pause_below_inodes.limit(state.files),
+        volume.resume_above_inodes.limit(state.files),
+    )
 
 
 def seconds_to_pause(volume: VolumeConfig, state: VolumeState) -> float:

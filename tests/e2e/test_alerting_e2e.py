@@ -61,11 +61,16 @@ RESUME_AFTER_S = 2.0
 
 # --------------------------------------------------------------------------- components
 
+
 def require_binaries() -> None:
-    require(shutil.which("prometheus") is not None,
-            "Prometheus not found (Debian package prometheus provides it)")
-    require(any(shutil.which(name) for name in ALERTMANAGER_BINARIES),
-            "Alertmanager not found (Debian package prometheus-alertmanager provides it)")
+    require(
+        shutil.which("prometheus") is not None,
+        "Prometheus not found (Debian package prometheus provides it)",
+    )
+    require(
+        any(shutil.which(name) for name in ALERTMANAGER_BINARIES),
+        "Alertmanager not found (Debian package prometheus-alertmanager provides it)",
+    )
 
 
 def get_json(url: str, timeout: float = 5.0) -> Any:
@@ -79,8 +84,9 @@ def rules_with_short_for(source: Path, target: Path, duration: str = "1s") -> in
     The shipped `for:` durations are minutes, which an end-to-end test cannot wait for.
     Only those values change: expressions, labels and annotations stay as shipped.
     """
-    text, count = re.subn(r"^(\s+for:[ \t]*)\S+[ \t]*$", rf"\g<1>{duration}",
-                          source.read_text(), flags=re.MULTILINE)
+    text, count = re.subn(
+        r"^(\s+for:[ \t]*)\S+[ \t]*$", rf"\g<1>{duration}", source.read_text(), flags=re.MULTILINE
+    )
     target.write_text(text)
     return count
 
@@ -89,8 +95,7 @@ class Prometheus:
     """The real Prometheus: scrapes one target as `job_name: spaceguard` every second,
     evaluates ``rules`` every second, alerts to one Alertmanager."""
 
-    def __init__(self, workdir: Path, scrape_target: str, rules: Path,
-                 alertmanager: str) -> None:
+    def __init__(self, workdir: Path, scrape_target: str, rules: Path, alertmanager: str) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -119,16 +124,24 @@ alerting:
         assert self.process is None
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                ["prometheus", f"--config.file={self.config}",
-                 f"--storage.tsdb.path={self.storage}",
-                 f"--web.listen-address=127.0.0.1:{self.port}"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                [
+                    "prometheus",
+                    f"--config.file={self.config}",
+                    f"--storage.tsdb.path={self.storage}",
+                    f"--web.listen-address=127.0.0.1:{self.port}",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while True:
             if self.process.poll() is not None:
                 raise AssertionError(f"Prometheus exited:\n{self.log_tail()}")
-            with contextlib.suppress(OSError), \
-                    urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as ready:
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as ready,
+            ):
                 if ready.status == 200:
                     return
             if time.monotonic() > deadline:
@@ -154,7 +167,8 @@ alerting:
     def query(self, expr: str) -> list[dict[str, Any]]:
         query = urllib.parse.urlencode({"query": expr})
         result: list[dict[str, Any]] = get_json(f"{self.url}/api/v1/query?{query}")["data"][
-            "result"]
+            "result"
+        ]
         return result
 
 
@@ -217,6 +231,7 @@ def prometheus(tmp_path: Path) -> Iterator[Callable[[str, str], Prometheus]]:
 
 # --------------------------------------------------------------------------- helpers
 
+
 def guard_config(volume: LoopVolume, alertmanager_url: str, webhook_url: str) -> str:
     return f"""
         [volumes.space]
@@ -270,21 +285,31 @@ def pushed(alerts: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def hook_bodies(webhook: NotificationRecorder, status: str | None = None) -> list[dict[str, Any]]:
     """Bodies the guard POSTed to its webhook about alice's pause (with ``status``)."""
-    return [b for b in list(webhook.notifications)
-            if b.get("key") == "paused/alice" and b.get("alertname") == PUSHED
-            and status in (None, b.get("status"))]
+    return [
+        b
+        for b in list(webhook.notifications)
+        if b.get("key") == "paused/alice"
+        and b.get("alertname") == PUSHED
+        and status in (None, b.get("status"))
+    ]
 
 
-def am_notified(recorder: NotificationRecorder, starts_at: float, status: str,
-                since: int = 0) -> list[dict[str, Any]]:
+def am_notified(
+    recorder: NotificationRecorder, starts_at: float, status: str, since: int = 0
+) -> list[dict[str, Any]]:
     """Alertmanager's notifications (from index ``since`` on) announcing the guard's pause
     alert that started at ``starts_at`` with ``status``: one entry per notification, so a
     duplicate notification shows as a second entry."""
     return [
-        notification for notification in list(recorder.notifications)[since:]
-        if any(alert["labels"].get("alertname") == PUSHED and "job" not in alert["labels"]
-               and alert["status"] == status and abs(unix(alert["startsAt"]) - starts_at) < 0.01
-               for alert in notification["alerts"])
+        notification
+        for notification in list(recorder.notifications)[since:]
+        if any(
+            alert["labels"].get("alertname") == PUSHED
+            and "job" not in alert["labels"]
+            and alert["status"] == status
+            and abs(unix(alert["startsAt"]) - starts_at) < 0.01
+            for alert in notification["alerts"]
+        )
     ]
 
 
@@ -299,9 +324,17 @@ SENT_AM_ERROR = 'spaceguard_alerts_sent_total{receiver="am",result="error"}'
 
 # --------------------------------------------------------------------------- the test
 
+
 def test_pause_alerts_reach_people_both_ways_and_survive_an_outage(
-        loop_volume, sandbox, venv_python, tmp_path, alertmanager, am_notifications,
-        guard_webhook, prometheus):
+    loop_volume,
+    sandbox,
+    venv_python,
+    tmp_path,
+    alertmanager,
+    am_notifications,
+    guard_webhook,
+    prometheus,
+):
     began = time.monotonic()
     volume = loop_volume(256, options=["nodelalloc"])
     ballast = make_ballast(volume, 140)
@@ -316,12 +349,19 @@ def test_pause_alerts_reach_people_both_ways_and_survive_an_outage(
     prom = prometheus(f"127.0.0.1:{rig.metrics_port}", f"127.0.0.1:{alertmanager.port}")
 
     def diagnostics() -> str:
-        return (f"--- guard journal ---\n{rig.journal()[-5000:]}\n"
-                f"--- alertmanager ---\n{alertmanager.log.read_text()[-2000:]}\n"
-                f"--- prometheus ---\n{prom.log_tail(2000)}")
+        return (
+            f"--- guard journal ---\n{rig.journal()[-5000:]}\n"
+            f"--- alertmanager ---\n{alertmanager.log.read_text()[-2000:]}\n"
+            f"--- prometheus ---\n{prom.log_tail(2000)}"
+        )
 
-    wait_until(lambda: [s for s in prom.query('up{job="spaceguard"}') if s["value"][1] == "1"],
-               15, "Prometheus to scrape the guard", interval=0.2, on_timeout=diagnostics)
+    wait_until(
+        lambda: [s for s in prom.query('up{job="spaceguard"}') if s["value"][1] == "1"],
+        15,
+        "Prometheus to scrape the guard",
+        interval=0.2,
+        on_timeout=diagnostics,
+    )
 
     # --- 1. fill: the guard freezes the migration and says so along both paths ----------
     sandbox.systemctl("start", WRITER)
@@ -330,35 +370,61 @@ def test_pause_alerts_reach_people_both_ways_and_survive_an_outage(
     frozen_at = time.monotonic()
 
     # (a) the guard's own push: in Alertmanager's API, and at the guard's webhook
-    (active,) = wait_until(lambda: pushed(am_alerts(alertmanager, PUSHED)), 10,
-                           "the pushed pause alert in Alertmanager", on_timeout=diagnostics)
+    (active,) = wait_until(
+        lambda: pushed(am_alerts(alertmanager, PUSHED)),
+        10,
+        "the pushed pause alert in Alertmanager",
+        on_timeout=diagnostics,
+    )
     labels = active["labels"]
     assert {k: labels[k] for k in ("account", "unit", "volume", "by", "severity")} == {
-        "account": "alice", "unit": WRITER, "volume": "space", "by": "guard",
-        "severity": "warning"}
+        "account": "alice",
+        "unit": WRITER,
+        "volume": "space",
+        "by": "guard",
+        "severity": "warning",
+    }
     assert labels["reason"] in {"space", "predicted"}, labels
     assert active["status"]["state"] == "active"
     assert active["annotations"]["summary"] == "Migration alice paused: space is low"
     first_start = unix(active["startsAt"])
-    (fired,) = wait_until(lambda: hook_bodies(guard_webhook, "firing"), 10,
-                          "the firing body at the guard's webhook", on_timeout=diagnostics)
+    (fired,) = wait_until(
+        lambda: hook_bodies(guard_webhook, "firing"),
+        10,
+        "the firing body at the guard's webhook",
+        on_timeout=diagnostics,
+    )
     assert (fired["version"], fired["source"], fired["endsAt"]) == ("1", "spaceguard", None)
     assert fired["labels"] == labels
     assert abs(unix(fired["startsAt"]) - first_start) < 0.01
-    wait_until(lambda: am_notified(am_notifications, first_start, "firing"), 10,
-               "Alertmanager to notify the pushed alert", on_timeout=diagnostics)
+    wait_until(
+        lambda: am_notified(am_notifications, first_start, "firing"),
+        10,
+        "Alertmanager to notify the pushed alert",
+        on_timeout=diagnostics,
+    )
     pushed_in = time.monotonic() - frozen_at
 
     # (b) Prometheus: the shipped rule fires on the scraped metrics and reaches Alertmanager
-    (rule,) = wait_until(lambda: [a for a in prom.alerts(RULE) if a["state"] == "firing"], 20,
-                         f"Prometheus's {RULE} to fire", interval=0.2, on_timeout=diagnostics)
+    (rule,) = wait_until(
+        lambda: [a for a in prom.alerts(RULE) if a["state"] == "firing"],
+        20,
+        f"Prometheus's {RULE} to fire",
+        interval=0.2,
+        on_timeout=diagnostics,
+    )
     assert (rule["labels"]["account"], rule["labels"]["unit"]) == ("alice", WRITER)
     assert (rule["labels"]["job"], rule["labels"]["by"]) == ("spaceguard", "guard")
     assert rule["labels"]["severity"] == "warning"
     assert "Runbook scenario 3" in rule["annotations"]["description"]
-    (from_rule,) = wait_until(lambda: [a for a in am_alerts(alertmanager, RULE)
-                                       if a["labels"].get("job") == "spaceguard"], 10,
-                              f"{RULE} from Prometheus in Alertmanager", on_timeout=diagnostics)
+    (from_rule,) = wait_until(
+        lambda: [
+            a for a in am_alerts(alertmanager, RULE) if a["labels"].get("job") == "spaceguard"
+        ],
+        10,
+        f"{RULE} from Prometheus in Alertmanager",
+        on_timeout=diagnostics,
+    )
     assert from_rule["labels"]["account"] == "alice"
     rule_in = time.monotonic() - frozen_at
     assert sandbox.show(WRITER, "FreezerState") == "frozen"
@@ -368,18 +434,35 @@ def test_pause_alerts_reach_people_both_ways_and_survive_an_outage(
     freed = time.monotonic()
     sandbox.wait_for(WRITER, "FreezerState", "running", timeout=30)
     assert time.monotonic() - freed >= RESUME_AFTER_S - 0.1, "thawed before the hold-down"
-    wait_until(lambda: not pushed(am_alerts(alertmanager, PUSHED)), 10,
-               "the pushed alert to leave Alertmanager's active alerts", on_timeout=diagnostics)
-    (resolved,) = wait_until(lambda: hook_bodies(guard_webhook, "resolved"), 10,
-                             "the resolved body at the guard's webhook", on_timeout=diagnostics)
+    wait_until(
+        lambda: not pushed(am_alerts(alertmanager, PUSHED)),
+        10,
+        "the pushed alert to leave Alertmanager's active alerts",
+        on_timeout=diagnostics,
+    )
+    (resolved,) = wait_until(
+        lambda: hook_bodies(guard_webhook, "resolved"),
+        10,
+        "the resolved body at the guard's webhook",
+        on_timeout=diagnostics,
+    )
     assert resolved["startsAt"] == fired["startsAt"] and resolved["labels"] == labels
     assert unix(resolved["endsAt"]) >= unix(resolved["startsAt"])
-    wait_until(lambda: am_notified(am_notifications, first_start, "resolved"), 10,
-               "Alertmanager to notify the resolution", on_timeout=diagnostics)
+    wait_until(
+        lambda: am_notified(am_notifications, first_start, "resolved"),
+        10,
+        "Alertmanager to notify the resolution",
+        on_timeout=diagnostics,
+    )
     sandbox.wait_for(WRITER, "ActiveState", "inactive", timeout=60)
     assert [word for word, _ in read_status(status)][-1] == "DONE"
-    wait_until(lambda: not prom.alerts(RULE), 10, f"{RULE} to clear in Prometheus",
-               interval=0.2, on_timeout=diagnostics)
+    wait_until(
+        lambda: not prom.alerts(RULE),
+        10,
+        f"{RULE} to clear in Prometheus",
+        interval=0.2,
+        on_timeout=diagnostics,
+    )
     # Re-sent every RESEND_S while firing, announced once; each state at the webhook once.
     assert len(am_notified(am_notifications, first_start, "firing")) == 1
     assert [b["status"] for b in hook_bodies(guard_webhook)] == ["firing", "resolved"]
@@ -389,17 +472,26 @@ def test_pause_alerts_reach_people_both_ways_and_survive_an_outage(
     outage_began = time.monotonic()
     notifications_before = len(am_notifications.notifications)
     # The migration goes on with more data (continuing its file) and fills the volume again.
-    sandbox.add_unit(WRITER, writer_unit(venv_python, volume.mountpoint / "alice", "1G",
-                                         status, resume=True))
+    sandbox.add_unit(
+        WRITER, writer_unit(venv_python, volume.mountpoint / "alice", "1G", status, resume=True)
+    )
     sandbox.daemon_reload()
     sandbox.systemctl("start", WRITER)
     sandbox.wait_for(WRITER, "FreezerState", "frozen", timeout=30)
-    (second,) = wait_until(lambda: hook_bodies(guard_webhook, "firing")[1:], 10,
-                           "the second pause at the guard's webhook", on_timeout=diagnostics)
+    (second,) = wait_until(
+        lambda: hook_bodies(guard_webhook, "firing")[1:],
+        10,
+        "the second pause at the guard's webhook",
+        on_timeout=diagnostics,
+    )
     second_start = unix(second["startsAt"])
     assert second_start > unix(resolved["endsAt"])
-    wait_until(lambda: metric(rig, SPOOLED_AM) == 1 and metric(rig, SENT_AM_ERROR) >= 1,
-               10, "the alert spooled for the unreachable Alertmanager", on_timeout=diagnostics)
+    wait_until(
+        lambda: metric(rig, SPOOLED_AM) == 1 and metric(rig, SENT_AM_ERROR) >= 1,
+        10,
+        "the alert spooled for the unreachable Alertmanager",
+        on_timeout=diagnostics,
+    )
 
     old_pid = rig.main_pid()
     sandbox.systemctl("restart", GUARD, timeout=60)
@@ -408,37 +500,50 @@ def test_pause_alerts_reach_people_both_ways_and_survive_an_outage(
     assert metric(rig, SPOOLED_AM) == 1, "the spool did not survive the guard's restart"
     assert metric(rig, SPOOLED_HOOK) == 0
     # The new guard process tries the spooled alert itself (and fails: still down).
-    wait_until(lambda: metric(rig, SENT_AM_ERROR) >= 1, 10,
-               "the restarted guard to retry the spooled alert", on_timeout=diagnostics)
+    wait_until(
+        lambda: metric(rig, SENT_AM_ERROR) >= 1,
+        10,
+        "the restarted guard to retry the spooled alert",
+        on_timeout=diagnostics,
+    )
     assert metric(rig, SPOOLED_AM) == 1
 
     alertmanager.start()  # same port, same storage (its notification log)
     restarted = time.monotonic()
-    (back,) = wait_until(lambda: pushed(am_alerts(alertmanager, PUSHED)), 15,
-                         "the spooled alert in Alertmanager after its restart",
-                         on_timeout=diagnostics)
+    (back,) = wait_until(
+        lambda: pushed(am_alerts(alertmanager, PUSHED)),
+        15,
+        "the spooled alert in Alertmanager after its restart",
+        on_timeout=diagnostics,
+    )
     assert abs(unix(back["startsAt"]) - second_start) < 0.01
     assert (back["labels"]["account"], back["labels"]["unit"]) == ("alice", WRITER)
-    wait_until(lambda: am_notified(am_notifications, second_start, "firing",
-                                   notifications_before), 10,
-               "Alertmanager to notify the alert spooled during its outage",
-               on_timeout=diagnostics)
-    wait_until(lambda: metric(rig, SPOOLED_AM) == 0, 10, "the spool to drain",
-               on_timeout=diagnostics)
+    wait_until(
+        lambda: am_notified(am_notifications, second_start, "firing", notifications_before),
+        10,
+        "Alertmanager to notify the alert spooled during its outage",
+        on_timeout=diagnostics,
+    )
+    wait_until(
+        lambda: metric(rig, SPOOLED_AM) == 0, 10, "the spool to drain", on_timeout=diagnostics
+    )
     delivered_in = time.monotonic() - restarted
     # Let re-sends (every RESEND_S, de-duplicated by Alertmanager) and group intervals (1s)
     # pass: the alert must still have been announced exactly once, everywhere.
     time.sleep(2 * RESEND_S + 1)
     assert len(am_notified(am_notifications, second_start, "firing", notifications_before)) == 1
     assert len(pushed(am_alerts(alertmanager, PUSHED))) == 1
-    assert [b for b in hook_bodies(guard_webhook) if b["startsAt"] == second["startsAt"]] \
-        == [second]
+    assert [b for b in hook_bodies(guard_webhook) if b["startsAt"] == second["startsAt"]] == [
+        second
+    ]
     assert [b["status"] for b in hook_bodies(guard_webhook)] == ["firing", "resolved", "firing"]
     metrics = rig.metrics()
     assert metrics[SPOOLED_AM] == 0 and metrics[SPOOLED_HOOK] == 0
     assert metrics['spaceguard_alerts_sent_total{receiver="am",result="ok"}'] >= 1
     assert sandbox.show(WRITER, "FreezerState") == "frozen"
-    print(f"\nalerting e2e: pushed alert notified {pushed_in:.1f}s after the freeze, rule "
-          f"alert in Alertmanager after {rule_in:.1f}s; outage {restarted - outage_began:.1f}s, "
-          f"spool drained {delivered_in:.1f}s after Alertmanager's restart; "
-          f"total {time.monotonic() - began:.1f}s")
+    print(
+        f"\nalerting e2e: pushed alert notified {pushed_in:.1f}s after the freeze, rule "
+        f"alert in Alertmanager after {rule_in:.1f}s; outage {restarted - outage_began:.1f}s, "
+        f"spool drained {delivered_in:.1f}s after Alertmanager's restart; "
+        f"total {time.monotonic() - began:.1f}s"
+    )

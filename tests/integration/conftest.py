@@ -102,8 +102,13 @@ def loop_volume(tmp_path: Path, _stale_cleaned: list[str]) -> Iterator[VolumeFac
                 "mount loop volumes before sandbox.up(): mount propagation into the "
                 "sandbox is private, so a volume mounted now would be invisible inside"
             )
-        vol = LoopVolume(tmp_path / (name or f"vol{len(volumes)}"), size_mib,
-                         options=options, inodes=inodes, reserved_percent=reserved_percent)
+        vol = LoopVolume(
+            tmp_path / (name or f"vol{len(volumes)}"),
+            size_mib,
+            options=options,
+            inodes=inodes,
+            reserved_percent=reserved_percent,
+        )
         try:
             vol.mount()
         except SandboxError as exc:

@@ -32,8 +32,16 @@ def rclone() -> str:
 class Migration:
     """A source tree served over WebDAV, an rclone config, and the units around them."""
 
-    def __init__(self, tmp: Path, rclone: str, volume: LoopVolume, *, files: int = 24,
-                 size: int = MIB, password: str = "secret") -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        rclone: str,
+        volume: LoopVolume,
+        *,
+        files: int = 24,
+        size: int = MIB,
+        password: str = "secret",
+    ) -> None:
         self.tmp, self.rclone, self.volume = tmp, rclone, volume
         self.source = tmp / "onedrive"
         self.source.mkdir()
@@ -41,10 +49,13 @@ class Migration:
             (self.source / f"doc-{index:03d}.bin").write_bytes(bytes([index % 251]) * size)
         self.port = free_port()
         self.conf = tmp / "rclone.conf"
-        obscured = subprocess.run([rclone, "obscure", password], capture_output=True,
-                                  text=True, check=True).stdout.strip()
-        self.conf.write_text(f"[m365-alice]\ntype = webdav\nurl = http://127.0.0.1:{self.port}\n"
-                             f"user = alice\npass = {obscured}\n")
+        obscured = subprocess.run(
+            [rclone, "obscure", password], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        self.conf.write_text(
+            f"[m365-alice]\ntype = webdav\nurl = http://127.0.0.1:{self.port}\n"
+            f"user = alice\npass = {obscured}\n"
+        )
         self.destination = volume.mountpoint / "alice"
         self.log = tmp / "m365-migrate-alice.log"
 
@@ -56,9 +67,11 @@ class Migration:
             """)
 
     def copy_command(self, rate: str) -> str:
-        return (f"{self.rclone} --config {self.conf} copy m365-alice: {self.destination} "
-                f"--bwlimit {rate} -v --stats 1s --transfers 1 --retries 1 "
-                f"--low-level-retries 1 --contimeout 2s --timeout 5s")
+        return (
+            f"{self.rclone} --config {self.conf} copy m365-alice: {self.destination} "
+            f"--bwlimit {rate} -v --stats 1s --transfers 1 --retries 1 "
+            f"--low-level-retries 1 --contimeout 2s --timeout 5s"
+        )
 
     def migration_unit(self, rate: str = "2M") -> str:
         return textwrap.dedent(f"""\
@@ -95,11 +108,22 @@ def incidents(rig: GuardRig) -> list[dict[str, object]]:
     return [json.loads(path.read_text()) for path in sorted(directory.glob("*.json"))]
 
 
-def boot(sandbox: SystemdSandbox, rig: GuardRig, migration: Migration, config_extra: str = "",
-         rate: str = "2M", migration_unit: str | None = None,
-         extra_units: dict[str, str] | None = None) -> None:
-    sandbox.up({REMOTE: migration.remote_unit(),
-                UNIT: migration_unit or migration.migration_unit(rate), **(extra_units or {})})
+def boot(
+    sandbox: SystemdSandbox,
+    rig: GuardRig,
+    migration: Migration,
+    config_extra: str = "",
+    rate: str = "2M",
+    migration_unit: str | None = None,
+    extra_units: dict[str, str] | None = None,
+) -> None:
+    sandbox.up(
+        {
+            REMOTE: migration.remote_unit(),
+            UNIT: migration_unit or migration.migration_unit(rate),
+            **(extra_units or {}),
+        }
+    )
     rig.write_config(migration.config(config_extra))
     rig.install()
     sandbox.systemctl("start", REMOTE)
@@ -120,8 +144,9 @@ def copied_files(migration: Migration) -> int:
     return sum(1 for path in migration.destination.iterdir() if path.is_file())
 
 
-def test_remote_dies_transient_stop_incident_retry_finish(loop_volume, sandbox, venv_python,
-                                                          tmp_path, rclone):
+def test_remote_dies_transient_stop_incident_retry_finish(
+    loop_volume, sandbox, venv_python, tmp_path, rclone
+):
     volume = loop_volume(128)
     migration = Migration(tmp_path, rclone, volume)
     rig = GuardRig(sandbox, tmp_path, venv_python)
@@ -136,17 +161,25 @@ def test_remote_dies_transient_stop_incident_retry_finish(loop_volume, sandbox, 
     assert incident["account"] == "alice"
     assert incident["verify"].startswith("failed")  # the remote is down: verification says so
     assert "retry 1 of 2" in incident["outcome"]
-    assert any("connection refused" in line for line in incident["matched_lines"]
-               + incident["context"])
+    assert any(
+        "connection refused" in line for line in incident["matched_lines"] + incident["context"]
+    )
     assert incident["partial"]["files"] >= 2
     assert (rig.state_dir / "incidents" / f"{incident['id']}.txt").exists()
     sandbox.systemctl("start", REMOTE)  # the remote is back before the retry
-    wait_until(lambda: copied_files(migration) == 24 and
-               sandbox.show(UNIT, "ActiveState") == "inactive", 90,
-               "the retried migration to finish", on_timeout=rig.journal)
+    wait_until(
+        lambda: copied_files(migration) == 24 and sandbox.show(UNIT, "ActiveState") == "inactive",
+        90,
+        "the retried migration to finish",
+        on_timeout=rig.journal,
+    )
     assert sandbox.show(UNIT, "Result") == "success"
-    check = subprocess.run([rclone, "check", str(migration.source), str(migration.destination)],
-                           capture_output=True, text=True, check=False)
+    check = subprocess.run(
+        [rclone, "check", str(migration.source), str(migration.destination)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert check.returncode == 0, check.stderr
     metrics = rig.metrics()
     assert metrics['spaceguard_migration_retries_total{account="alice",unit="' + UNIT + '"}'] >= 1
@@ -155,8 +188,9 @@ def test_remote_dies_transient_stop_incident_retry_finish(loop_volume, sandbox, 
     assert "retry 1 of 2: starting" in journal
 
 
-def test_wrong_credentials_unrecoverable_no_retry(loop_volume, sandbox, venv_python, tmp_path,
-                                                  rclone):
+def test_wrong_credentials_unrecoverable_no_retry(
+    loop_volume, sandbox, venv_python, tmp_path, rclone
+):
     volume = loop_volume(64)
     migration = Migration(tmp_path, rclone, volume, password="not-the-password")
     rig = GuardRig(sandbox, tmp_path, venv_python)
@@ -166,8 +200,13 @@ def test_wrong_credentials_unrecoverable_no_retry(loop_volume, sandbox, venv_pyt
         Type=oneshot
         ExecStart={rclone} --config {migration.conf} lsd m365-alice:
         """)
-    boot(sandbox, rig, migration, 'verify_unit = "m365-verify@alice.service"',
-         extra_units={"m365-verify@alice.service": verify})
+    boot(
+        sandbox,
+        rig,
+        migration,
+        'verify_unit = "m365-verify@alice.service"',
+        extra_units={"m365-verify@alice.service": verify},
+    )
     sandbox.systemctl("start", UNIT, check=False)
     found = wait_until(lambda: incidents(rig), 30, "an incident", on_timeout=rig.journal)
     incident = found[0]
@@ -181,8 +220,12 @@ def test_wrong_credentials_unrecoverable_no_retry(loop_volume, sandbox, venv_pyt
     assert len(incidents(rig)) == 1
     assert "retry 1" not in rig.journal()
     metrics = rig.metrics()
-    assert metrics['spaceguard_migration_failed{account="alice",class="unrecoverable",unit="'
-                   + UNIT + '"}'] == 1
+    assert (
+        metrics[
+            'spaceguard_migration_failed{account="alice",class="unrecoverable",unit="' + UNIT + '"}'
+        ]
+        == 1
+    )
 
 
 def test_sigkill_detected_from_unit_state(loop_volume, sandbox, venv_python, tmp_path, rclone):
@@ -200,21 +243,22 @@ def test_sigkill_detected_from_unit_state(loop_volume, sandbox, venv_python, tmp
     assert incident["class"] == "transient"
 
 
-def test_log_rotation_both_ways_loses_no_line(loop_volume, sandbox, venv_python, tmp_path,
-                                              rclone):
+def test_log_rotation_both_ways_loses_no_line(loop_volume, sandbox, venv_python, tmp_path, rclone):
     volume = loop_volume(64)
     migration = Migration(tmp_path, rclone, volume, files=8)
     truth = tmp_path / "truth.log"
     # A logger that reopens the path for every line, as syslog-style writers do: it follows a
     # rename rotation (next line creates a new file) and appends after a copytruncate.
     script = tmp_path / "migrate.sh"
-    script.write_text(textwrap.dedent(f"""\
+    script.write_text(
+        textwrap.dedent(f"""\
         #!/bin/bash
         {migration.copy_command("1M")} 2>&1 | while IFS= read -r line; do
             printf '%s\\n' "$line" >> {truth}
             printf '%s\\n' "$line" >> {migration.log}
         done
-        """))
+        """)
+    )
     script.chmod(0o755)
     unit = f"[Service]\nExecStart={script}\n"
     rig = GuardRig(sandbox, tmp_path, venv_python)
@@ -225,8 +269,7 @@ def test_log_rotation_both_ways_loses_no_line(loop_volume, sandbox, venv_python,
     def read_all() -> bool:
         return rig.metrics().get(lines_key, 0) == len(truth.read_text().splitlines())
 
-    wait_until(lambda: truth.exists() and len(truth.read_text().splitlines()) >= 5, 30,
-               "log lines")
+    wait_until(lambda: truth.exists() and len(truth.read_text().splitlines()) >= 5, 30, "log lines")
     migration.log.rename(tmp_path / "m365-migrate-alice.log.1")  # rename-and-create rotation
     wait_until(lambda: migration.log.exists(), 10, "the logger to create a new file")
     time.sleep(2)
@@ -236,9 +279,14 @@ def test_log_rotation_both_ways_loses_no_line(loop_volume, sandbox, venv_python,
         handle.truncate(0)
     time.sleep(2)
     sandbox.wait_for(UNIT, "ActiveState", ("inactive", "failed"), timeout=60)
-    wait_until(read_all, 10, "the guard to read every line",
-               on_timeout=lambda: f"guard {rig.metrics().get(lines_key)} vs "
-                                  f"{len(truth.read_text().splitlines())} written")
+    wait_until(
+        read_all,
+        10,
+        "the guard to read every line",
+        on_timeout=lambda: (
+            f"guard {rig.metrics().get(lines_key)} vs {len(truth.read_text().splitlines())} written"
+        ),
+    )
     # A reload reads nothing twice: it goes on from where it was.
     sandbox.systemctl("reload", "spaceguard.service")
     time.sleep(1.5)
@@ -269,8 +317,7 @@ def test_stall_detected(loop_volume, sandbox, venv_python, tmp_path, rclone):
     sandbox.wait_for(UNIT, "ActiveState", ("inactive", "failed"), timeout=30)
 
 
-def test_destination_full_is_paused_not_failed(loop_volume, sandbox, venv_python, tmp_path,
-                                               rclone):
+def test_destination_full_is_paused_not_failed(loop_volume, sandbox, venv_python, tmp_path, rclone):
     volume = loop_volume(96, options=["nodelalloc"])
     ballast = volume.mountpoint / "ballast"
     ballast.write_bytes(b"\0" * (40 * MIB))

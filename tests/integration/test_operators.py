@@ -23,8 +23,9 @@ def python_for(uid: int) -> str:
     """A python3 another uid can run (ours may live under /root, as pyenv's does)."""
     drop = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
     for candidate in (sys.executable, "/usr/bin/python3"):
-        probe = subprocess.run([*drop, candidate, "-c", "import json"], capture_output=True,
-                               cwd="/", check=False)
+        probe = subprocess.run(
+            [*drop, candidate, "-c", "import json"], capture_output=True, cwd="/", check=False
+        )
         if probe.returncode == 0:
             return candidate
     require(False, f"no python3 that uid {uid} can run")
@@ -41,8 +42,9 @@ def ctl(rig: GuardRig, *args: str, as_uid: int | None = None) -> subprocess.Comp
     command = [*prefix, python, "-m", "spaceguard.ctl", "--socket", str(rig.host_socket), *args]
     package = REPO / "daemon" if as_uid is None else readable_package_dir()
     env = dict(os.environ, PYTHONPATH=str(package), PYTHONDONTWRITEBYTECODE="1")
-    return subprocess.run(command, capture_output=True, text=True, timeout=30, env=env,
-                          check=False, cwd="/")
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=30, env=env, check=False, cwd="/"
+    )
 
 
 def ctl_json(rig: GuardRig, *args: str) -> object:
@@ -60,13 +62,20 @@ def migration_status(rig: GuardRig, account: str) -> dict[str, object]:
     raise AssertionError(f"{account} not in status")
 
 
-def start_guard(sandbox: SystemdSandbox, volume: LoopVolume, tmp_path: Path, python: str,
-                resume_after: str = "1s") -> GuardRig:
+def start_guard(
+    sandbox: SystemdSandbox,
+    volume: LoopVolume,
+    tmp_path: Path,
+    python: str,
+    resume_after: str = "1s",
+) -> GuardRig:
     (volume.mountpoint / "alice").mkdir(exist_ok=True)
-    sandbox.up({
-        UNIT: writer_unit(python, volume.mountpoint / "alice", "120M", tmp_path / "w.status"),
-        SLEEPER: "[Service]\nExecStart=/bin/sleep infinity\n",
-    })
+    sandbox.up(
+        {
+            UNIT: writer_unit(python, volume.mountpoint / "alice", "120M", tmp_path / "w.status"),
+            SLEEPER: "[Service]\nExecStart=/bin/sleep infinity\n",
+        }
+    )
     rig = GuardRig(sandbox, tmp_path, python)
     rig.write_config(f"""
         [volumes.space]
@@ -164,8 +173,9 @@ def test_outsider_refused_and_logged(loop_volume, sandbox, venv_python, tmp_path
     assert "65534" in journal and ("refus" in journal.lower() or "forbidden" in journal.lower())
 
 
-def test_guard_killed_while_frozen_is_restarted_and_thaws_later(loop_volume, sandbox,
-                                                                venv_python, tmp_path):
+def test_guard_killed_while_frozen_is_restarted_and_thaws_later(
+    loop_volume, sandbox, venv_python, tmp_path
+):
     volume = loop_volume(256, options=["nodelalloc"])
     ballast = make_ballast(volume, 140)
     rig = start_guard(sandbox, volume, tmp_path, venv_python)
@@ -173,9 +183,15 @@ def test_guard_killed_while_frozen_is_restarted_and_thaws_later(loop_volume, san
     sandbox.wait_for(UNIT, "FreezerState", "frozen", timeout=30)
     first = rig.main_pid()
     sandbox.systemctl("kill", "-s", "KILL", "spaceguard.service")
-    wait_until(lambda: rig.main_pid() not in (0, first) and
-               sandbox.show("spaceguard.service", "ActiveState") == "active", 20,
-               "systemd to restart the guard", on_timeout=rig.journal)
+    wait_until(
+        lambda: (
+            rig.main_pid() not in (0, first)
+            and sandbox.show("spaceguard.service", "ActiveState") == "active"
+        ),
+        20,
+        "systemd to restart the guard",
+        on_timeout=rig.journal,
+    )
     assert sandbox.show(UNIT, "FreezerState") == "frozen"
     alice = migration_status(rig, "alice")
     assert alice["state"] == "paused" and alice["hold"]["by"] == "guard"
@@ -185,8 +201,9 @@ def test_guard_killed_while_frozen_is_restarted_and_thaws_later(loop_volume, san
     assert "ENOSPC" not in [word for word, _ in read_status(tmp_path / "w.status")]
 
 
-def test_operator_hold_survives_restart_and_is_never_auto_resumed(loop_volume, sandbox,
-                                                                  venv_python, tmp_path):
+def test_operator_hold_survives_restart_and_is_never_auto_resumed(
+    loop_volume, sandbox, venv_python, tmp_path
+):
     volume = loop_volume(256, options=["nodelalloc"])
     ballast = make_ballast(volume, 140)
     rig = start_guard(sandbox, volume, tmp_path, venv_python)
@@ -206,8 +223,7 @@ def test_operator_hold_survives_restart_and_is_never_auto_resumed(loop_volume, s
     sandbox.wait_for(UNIT, "FreezerState", "running", timeout=10)
 
 
-def test_a_thaw_by_hand_is_the_operators_decision(loop_volume, sandbox, venv_python,
-                                                  tmp_path):
+def test_a_thaw_by_hand_is_the_operators_decision(loop_volume, sandbox, venv_python, tmp_path):
     volume = loop_volume(256, options=["nodelalloc"])
     make_ballast(volume, 150)
     rig = start_guard(sandbox, volume, tmp_path, venv_python)
@@ -224,8 +240,7 @@ def test_a_thaw_by_hand_is_the_operators_decision(loop_volume, sandbox, venv_pyt
     sandbox.systemctl("stop", UNIT)
 
 
-def test_corrupt_state_file_is_set_aside_and_reported(loop_volume, sandbox, venv_python,
-                                                      tmp_path):
+def test_corrupt_state_file_is_set_aside_and_reported(loop_volume, sandbox, venv_python, tmp_path):
     volume = loop_volume(64)
     rig = start_guard(sandbox, volume, tmp_path, venv_python)
     rig.stop()

@@ -37,8 +37,12 @@ def test_bus_goes_away_and_comes_back(loop_volume, sandbox, venv_python, tmp_pat
     ballast = make_ballast(volume, 140)
     (volume.mountpoint / "alice").mkdir()
     status = tmp_path / "writer.status"
-    sandbox.up({WRITER: writer_unit(venv_python, volume.mountpoint / "alice", "120M", status),
-                SLEEPER: "[Service]\nExecStart=/bin/sleep infinity\n"})
+    sandbox.up(
+        {
+            WRITER: writer_unit(venv_python, volume.mountpoint / "alice", "120M", status),
+            SLEEPER: "[Service]\nExecStart=/bin/sleep infinity\n",
+        }
+    )
     rig = GuardRig(sandbox, tmp_path, venv_python)
     rig.write_config(config(str(volume.mountpoint)))
     rig.install()
@@ -46,13 +50,20 @@ def test_bus_goes_away_and_comes_back(loop_volume, sandbox, venv_python, tmp_pat
     pid = rig.main_pid()
 
     sandbox.systemctl("stop", "dbus.socket", "dbus.service")
-    wait_until(lambda: rig.metrics()["spaceguard_dbus_connected"] == 0, 10,
-               "the guard to notice the bus is gone", on_timeout=rig.journal)
+    wait_until(
+        lambda: rig.metrics()["spaceguard_dbus_connected"] == 0,
+        10,
+        "the guard to notice the bus is gone",
+        on_timeout=rig.journal,
+    )
     wait_until(lambda: "D-Bus DISCONNECTED" in rig.status_text(), 10, "STATUS= to say so")
     # The volume fills while the guard cannot act (systemctl reaches PID 1 without the bus).
     sandbox.systemctl("start", WRITER)
-    wait_until(lambda: rig.metrics()['spaceguard_volume_low{volume="space"}'] == 1, 30,
-               "the volume to run low")
+    wait_until(
+        lambda: rig.metrics()['spaceguard_volume_low{volume="space"}'] == 1,
+        30,
+        "the volume to run low",
+    )
     assert sandbox.show(WRITER, "FreezerState") == "running"
 
     sandbox.systemctl("start", "dbus.socket", "dbus.service")
@@ -71,8 +82,12 @@ def test_bus_goes_away_and_comes_back(loop_volume, sandbox, venv_python, tmp_pat
 
 def test_a_vanished_mount_pauses_and_recovers(loop_volume, sandbox, venv_python, tmp_path):
     volume = loop_volume(128)
-    sandbox.up({WRITER: "[Service]\nExecStart=/bin/sleep infinity\n",
-                SLEEPER: "[Service]\nExecStart=/bin/sleep infinity\n"})
+    sandbox.up(
+        {
+            WRITER: "[Service]\nExecStart=/bin/sleep infinity\n",
+            SLEEPER: "[Service]\nExecStart=/bin/sleep infinity\n",
+        }
+    )
     # A host's systemd makes / shared, so a service's mount namespace sees later mounts and
     # unmounts; the sandbox booted as a container (private), so do what the host does.
     sandbox.exec("mount", "--make-rshared", "/", check=True)
@@ -89,8 +104,13 @@ def test_a_vanished_mount_pauses_and_recovers(loop_volume, sandbox, venv_python,
     metrics = rig.metrics()
     assert metrics['spaceguard_volume_up{volume="space"}'] == 0
     assert metrics[PAUSED_BOB] == 1
-    assert metrics['spaceguard_migration_pause_info{account="bob",by="guard",'
-                   'reason="unavailable",unit="' + SLEEPER + '"}'] == 1
+    assert (
+        metrics[
+            'spaceguard_migration_pause_info{account="bob",by="guard",'
+            'reason="unavailable",unit="' + SLEEPER + '"}'
+        ]
+        == 1
+    )
     wait_until(lambda: "UNAVAILABLE" in rig.status_text(), 5, "STATUS= to say so")
     assert "is not a mount point" in rig.journal()
     assert rig.main_pid() == pid

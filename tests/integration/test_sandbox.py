@@ -51,8 +51,9 @@ def test_boots_with_bus_and_journal(sandbox: SystemdSandbox) -> None:
     assert state in {"running", "degraded"}, state
     # the sandbox lives in its own cgroup on the host, with systemd as its PID 1
     assert sandbox.cgroup.parent == cgroup_root()
-    assert sandbox.pid in [int(p) for p in (sandbox.cgroup / "init.scope" / "cgroup.procs")
-                           .read_text().split()]
+    assert sandbox.pid in [
+        int(p) for p in (sandbox.cgroup / "init.scope" / "cgroup.procs").read_text().split()
+    ]
     sandbox.systemctl("start", "hello.service")
     assert "hello-sandbox" in sandbox.journal("hello.service")
     assert boot < 10, f"boot took {boot:.1f}s"
@@ -77,12 +78,14 @@ async def _freeze_thaw(bus_address: str, unit_name: str) -> tuple[str, str, str]
     try:
         intro = await bus.introspect(SYSTEMD_BUS, SYSTEMD_PATH)
         manager = bus.get_proxy_object(SYSTEMD_BUS, SYSTEMD_PATH, intro).get_interface(
-            "org.freedesktop.systemd1.Manager")
+            "org.freedesktop.systemd1.Manager"
+        )
         await manager.call_start_unit(unit_name, "replace")  # type: ignore[attr-defined]
         path = await manager.call_get_unit(unit_name)  # type: ignore[attr-defined]
         unit_intro = await bus.introspect(SYSTEMD_BUS, path)
         unit = bus.get_proxy_object(SYSTEMD_BUS, path, unit_intro).get_interface(
-            "org.freedesktop.systemd1.Unit")
+            "org.freedesktop.systemd1.Unit"
+        )
         for _ in range(100):
             if await unit.get_active_state() == "active":  # type: ignore[attr-defined]
                 break
@@ -100,7 +103,8 @@ async def _freeze_thaw(bus_address: str, unit_name: str) -> tuple[str, str, str]
 def test_freeze_and_thaw_over_dbus_from_host(sandbox: SystemdSandbox) -> None:
     sandbox.up({"sleeper.service": SLEEPER})
     before, frozen, thawed = asyncio.run(
-        asyncio.wait_for(_freeze_thaw(sandbox.bus_address, "sleeper.service"), 10))
+        asyncio.wait_for(_freeze_thaw(sandbox.bus_address, "sleeper.service"), 10)
+    )
     assert (before, frozen, thawed) == ("running", "frozen", "running")
     # the kernel agrees: the unit's cgroup on the host is thawed again, still populated
     events = (sandbox.unit_cgroup("sleeper.service") / "cgroup.events").read_text()
@@ -123,12 +127,10 @@ def test_volume_mounted_before_up_is_writable_inside(
     assert vol.usable_bytes > 0.9 * vol.total_bytes
     status = tmp_path / "writer.status"
     size = 3 * 1024 * 1024 + 123
-    sandbox.up({"writer.service": writer_service(vol.mountpoint, size, status,
-                                                 python=venv_python)})
+    sandbox.up({"writer.service": writer_service(vol.mountpoint, size, status, python=venv_python)})
     sandbox.systemctl("start", "writer.service")
     sandbox.wait_for("writer.service", "ActiveState", {"inactive", "failed"})
-    assert sandbox.show("writer.service", "Result") == "success", sandbox.journal(
-        "writer.service")
+    assert sandbox.show("writer.service", "Result") == "success", sandbox.journal("writer.service")
     assert _status_lines(status)[-1][:2] == ["DONE", str(size)]
     assert (vol.mountpoint / "writer.bin").stat().st_size == size
     assert "writer: done" in sandbox.journal("writer.service")
@@ -156,9 +158,12 @@ def test_writer_survives_enospc_and_finishes(
         f.flush()
     status = tmp_path / "w.status"
     size = 6 * 1024 * 1024
-    proc = subprocess.Popen([venv_python, str(WRITER_SCRIPT), str(vol.mountpoint),
-                             str(size), "--status", str(status)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [venv_python, str(WRITER_SCRIPT), str(vol.mountpoint), str(size), "--status", str(status)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         stalled = _wait_status(status, "ENOSPC")
         assert 0 < int(stalled[1]) < size

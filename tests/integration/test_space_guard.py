@@ -49,18 +49,27 @@ def freeze_migration() -> str:
         """
 
 
-def setup_writer(sandbox: SystemdSandbox, rig: GuardRig, volume: LoopVolume, status: Path,
-                 size: str, venv_python: str, units: dict[str, str] | None = None) -> None:
+def setup_writer(
+    sandbox: SystemdSandbox,
+    rig: GuardRig,
+    volume: LoopVolume,
+    status: Path,
+    size: str,
+    venv_python: str,
+    units: dict[str, str] | None = None,
+) -> None:
     (volume.mountpoint / "alice").mkdir()
-    all_units = {"writer@alice.service": writer_unit(venv_python, volume.mountpoint / "alice",
-                                                     size, status)}
+    all_units = {
+        "writer@alice.service": writer_unit(venv_python, volume.mountpoint / "alice", size, status)
+    }
     all_units.update(units or {})
     sandbox.up(all_units)
     rig.install()
 
 
-def test_freeze_before_enospc_then_thaw_after_hold_down(loop_volume, sandbox, venv_python,
-                                                        tmp_path):
+def test_freeze_before_enospc_then_thaw_after_hold_down(
+    loop_volume, sandbox, venv_python, tmp_path
+):
     volume = loop_volume(256, options=["nodelalloc"])
     ballast = make_ballast(volume, 140)
     status = tmp_path / "writer.status"
@@ -73,18 +82,25 @@ def test_freeze_before_enospc_then_thaw_after_hold_down(loop_volume, sandbox, ve
     sandbox.systemctl("start", "writer@alice.service")
     sandbox.wait_for("writer@alice.service", "FreezerState", "frozen", timeout=30)
     assert volume.usable_bytes > 0
-    assert not [entry for entry in read_status(status) if entry[0] == "ENOSPC"], \
+    assert not [entry for entry in read_status(status) if entry[0] == "ENOSPC"], (
         "the writer hit ENOSPC before the guard froze it"
+    )
     metrics = rig.metrics()
     assert metrics['spaceguard_migration_paused{account="alice",unit="writer@alice.service"}'] == 1
     assert metrics['spaceguard_volume_low{volume="space"}'] == 1
     promtool = shutil.which("promtool")
     require(promtool is not None, "promtool not found (Debian package prometheus)")
     assert promtool is not None
-    lint = subprocess.run([promtool, "check", "metrics"], input=rig.metrics_text(),
-                          capture_output=True, text=True, check=False)
-    assert lint.returncode == 0 and not lint.stdout.strip() and not lint.stderr.strip(), \
+    lint = subprocess.run(
+        [promtool, "check", "metrics"],
+        input=rig.metrics_text(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert lint.returncode == 0 and not lint.stdout.strip() and not lint.stderr.strip(), (
         lint.stdout + lint.stderr
+    )
     wait_until(lambda: "paused: alice (guard" in rig.status_text(), 5, "STATUS= naming the pause")
 
     # Still frozen while space stays low: nothing resumes it on its own.
@@ -108,17 +124,23 @@ def test_stop_mode_resumes_with_the_resume_unit(loop_volume, sandbox, venv_pytho
     ballast = make_ballast(volume, 140)
     status = tmp_path / "writer.status"
     rig = GuardRig(sandbox, tmp_path, venv_python)
-    rig.write_config(space_config(volume, """
+    rig.write_config(
+        space_config(
+            volume,
+            """
         [[migrations]]
         account = "alice"
         unit = "writer@alice.service"
         resume_unit = "writer-resume@alice.service"
         volume = "space"
         pause = "stop"
-        """))
+        """,
+        )
+    )
     resume = writer_unit(venv_python, volume.mountpoint / "alice", "120M", status, resume=True)
-    setup_writer(sandbox, rig, volume, status, "120M", venv_python,
-                 {"writer-resume@alice.service": resume})
+    setup_writer(
+        sandbox, rig, volume, status, "120M", venv_python, {"writer-resume@alice.service": resume}
+    )
     rig.start()
     sandbox.systemctl("start", "writer@alice.service")
     sandbox.wait_for("writer@alice.service", "ActiveState", ("inactive", "failed"), timeout=30)
@@ -127,8 +149,12 @@ def test_stop_mode_resumes_with_the_resume_unit(loop_volume, sandbox, venv_pytho
     assert sandbox.show("writer-resume@alice.service", "ActiveState") == "inactive"
 
     ballast.unlink()
-    wait_until(lambda: any(w == "DONE" for w, _ in read_status(status)), 60,
-               "the resume unit to finish the copy", on_timeout=rig.journal)
+    wait_until(
+        lambda: any(w == "DONE" for w, _ in read_status(status)),
+        60,
+        "the resume unit to finish the copy",
+        on_timeout=rig.journal,
+    )
     words = [word for word, _ in read_status(status)]
     assert "ENOSPC" not in words, words
     done = [size for word, size in read_status(status) if word == "DONE"]
@@ -146,17 +172,21 @@ def test_watchdog_restarts_a_hung_guard(loop_volume, sandbox, venv_python, tmp_p
     assert first > 0
     # The sandbox's PIDs are namespaced: signal it from inside.
     sandbox.exec("kill", "-STOP", str(first), check=True)
-    wait_until(lambda: rig.main_pid() not in (0, first) and
-               sandbox.show("spaceguard.service", "ActiveState") == "active",
-               20, "systemd to kill the hung guard and start a new one",
-               on_timeout=rig.journal)
+    wait_until(
+        lambda: (
+            rig.main_pid() not in (0, first)
+            and sandbox.show("spaceguard.service", "ActiveState") == "active"
+        ),
+        20,
+        "systemd to kill the hung guard and start a new one",
+        on_timeout=rig.journal,
+    )
     assert int(sandbox.show("spaceguard.service", "NRestarts")) >= 1
     journal = sandbox.journal()
     assert "Watchdog timeout" in journal or "watchdog" in journal.lower()
 
 
-def test_reload_with_a_broken_config_keeps_the_old_one(loop_volume, sandbox, venv_python,
-                                                       tmp_path):
+def test_reload_with_a_broken_config_keeps_the_old_one(loop_volume, sandbox, venv_python, tmp_path):
     volume = loop_volume(256, options=["nodelalloc"])
     make_ballast(volume, 140)
     status = tmp_path / "writer.status"
@@ -182,8 +212,9 @@ def test_reload_with_a_broken_config_keeps_the_old_one(loop_volume, sandbox, ven
     assert rig.metrics()["spaceguard_config_last_reload_successful"] == 1
 
 
-def test_stopping_the_guard_leaves_the_migration_frozen(loop_volume, sandbox, venv_python,
-                                                        tmp_path):
+def test_stopping_the_guard_leaves_the_migration_frozen(
+    loop_volume, sandbox, venv_python, tmp_path
+):
     volume = loop_volume(256, options=["nodelalloc"])
     ballast = make_ballast(volume, 140)
     status = tmp_path / "writer.status"
@@ -233,7 +264,8 @@ def test_inodes_running_out_pause_too(loop_volume, sandbox, venv_python, tmp_pat
         "while [ $i -lt 700 ]; do\n"
         f"  if : > {target}/f$i 2>/dev/null; then i=$((i+1)); else echo ENOSPC; sleep 0.05; fi\n"
         "done\n"
-        "echo DONE\n")
+        "echo DONE\n"
+    )
     script.chmod(0o755)
     rig = GuardRig(sandbox, tmp_path, venv_python)
     rig.write_config(f"""
@@ -254,8 +286,13 @@ def test_inodes_running_out_pause_too(loop_volume, sandbox, venv_python, tmp_pat
     sandbox.wait_for("writer@alice.service", "FreezerState", "frozen", timeout=30)
     assert volume.statvfs().f_favail > 0
     metrics = rig.metrics()
-    assert metrics['spaceguard_migration_pause_info{account="alice",by="guard",'
-                   'reason="inodes",unit="writer@alice.service"}'] == 1
+    assert (
+        metrics[
+            'spaceguard_migration_pause_info{account="alice",by="guard",'
+            'reason="inodes",unit="writer@alice.service"}'
+        ]
+        == 1
+    )
     shutil.rmtree(ballast)
     sandbox.wait_for("writer@alice.service", "ActiveState", "inactive", timeout=30)
     output = sandbox.journal("writer@alice.service")

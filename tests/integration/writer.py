@@ -57,8 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--status", required=True, help="file to append events to")
     ap.add_argument("--name", default="writer.bin")
     ap.add_argument("--rate", type=parse_size, default=None, help="bytes per second")
-    ap.add_argument("--resume", action="store_true",
-                    help="continue after the existing file's bytes instead of truncating")
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue after the existing file's bytes instead of truncating",
+    )
     ap.add_argument("--fsync", action="store_true", help="fsync after each chunk")
     ap.add_argument("--retry-interval", type=float, default=0.05)
     args = ap.parse_args(argv)

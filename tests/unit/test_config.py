@@ -73,42 +73,63 @@ def config_error(tmp_path: Path, text: str) -> str:
 # --- units of measure ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    (0, 0),
-    (1048576, 1048576),
-    ("1048576", 1048576),
-    ("50GiB", 50 * GiB),
-    ("50 GiB", 50 * GiB),
-    ("500MiB", 500 * 1024**2),
-    ("1KiB", 1024),
-    ("2TiB", 2 * 1024**4),
-    ("1.5TB", 1_500_000_000_000),
-    ("1.5 GB", 1_500_000_000),
-    ("10k", 10_000),
-    ("10b", 10),
-    ("3gib", 3 * GiB),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (0, 0),
+        (1048576, 1048576),
+        ("1048576", 1048576),
+        ("50GiB", 50 * GiB),
+        ("50 GiB", 50 * GiB),
+        ("500MiB", 500 * 1024**2),
+        ("1KiB", 1024),
+        ("2TiB", 2 * 1024**4),
+        ("1.5TB", 1_500_000_000_000),
+        ("1.5 GB", 1_500_000_000),
+        ("10k", 10_000),
+        ("10b", 10),
+        ("3gib", 3 * GiB),
+    ],
+)
 def test_parse_size(text: object, expected: int) -> None:
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("text", [
-    -1, True, 1.5, None, [], "", "GiB", "-5GiB", "5 XB", "5%", "1e9", "five", "5 GiB extra",
-    "9" * 400 + "GiB",  # overflows a float: still a clear error, not an OverflowError
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        -1,
+        True,
+        1.5,
+        None,
+        [],
+        "",
+        "GiB",
+        "-5GiB",
+        "5 XB",
+        "5%",
+        "1e9",
+        "five",
+        "5 GiB extra",
+        "9" * 400 + "GiB",  # overflows a float: still a clear error, not an OverflowError
+    ],
+)
 def test_parse_size_rejects(text: object) -> None:
     with pytest.raises(ValueError):
         parse_size(text)
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("5%", Threshold(percent=5.0)),
-    (" 2.5 % ", Threshold(percent=2.5)),
-    ("0%", Threshold(percent=0.0)),
-    ("100%", Threshold(percent=100.0)),
-    ("50GiB", Threshold(amount=50 * GiB)),
-    (4096, Threshold(amount=4096)),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("5%", Threshold(percent=5.0)),
+        (" 2.5 % ", Threshold(percent=2.5)),
+        ("0%", Threshold(percent=0.0)),
+        ("100%", Threshold(percent=100.0)),
+        ("50GiB", Threshold(amount=50 * GiB)),
+        (4096, Threshold(amount=4096)),
+    ],
+)
 def test_parse_threshold(text: object, expected: Threshold) -> None:
     assert parse_threshold(text) == expected
 
@@ -137,59 +158,86 @@ def test_threshold_limit() -> None:
     assert str(Threshold(amount=50 * GiB)) == "50GiB"
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("30s", 30.0),
-    ("15m", 900.0),
-    ("1h30m", 5400.0),
-    ("1h 30m", 5400.0),
-    ("250ms", 0.25),
-    ("1m500ms", 60.5),
-    ("2h", 7200.0),
-    ("1d", 86400.0),
-    ("1.5s", 1.5),
-    ("0s", 0.0),
-    ("10", 10.0),
-    (10, 10.0),
-    (2.5, 2.5),
-    (0, 0.0),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("30s", 30.0),
+        ("15m", 900.0),
+        ("1h30m", 5400.0),
+        ("1h 30m", 5400.0),
+        ("250ms", 0.25),
+        ("1m500ms", 60.5),
+        ("2h", 7200.0),
+        ("1d", 86400.0),
+        ("1.5s", 1.5),
+        ("0s", 0.0),
+        ("10", 10.0),
+        (10, 10.0),
+        (2.5, 2.5),
+        (0, 0.0),
+    ],
+)
 def test_parse_duration(text: object, expected: float) -> None:
     assert parse_duration(text) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("text", [
-    "", " ", "s", "10x", "-5s", "5S", "1m30", "ten seconds", -1, -0.5, True, None, [],
-    float("nan"), float("inf"),  # TOML has nan and inf: neither is a duration
-    "9" * 400 + "s",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        " ",
+        "s",
+        "10x",
+        "-5s",
+        "5S",
+        "1m30",
+        "ten seconds",
+        -1,
+        -0.5,
+        True,
+        None,
+        [],
+        float("nan"),
+        float("inf"),  # TOML has nan and inf: neither is a duration
+        "9" * 400 + "s",
+    ],
+)
 def test_parse_duration_rejects(text: object) -> None:
     with pytest.raises(ValueError):
         parse_duration(text)
 
 
-@pytest.mark.parametrize("name", [
-    "m365-migrate@alice.service", "plain.service", "a:b_c.d-e\\x2d.service",
-    "m365-migrate@alice.smith@contoso.com.service".replace("@contoso", "-contoso"),
-    "x" * 247 + ".service",  # 255 characters: systemd's limit
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "m365-migrate@alice.service",
+        "plain.service",
+        "a:b_c.d-e\\x2d.service",
+        "m365-migrate@alice.smith@contoso.com.service".replace("@contoso", "-contoso"),
+        "x" * 247 + ".service",  # 255 characters: systemd's limit
+    ],
+)
 def test_valid_unit_names(name: str) -> None:
     assert check_unit_name(name) == name
 
 
-@pytest.mark.parametrize("name", [
-    "m365-migrate@alice",  # no .service
-    "m365-migrate@alice.timer",
-    "m365 migrate.service",  # space
-    "m365$migrate.service",
-    "m365/migrate.service",
-    "m365-migrate@.service",  # a template without an instance
-    "@alice.service",
-    "a@b@c.service",
-    ".service",
-    "x" * 248 + ".service",  # 256 characters
-    "",
-    42,
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "m365-migrate@alice",  # no .service
+        "m365-migrate@alice.timer",
+        "m365 migrate.service",  # space
+        "m365$migrate.service",
+        "m365/migrate.service",
+        "m365-migrate@.service",  # a template without an instance
+        "@alice.service",
+        "a@b@c.service",
+        ".service",
+        "x" * 248 + ".service",  # 256 characters
+        "",
+        42,
+    ],
+)
 def test_invalid_unit_names(name: object) -> None:
     with pytest.raises(ValueError):
         check_unit_name(name)
@@ -223,10 +271,15 @@ def test_good_config(tmp_path: Path) -> None:
 
 
 def test_absolute_thresholds_and_durations(tmp_path: Path) -> None:
-    config = load_text(tmp_path, GOOD.replace('pause_below = "5%"', 'pause_below = "50GiB"')
-                       .replace('resume_above = "10%"', 'resume_above = 107374182400\n'
-                                'resume_after = "1h30m"\npredict = 0\n'
-                                'pause_below_inodes = 1000\npoll_min = "250ms"'))
+    config = load_text(
+        tmp_path,
+        GOOD.replace('pause_below = "5%"', 'pause_below = "50GiB"').replace(
+            'resume_above = "10%"',
+            "resume_above = 107374182400\n"
+            'resume_after = "1h30m"\npredict = 0\n'
+            'pause_below_inodes = 1000\npoll_min = "250ms"',
+        ),
+    )
     space = config.volumes["space"]
     assert space.pause_below == Threshold(amount=50 * GiB)
     assert space.resume_above == Threshold(amount=100 * GiB)
@@ -252,33 +305,51 @@ def test_shipped_config_loads(tmp_path: Path) -> None:
     assert config.alerts.receivers[0].kind == "alertmanager"
 
 
-@pytest.mark.parametrize(("edit", "where"), [
-    (lambda t: "colour = 1\n" + t, "colour"),
-    (lambda t: t.replace('[guard]\n', '[guard]\nstate_dri = "/x"\n'), "guard.state_dri"),
-    (lambda t: t.replace('path = "/space"', 'path = "/space"\npause_bellow = "5%"'),
-     "volumes.space.pause_bellow"),
-    (lambda t: t.replace('volume = "space"\npause', 'volume = "space"\nuint = "x"\npause'),
-     "migrations[1].uint"),
-    (lambda t: t + '[[rules]]\nname = "r"\npattern = "x"\nclass = "transient"\nextra = 1\n',
-     "rules[0].extra"),
-    (lambda t: t + '[alerts]\nresend = "1m"\n', "alerts.resend"),
-    (lambda t: t + '[[alerts.receivers]]\nname = "am"\nkind = "alertmanager"\n'
-     'url = "http://am:9093"\nusername = "x"\n', "alerts.receivers[0].username"),
-])
+@pytest.mark.parametrize(
+    ("edit", "where"),
+    [
+        (lambda t: "colour = 1\n" + t, "colour"),
+        (lambda t: t.replace("[guard]\n", '[guard]\nstate_dri = "/x"\n'), "guard.state_dri"),
+        (
+            lambda t: t.replace('path = "/space"', 'path = "/space"\npause_bellow = "5%"'),
+            "volumes.space.pause_bellow",
+        ),
+        (
+            lambda t: t.replace('volume = "space"\npause', 'volume = "space"\nuint = "x"\npause'),
+            "migrations[1].uint",
+        ),
+        (
+            lambda t: t + '[[rules]]\nname = "r"\npattern = "x"\nclass = "transient"\nextra = 1\n',
+            "rules[0].extra",
+        ),
+        (lambda t: t + '[alerts]\nresend = "1m"\n', "alerts.resend"),
+        (
+            lambda t: (
+                t + '[[alerts.receivers]]\nname = "am"\nkind = "alertmanager"\n'
+                'url = "http://am:9093"\nusername = "x"\n'
+            ),
+            "alerts.receivers[0].username",
+        ),
+    ],
+)
 def test_unknown_keys_are_named(tmp_path: Path, edit, where: str) -> None:
     message = config_error(tmp_path, edit(GOOD))
     assert f": {where}: unknown key" in message
 
 
-@pytest.mark.parametrize(("pause", "resume", "key"), [
-    ('"10%"', '"10%"', "resume_above"),
-    ('"10%"', '"5%"', "resume_above"),
-    ('"50GiB"', '"50GiB"', "resume_above"),
-    ('"50GiB"', '"10GiB"', "resume_above"),
-])
+@pytest.mark.parametrize(
+    ("pause", "resume", "key"),
+    [
+        ('"10%"', '"10%"', "resume_above"),
+        ('"10%"', '"5%"', "resume_above"),
+        ('"50GiB"', '"50GiB"', "resume_above"),
+        ('"50GiB"', '"10GiB"', "resume_above"),
+    ],
+)
 def test_resume_must_be_above_pause(tmp_path: Path, pause: str, resume: str, key: str) -> None:
     text = GOOD.replace('pause_below = "5%"', f"pause_below = {pause}").replace(
-        'resume_above = "10%"', f"resume_above = {resume}")
+        'resume_above = "10%"', f"resume_above = {resume}"
+    )
     message = config_error(tmp_path, text)
     assert f"volumes.space.{key}:" in message
     assert "must be above the pause threshold" in message
@@ -287,55 +358,69 @@ def test_resume_must_be_above_pause(tmp_path: Path, pause: str, resume: str, key
 @pytest.mark.parametrize(("pause", "resume"), [('"5%"', '"50GiB"'), ('"50GiB"', '"10%"')])
 def test_thresholds_of_mixed_kinds(tmp_path: Path, pause: str, resume: str) -> None:
     text = GOOD.replace('pause_below = "5%"', f"pause_below = {pause}").replace(
-        'resume_above = "10%"', f"resume_above = {resume}")
+        'resume_above = "10%"', f"resume_above = {resume}"
+    )
     message = config_error(tmp_path, text)
     assert "volumes.space.resume_above:" in message
     assert "same kind" in message
 
 
 def test_inode_hysteresis(tmp_path: Path) -> None:
-    text = GOOD.replace('path = "/space"', 'path = "/space"\npause_below_inodes = "2%"\n'
-                        'resume_above_inodes = "2%"')
+    text = GOOD.replace(
+        'path = "/space"', 'path = "/space"\npause_below_inodes = "2%"\nresume_above_inodes = "2%"'
+    )
     message = config_error(tmp_path, text)
     assert "volumes.space.resume_above_inodes:" in message
 
 
 def test_unknown_volume(tmp_path: Path) -> None:
-    message = config_error(tmp_path, GOOD.replace('volume = "space"\npause', 'volume = "data"\n'
-                                                  'pause'))
+    message = config_error(
+        tmp_path, GOOD.replace('volume = "space"\npause', 'volume = "data"\npause')
+    )
     assert "migrations[1].volume:" in message
     assert "'data'" in message and "space" in message
 
 
-@pytest.mark.parametrize("unit", [
-    "m365-migrate@bob", "m365 migrate@bob.service", "m365-migrate@.service", "x" * 300 + ".service",
-])
+@pytest.mark.parametrize(
+    "unit",
+    [
+        "m365-migrate@bob",
+        "m365 migrate@bob.service",
+        "m365-migrate@.service",
+        "x" * 300 + ".service",
+    ],
+)
 def test_invalid_unit_in_file(tmp_path: Path, unit: str) -> None:
     message = config_error(tmp_path, GOOD.replace('"m365-migrate@bob.service"', f'"{unit}"'))
     assert "migrations[1].unit:" in message
 
 
 def test_invalid_resume_unit_in_file(tmp_path: Path) -> None:
-    message = config_error(tmp_path, GOOD.replace('"m365-migrate-resume@alice.service"',
-                                                  '"m365-migrate-resume@.service"'))
+    message = config_error(
+        tmp_path,
+        GOOD.replace('"m365-migrate-resume@alice.service"', '"m365-migrate-resume@.service"'),
+    )
     assert "migrations[0].resume_unit:" in message
 
 
 def test_one_unit_one_migration(tmp_path: Path) -> None:
-    message = config_error(tmp_path, GOOD.replace('"m365-migrate@bob.service"',
-                                                  '"m365-migrate@alice.service"'))
+    message = config_error(
+        tmp_path, GOOD.replace('"m365-migrate@bob.service"', '"m365-migrate@alice.service"')
+    )
     assert "migrations[1].unit:" in message
     assert "m365-migrate@alice.service" in message and "migrations[0]" in message
 
 
 def test_one_unit_one_migration_via_resume_unit(tmp_path: Path) -> None:
     # bob's unit is alice's resume unit
-    message = config_error(tmp_path, GOOD.replace('"m365-migrate@bob.service"',
-                                                  '"m365-migrate-resume@alice.service"'))
+    message = config_error(
+        tmp_path, GOOD.replace('"m365-migrate@bob.service"', '"m365-migrate-resume@alice.service"')
+    )
     assert "migrations[1].unit:" in message and "migrations[0]" in message
     # bob's resume unit is alice's unit: the error names the key that is wrong
-    text = GOOD.replace('pause = "stop"', 'pause = "stop"\n'
-                        'resume_unit = "m365-migrate@alice.service"')
+    text = GOOD.replace(
+        'pause = "stop"', 'pause = "stop"\nresume_unit = "m365-migrate@alice.service"'
+    )
     message = config_error(tmp_path, text)
     assert "migrations[1].resume_unit:" in message
     assert "m365-migrate@alice.service" in message and "migrations[0]" in message
@@ -353,14 +438,17 @@ def test_bad_account_names(tmp_path: Path, account: str) -> None:
 
 
 def test_bad_regex_in_rules(tmp_path: Path) -> None:
-    message = config_error(tmp_path, GOOD + '[[rules]]\nname = "r"\npattern = "token (expired"\n'
-                           'class = "unrecoverable"\n')
+    message = config_error(
+        tmp_path,
+        GOOD + '[[rules]]\nname = "r"\npattern = "token (expired"\nclass = "unrecoverable"\n',
+    )
     assert "rules[0].pattern: not a valid regular expression" in message
 
 
 def test_bad_rule_class(tmp_path: Path) -> None:
-    message = config_error(tmp_path, GOOD + '[[rules]]\nname = "r"\npattern = "x"\n'
-                           'class = "fatal"\n')
+    message = config_error(
+        tmp_path, GOOD + '[[rules]]\nname = "r"\npattern = "x"\nclass = "fatal"\n'
+    )
     assert "rules[0].class:" in message
 
 
@@ -371,20 +459,26 @@ def receiver(**keys: str) -> str:
     return "[[alerts.receivers]]\n" + "\n".join(lines) + "\n"
 
 
-@pytest.mark.parametrize(("block", "where"), [
-    (receiver(kind='"slack"'), "alerts.receivers[0].kind"),
-    (receiver(url='"ftp://x"'), "alerts.receivers[0].url"),
-    (receiver(url='"127.0.0.1:9093"'), "alerts.receivers[0].url"),
-    (receiver(name='"a b"'), "alerts.receivers[0].name"),
-    (receiver(name=""), "alerts.receivers[0].name"),
-    (receiver(kind=""), "alerts.receivers[0].kind"),
-    (receiver(url=""), "alerts.receivers[0].url"),
-    (receiver() + receiver(), "alerts.receivers[1].name"),
-    (receiver(basic_auth_user='"spaceguard"'), "alerts.receivers[0].basic_auth_user"),
-    (receiver(bearer_token_file='"/nonexistent/token"'), "alerts.receivers[0].bearer_token_file"),
-    (receiver(bearer_token_file='"relative/token"'), "alerts.receivers[0].bearer_token_file"),
-    (receiver(timeout='"soon"'), "alerts.receivers[0].timeout"),
-])
+@pytest.mark.parametrize(
+    ("block", "where"),
+    [
+        (receiver(kind='"slack"'), "alerts.receivers[0].kind"),
+        (receiver(url='"ftp://x"'), "alerts.receivers[0].url"),
+        (receiver(url='"127.0.0.1:9093"'), "alerts.receivers[0].url"),
+        (receiver(name='"a b"'), "alerts.receivers[0].name"),
+        (receiver(name=""), "alerts.receivers[0].name"),
+        (receiver(kind=""), "alerts.receivers[0].kind"),
+        (receiver(url=""), "alerts.receivers[0].url"),
+        (receiver() + receiver(), "alerts.receivers[1].name"),
+        (receiver(basic_auth_user='"spaceguard"'), "alerts.receivers[0].basic_auth_user"),
+        (
+            receiver(bearer_token_file='"/nonexistent/token"'),
+            "alerts.receivers[0].bearer_token_file",
+        ),
+        (receiver(bearer_token_file='"relative/token"'), "alerts.receivers[0].bearer_token_file"),
+        (receiver(timeout='"soon"'), "alerts.receivers[0].timeout"),
+    ],
+)
 def test_bad_receivers(tmp_path: Path, block: str, where: str) -> None:
     message = config_error(tmp_path, GOOD + "[alerts]\n" + block)
     assert f": {where}: " in message
@@ -395,60 +489,102 @@ def test_receiver_secrets_are_read(tmp_path: Path) -> None:
     token.write_text("tok\n", encoding="utf-8")
     password = tmp_path / "password"
     password.write_text("pw\n", encoding="utf-8")
-    text = GOOD + "[alerts]\n" + receiver(bearer_token_file=f'"{token}"') + receiver(
-        name='"hook"', kind='"webhook"', url='"https://hooks.example.org/x/"',
-        basic_auth_user='"u"', basic_auth_password_file=f'"{password}"')
+    text = (
+        GOOD
+        + "[alerts]\n"
+        + receiver(bearer_token_file=f'"{token}"')
+        + receiver(
+            name='"hook"',
+            kind='"webhook"',
+            url='"https://hooks.example.org/x/"',
+            basic_auth_user='"u"',
+            basic_auth_password_file=f'"{password}"',
+        )
+    )
     am, hook = load_text(tmp_path, text).alerts.receivers
     assert am.bearer_token == "tok"
     assert hook.basic_auth == ("u", "pw")
     assert hook.url == "https://hooks.example.org/x"
 
 
-@pytest.mark.parametrize(("edit", "where"), [
-    (lambda t: t.replace('path = "/space"\n', ""), "volumes.space.path: missing"),
-    (lambda t: t.replace('account = "bob"\n', ""), "migrations[1].account: missing"),
-    (lambda t: t.replace('unit = "m365-migrate@bob.service"\n', ""),
-     "migrations[1].unit: missing"),
-    (lambda t: t.replace('volume = "space"\npause', "pause"), "migrations[1].volume: missing"),
-    (lambda t: t + '[[rules]]\npattern = "x"\nclass = "transient"\n', "rules[0].name: missing"),
-    (lambda t: t.split("[volumes.space]")[0], "volumes: at least one"),
-])
+@pytest.mark.parametrize(
+    ("edit", "where"),
+    [
+        (lambda t: t.replace('path = "/space"\n', ""), "volumes.space.path: missing"),
+        (lambda t: t.replace('account = "bob"\n', ""), "migrations[1].account: missing"),
+        (
+            lambda t: t.replace('unit = "m365-migrate@bob.service"\n', ""),
+            "migrations[1].unit: missing",
+        ),
+        (lambda t: t.replace('volume = "space"\npause', "pause"), "migrations[1].volume: missing"),
+        (lambda t: t + '[[rules]]\npattern = "x"\nclass = "transient"\n', "rules[0].name: missing"),
+        (lambda t: t.split("[volumes.space]")[0], "volumes: at least one"),
+    ],
+)
 def test_missing_required_keys(tmp_path: Path, edit, where: str) -> None:
     message = config_error(tmp_path, edit(GOOD))
     assert where in message
 
 
-@pytest.mark.parametrize(("edit", "where"), [
-    (lambda t: t.replace('pause = "stop"', 'pause = "kill"'), "migrations[1].pause:"),
-    (lambda t: t.replace('pause = "stop"', 'log = "var/log/x.log"'), "migrations[1].log:"),
-    (lambda t: t.replace('pause = "stop"', "max_retries = -1"), "migrations[1].max_retries:"),
-    (lambda t: t.replace('pause = "stop"', "max_retries = true"), "migrations[1].max_retries:"),
-    (lambda t: t.replace('pause = "stop"', 'verify_command = "rclone check"'),
-     "migrations[1].verify_command:"),
-    (lambda t: t.replace('pause = "stop"', 'verify_command = ["bin/rclone", "check"]'),
-     "migrations[1].verify_command:"),
-    (lambda t: t.replace('pause = "stop"', "stall_after = nan"), "migrations[1].stall_after:"),
-    (lambda t: t.replace('pause = "stop"', "retry_backoff = inf"), "migrations[1].retry_backoff:"),
-    (lambda t: t.replace('path = "/space"', 'path = "space"'), "volumes.space.path:"),
-    (lambda t: t.replace('path = "/space"', 'path = "/space"\nresume_after = nan'),
-     "volumes.space.resume_after:"),
-    (lambda t: t.replace('path = "/space"', 'path = "/space"\nmax_write_speed = 0'),
-     "volumes.space.max_write_speed:"),
-    (lambda t: t.replace('path = "/space"', 'path = "/space"\npoll_min = "2s"'),
-     "volumes.space.poll_min:"),
-    (lambda t: t.replace('path = "/space"', 'path = "/space"\nrequire_mount = "yes"'),
-     "volumes.space.require_mount:"),
-    (lambda t: t.replace('pause_below = "5%"', 'pause_below = "five"'),
-     "volumes.space.pause_below:"),
-    (lambda t: t.replace('state_dir = "/var/lib/spaceguard"', 'log_level = "chatty"'),
-     "guard.log_level:"),
-    (lambda t: t.replace('state_dir = "/var/lib/spaceguard"', 'metrics_listen = "9839"'),
-     "guard.metrics_listen:"),
-    (lambda t: t.replace('[guard]\nstate_dir = "/var/lib/spaceguard"', "guard = 5"),
-     "guard: expected a table"),
-    (lambda t: t.replace("[[migrations]]", "[migrations.x]", 1).split("[[migrations]]")[0],
-     "migrations: expected an array"),
-])
+@pytest.mark.parametrize(
+    ("edit", "where"),
+    [
+        (lambda t: t.replace('pause = "stop"', 'pause = "kill"'), "migrations[1].pause:"),
+        (lambda t: t.replace('pause = "stop"', 'log = "var/log/x.log"'), "migrations[1].log:"),
+        (lambda t: t.replace('pause = "stop"', "max_retries = -1"), "migrations[1].max_retries:"),
+        (lambda t: t.replace('pause = "stop"', "max_retries = true"), "migrations[1].max_retries:"),
+        (
+            lambda t: t.replace('pause = "stop"', 'verify_command = "rclone check"'),
+            "migrations[1].verify_command:",
+        ),
+        (
+            lambda t: t.replace('pause = "stop"', 'verify_command = ["bin/rclone", "check"]'),
+            "migrations[1].verify_command:",
+        ),
+        (lambda t: t.replace('pause = "stop"', "stall_after = nan"), "migrations[1].stall_after:"),
+        (
+            lambda t: t.replace('pause = "stop"', "retry_backoff = inf"),
+            "migrations[1].retry_backoff:",
+        ),
+        (lambda t: t.replace('path = "/space"', 'path = "space"'), "volumes.space.path:"),
+        (
+            lambda t: t.replace('path = "/space"', 'path = "/space"\nresume_after = nan'),
+            "volumes.space.resume_after:",
+        ),
+        (
+            lambda t: t.replace('path = "/space"', 'path = "/space"\nmax_write_speed = 0'),
+            "volumes.space.max_write_speed:",
+        ),
+        (
+            lambda t: t.replace('path = "/space"', 'path = "/space"\npoll_min = "2s"'),
+            "volumes.space.poll_min:",
+        ),
+        (
+            lambda t: t.replace('path = "/space"', 'path = "/space"\nrequire_mount = "yes"'),
+            "volumes.space.require_mount:",
+        ),
+        (
+            lambda t: t.replace('pause_below = "5%"', 'pause_below = "five"'),
+            "volumes.space.pause_below:",
+        ),
+        (
+            lambda t: t.replace('state_dir = "/var/lib/spaceguard"', 'log_level = "chatty"'),
+            "guard.log_level:",
+        ),
+        (
+            lambda t: t.replace('state_dir = "/var/lib/spaceguard"', 'metrics_listen = "9839"'),
+            "guard.metrics_listen:",
+        ),
+        (
+            lambda t: t.replace('[guard]\nstate_dir = "/var/lib/spaceguard"', "guard = 5"),
+            "guard: expected a table",
+        ),
+        (
+            lambda t: t.replace("[[migrations]]", "[migrations.x]", 1).split("[[migrations]]")[0],
+            "migrations: expected an array",
+        ),
+    ],
+)
 def test_bad_values_are_named(tmp_path: Path, edit, where: str) -> None:
     assert where in config_error(tmp_path, edit(GOOD))
 
@@ -488,8 +624,14 @@ def test_parse_takes_a_document() -> None:
 
 def run_check_config(path: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "daemon")}
-    return subprocess.run([sys.executable, "-m", "spaceguard", "check-config", str(path)],
-                          capture_output=True, text=True, env=env, timeout=60, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "spaceguard", "check-config", str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
 
 
 def test_check_config_good(tmp_path: Path) -> None:
@@ -527,22 +669,34 @@ volume = "space"
     path = tmp_path / "c.toml"
     path.write_text(base + 'verify_unit = "m365-verify@alice.service"\n')
     assert load(path).migrations[0].verify_unit == "m365-verify@alice.service"
-    path.write_text(base + 'verify_unit = "m365-verify@alice.service"\n'
-                    'verify_command = ["rclone", "lsd", "m365-alice:"]\n')
-    with pytest.raises(ConfigError, match=r"migrations\[0\]\.verify_unit: give verify_command "
-                                          "or verify_unit, not both"):
+    path.write_text(
+        base + 'verify_unit = "m365-verify@alice.service"\n'
+        'verify_command = ["rclone", "lsd", "m365-alice:"]\n'
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"migrations\[0\]\.verify_unit: give verify_command "
+        "or verify_unit, not both",
+    ):
         load(path)
     path.write_text(base + 'verify_unit = "m365-migrate@alice.service"\n')
     with pytest.raises(ConfigError, match="must not be the migration's own unit"):
         load(path)
-    path.write_text(base + 'verify_unit = "m365-migrate@bob.service"\n' + """
+    path.write_text(
+        base
+        + 'verify_unit = "m365-migrate@bob.service"\n'
+        + """
 [[migrations]]
 account = "bob"
 unit = "m365-migrate@bob.service"
 volume = "space"
-""")
-    with pytest.raises(ConfigError, match=r"migrations\[0\]\.verify_unit: .* runs "
-                                          r"migrations\[1\]"):
+"""
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"migrations\[0\]\.verify_unit: .* runs "
+        r"migrations\[1\]",
+    ):
         load(path)
     path.write_text(base + 'verify_unit = "not a unit"\n')
     with pytest.raises(ConfigError, match=r"migrations\[0\]\.verify_unit: 'not a unit' is not"):

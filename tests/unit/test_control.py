@@ -45,38 +45,97 @@ NOBODY_GID = 65534
 NOW = time.time()
 
 STATUS: dict[str, Any] = {
-    "version": __version__, "ready": True, "bus_connected": True,
-    "config": "/etc/spaceguard/spaceguard.toml", "config_problem": "", "state_problem": "",
+    "version": __version__,
+    "ready": True,
+    "bus_connected": True,
+    "config": "/etc/spaceguard/spaceguard.toml",
+    "config_problem": "",
+    "state_problem": "",
     "volumes": [
-        {"name": "space", "path": "/space", "up": True, "error": "",
-         "avail_bytes": 3 * 1024**3, "size_bytes": 100 * 1024**3, "avail_files": 900_000,
-         "files": 1_000_000, "fill_rate": 12 * 1024**2, "seconds_to_pause": 200.0,
-         "low": True, "low_reason": "bytes", "pause_below": "5%", "resume_above": "10%"},
-        {"name": "scratch", "path": "/scratch", "up": False, "error": "not mounted",
-         "avail_bytes": 0, "size_bytes": 0, "avail_files": 0, "files": 0, "fill_rate": 0.0,
-         "seconds_to_pause": None, "low": False, "low_reason": "",
-         "pause_below": "5%", "resume_above": "10%"},
+        {
+            "name": "space",
+            "path": "/space",
+            "up": True,
+            "error": "",
+            "avail_bytes": 3 * 1024**3,
+            "size_bytes": 100 * 1024**3,
+            "avail_files": 900_000,
+            "files": 1_000_000,
+            "fill_rate": 12 * 1024**2,
+            "seconds_to_pause": 200.0,
+            "low": True,
+            "low_reason": "bytes",
+            "pause_below": "5%",
+            "resume_above": "10%",
+        },
+        {
+            "name": "scratch",
+            "path": "/scratch",
+            "up": False,
+            "error": "not mounted",
+            "avail_bytes": 0,
+            "size_bytes": 0,
+            "avail_files": 0,
+            "files": 0,
+            "fill_rate": 0.0,
+            "seconds_to_pause": None,
+            "low": False,
+            "low_reason": "",
+            "pause_below": "5%",
+            "resume_above": "10%",
+        },
     ],
     "migrations": [
-        {"account": "alice", "unit": "m365-migrate@alice.service",
-         "units": {"m365-migrate@alice.service": {"active_state": "active"}},
-         "volume": "space", "state": "paused",
-         "hold": {"by": "operator", "reason": "operator", "since": NOW - 300,
-                  "note": "disk swap \x1b[31m"},
-         "failure": None, "retries": 0, "max_retries": 3,
-         "transferred_bytes": 5 * 1024**3, "last_progress_at": NOW - 12},
-        {"account": "bob", "unit": "m365-migrate@bob.service", "units": {},
-         "volume": "space", "state": "failed", "hold": None,
-         "failure": {"class": "unrecoverable", "trigger": "log", "detail": "token expired",
-                     "phase": "needs-operator", "incident": "20240101T000000Z-bob-1",
-                     "next_retry_at": None},
-         "retries": 3, "max_retries": 3, "transferred_bytes": 0, "last_progress_at": None},
+        {
+            "account": "alice",
+            "unit": "m365-migrate@alice.service",
+            "units": {"m365-migrate@alice.service": {"active_state": "active"}},
+            "volume": "space",
+            "state": "paused",
+            "hold": {
+                "by": "operator",
+                "reason": "operator",
+                "since": NOW - 300,
+                "note": "disk swap \x1b[31m",
+            },
+            "failure": None,
+            "retries": 0,
+            "max_retries": 3,
+            "transferred_bytes": 5 * 1024**3,
+            "last_progress_at": NOW - 12,
+        },
+        {
+            "account": "bob",
+            "unit": "m365-migrate@bob.service",
+            "units": {},
+            "volume": "space",
+            "state": "failed",
+            "hold": None,
+            "failure": {
+                "class": "unrecoverable",
+                "trigger": "log",
+                "detail": "token expired",
+                "phase": "needs-operator",
+                "incident": "20240101T000000Z-bob-1",
+                "next_retry_at": None,
+            },
+            "retries": 3,
+            "max_retries": 3,
+            "transferred_bytes": 0,
+            "last_progress_at": None,
+        },
     ],
 }
 INCIDENT: dict[str, Any] = {
-    "id": "20240101T000000Z-bob-1", "account": "bob", "unit": "m365-migrate@bob.service",
-    "time": 1704067200.0, "trigger": "log", "class": "unrecoverable",
-    "detail": "token expired", "outcome": "needs operator", "acked_by": "",
+    "id": "20240101T000000Z-bob-1",
+    "account": "bob",
+    "unit": "m365-migrate@bob.service",
+    "time": 1704067200.0,
+    "trigger": "log",
+    "class": "unrecoverable",
+    "detail": "token expired",
+    "outcome": "needs operator",
+    "acked_by": "",
     "text": "Incident 20240101T000000Z-bob-1\n  account:   bob\n",
 }
 
@@ -114,8 +173,9 @@ class RecordingBackend:
         self.last_status = status_now()
         return self.last_status
 
-    async def operator(self, verb: str, account: str, reason: str, force: bool,
-                       who: str) -> tuple[bool, str]:
+    async def operator(
+        self, verb: str, account: str, reason: str, force: bool, who: str
+    ) -> tuple[bool, str]:
         self.calls.append(("operator", verb, account, reason, force, who))
         self._maybe_fail()
         if self.operator_delay:
@@ -167,8 +227,13 @@ def socket_dir() -> Iterator[Path]:
 
 
 @contextlib.asynccontextmanager
-async def serving(path: Path, backend: RecordingBackend, reader_group: str = "",
-                  admin_group: str = "", **options: Any) -> AsyncIterator[ControlServer]:
+async def serving(
+    path: Path,
+    backend: RecordingBackend,
+    reader_group: str = "",
+    admin_group: str = "",
+    **options: Any,
+) -> AsyncIterator[ControlServer]:
     server = ControlServer(path, reader_group, admin_group, backend, **options)
     await server.start()
     try:
@@ -181,6 +246,7 @@ def run(body: Callable[[], Awaitable[Any]]) -> Any:
     async def main() -> Any:
         async with asyncio.timeout(60):
             return await body()
+
     return asyncio.run(main())
 
 
@@ -211,31 +277,61 @@ def _python_for(uid: int | None) -> str:
     if uid is None:
         return sys.executable
     for candidate in (sys.executable, "/usr/bin/python3"):
-        probe = subprocess.run(["setpriv", "--reuid", str(uid), "--regid", str(uid),
-                                "--clear-groups", candidate, "-c", "import json"],
-                               capture_output=True, cwd="/")
+        probe = subprocess.run(
+            [
+                "setpriv",
+                "--reuid",
+                str(uid),
+                "--regid",
+                str(uid),
+                "--clear-groups",
+                candidate,
+                "-c",
+                "import json",
+            ],
+            capture_output=True,
+            cwd="/",
+        )
         if probe.returncode == 0:
             return candidate
     require(False, f"no python3 that uid {uid} can run")
     raise AssertionError("unreachable")
 
 
-async def ctl(socket_path: Path | None, *argv: str, as_uid: int | None = None,
-              env: dict[str, str] | None = None) -> tuple[int, str, str]:
+async def ctl(
+    socket_path: Path | None,
+    *argv: str,
+    as_uid: int | None = None,
+    env: dict[str, str] | None = None,
+) -> tuple[int, str, str]:
     command = [_python_for(as_uid), "-m", "spaceguard.ctl"]
     if socket_path is not None:
         command += ["--socket", str(socket_path)]
     command += list(argv)
     if as_uid is not None:
-        command = ["setpriv", "--reuid", str(as_uid), "--regid", str(as_uid),
-                   "--clear-groups", *command]
-    environment = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-                   "PYTHONPATH": str(DAEMON_DIR if as_uid is None else readable_package_dir()),
-                   "PYTHONDONTWRITEBYTECODE": "1",
-                   "LANG": "C.UTF-8", **(env or {})}
+        command = [
+            "setpriv",
+            "--reuid",
+            str(as_uid),
+            "--regid",
+            str(as_uid),
+            "--clear-groups",
+            *command,
+        ]
+    environment = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "PYTHONPATH": str(DAEMON_DIR if as_uid is None else readable_package_dir()),
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "LANG": "C.UTF-8",
+        **(env or {}),
+    }
     process = await asyncio.create_subprocess_exec(
-        *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env=environment, cwd="/")
+        *command,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=environment,
+        cwd="/",
+    )
     async with asyncio.timeout(30):
         stdout, stderr = await process.communicate()
     assert process.returncode is not None
@@ -247,31 +343,77 @@ async def ctl(socket_path: Path | None, *argv: str, as_uid: int | None = None,
 ROOT_WHO = "uid 0 (root)"
 VERB_CASES: list[tuple[list[str], tuple[Any, ...], list[str]]] = [
     # (argv, the backend call it makes, what the human output shows)
-    (["status"], ("status",),
-     ["VOLUMES", "FREE %", "TIME TO PAUSE", "space", "/space", "3.0 GiB", "3.0%",
-      "900,000 (90.0%)", "12.0 MiB/s", "LOW: bytes", "UNAVAILABLE: not mounted",
-      "MIGRATIONS", "PAUSED BY / REASON / SINCE", "alice", "m365-migrate@alice.service",
-      "operator: disk swap \\x1b[31m, 5m00s ago", "5.0 GiB", "12s ago",
-      "unrecoverable/log, needs-operator, incident 20240101T000000Z-bob-1, token expired",
-      "3/3", "D-Bus connected"]),
-    (["pause", "alice", "--reason", "disk swap"],
-     ("operator", "pause", "alice", "disk swap", False, ROOT_WHO), ["alice: pause done"]),
-    (["pause", "alice"], ("operator", "pause", "alice", "", False, ROOT_WHO),
-     ["alice: pause done"]),
-    (["resume", "alice", "--force"], ("operator", "resume", "alice", "", True, ROOT_WHO),
-     ["alice: resume done"]),
-    (["resume", "alice"], ("operator", "resume", "alice", "", False, ROOT_WHO),
-     ["alice: resume done"]),
-    (["retry", "bob"], ("operator", "retry", "bob", "", False, ROOT_WHO),
-     ["bob: retry done"]),
-    (["incidents"], ("incidents", None),
-     ["ID", "TIME (UTC)", "20240101T000000Z-bob-1", "2024-01-01 00:00:00", "unrecoverable",
-      "token expired"]),
+    (
+        ["status"],
+        ("status",),
+        [
+            "VOLUMES",
+            "FREE %",
+            "TIME TO PAUSE",
+            "space",
+            "/space",
+            "3.0 GiB",
+            "3.0%",
+            "900,000 (90.0%)",
+            "12.0 MiB/s",
+            "LOW: bytes",
+            "UNAVAILABLE: not mounted",
+            "MIGRATIONS",
+            "PAUSED BY / REASON / SINCE",
+            "alice",
+            "m365-migrate@alice.service",
+            "operator: disk swap \\x1b[31m, 5m00s ago",
+            "5.0 GiB",
+            "12s ago",
+            "unrecoverable/log, needs-operator, incident 20240101T000000Z-bob-1, token expired",
+            "3/3",
+            "D-Bus connected",
+        ],
+    ),
+    (
+        ["pause", "alice", "--reason", "disk swap"],
+        ("operator", "pause", "alice", "disk swap", False, ROOT_WHO),
+        ["alice: pause done"],
+    ),
+    (
+        ["pause", "alice"],
+        ("operator", "pause", "alice", "", False, ROOT_WHO),
+        ["alice: pause done"],
+    ),
+    (
+        ["resume", "alice", "--force"],
+        ("operator", "resume", "alice", "", True, ROOT_WHO),
+        ["alice: resume done"],
+    ),
+    (
+        ["resume", "alice"],
+        ("operator", "resume", "alice", "", False, ROOT_WHO),
+        ["alice: resume done"],
+    ),
+    (["retry", "bob"], ("operator", "retry", "bob", "", False, ROOT_WHO), ["bob: retry done"]),
+    (
+        ["incidents"],
+        ("incidents", None),
+        [
+            "ID",
+            "TIME (UTC)",
+            "20240101T000000Z-bob-1",
+            "2024-01-01 00:00:00",
+            "unrecoverable",
+            "token expired",
+        ],
+    ),
     (["incidents", "--account", "bob"], ("incidents", "bob"), ["20240101T000000Z-bob-1"]),
-    (["show", "20240101T000000Z-bob-1"], ("incident", "20240101T000000Z-bob-1"),
-     ["Incident 20240101T000000Z-bob-1\n  account:   bob\n"]),
-    (["ack", "20240101T000000Z-bob-1"], ("ack", "20240101T000000Z-bob-1", ROOT_WHO),
-     ["20240101T000000Z-bob-1 acknowledged"]),
+    (
+        ["show", "20240101T000000Z-bob-1"],
+        ("incident", "20240101T000000Z-bob-1"),
+        ["Incident 20240101T000000Z-bob-1\n  account:   bob\n"],
+    ),
+    (
+        ["ack", "20240101T000000Z-bob-1"],
+        ("ack", "20240101T000000Z-bob-1", ROOT_WHO),
+        ["20240101T000000Z-bob-1 acknowledged"],
+    ),
     (["reload"], ("reload",), ["reloaded"]),
     (["check-config"], ("check_config", None), ["config: OK"]),
     (["check-config", "/etc/x.toml"], ("check_config", "/etc/x.toml"), ["/etc/x.toml: OK"]),
@@ -279,10 +421,12 @@ VERB_CASES: list[tuple[list[str], tuple[Any, ...], list[str]]] = [
 ]
 
 
-@pytest.mark.parametrize(("argv", "call", "shown"), VERB_CASES,
-                         ids=[" ".join(case[0]) for case in VERB_CASES])
-def test_ctl_verb_human_and_json(socket_dir: Path, argv: list[str], call: tuple[Any, ...],
-                                 shown: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("argv", "call", "shown"), VERB_CASES, ids=[" ".join(case[0]) for case in VERB_CASES]
+)
+def test_ctl_verb_human_and_json(
+    socket_dir: Path, argv: list[str], call: tuple[Any, ...], shown: list[str]
+) -> None:
     backend = RecordingBackend()
     path = socket_dir / "control.sock"
 
@@ -348,8 +492,13 @@ def test_ctl_exit_codes(socket_dir: Path) -> None:
             backend.fail_with = RuntimeError("state store on fire")
             code, _, err = await ctl(path, "status")
             assert code == 1 and "state store on fire" in err
-            for argv in (["frobnicate"], ["pause"], ["resume", "a", "--bogus"], [],
-                         ["status", "--timeout", "-1"]):
+            for argv in (
+                ["frobnicate"],
+                ["pause"],
+                ["resume", "a", "--bogus"],
+                [],
+                ["status", "--timeout", "-1"],
+            ):
                 code, out, err = await ctl(path, *argv)
                 assert code == 2 and out == "" and "usage:" in err
 
@@ -392,13 +541,16 @@ def test_every_verb_round_trips_on_one_connection(socket_dir: Path) -> None:
                 path,
                 b'{"v": 1, "verb": "status", "id": 1}\n',
                 b'{"v": 1, "verb": "version", "id": "two"}\n',
-                request("incidents"), request("incidents", account="bob"),
+                request("incidents"),
+                request("incidents", account="bob"),
                 request("show", incident=INCIDENT["id"]),
-                request("check-config"), request("check-config", path="/etc/x.toml"),
+                request("check-config"),
+                request("check-config", path="/etc/x.toml"),
                 request("pause", account="alice", reason="why"),
                 request("resume", account="alice", force=True),
                 request("retry", account="alice"),
-                request("ack", incident=INCIDENT["id"]), request("reload"),
+                request("ack", incident=INCIDENT["id"]),
+                request("reload"),
             )
         assert all(reply["ok"] and reply["v"] == 1 for reply in replies), replies
         assert replies[0]["id"] == 1 and replies[1]["id"] == "two"
@@ -407,13 +559,17 @@ def test_every_verb_round_trips_on_one_connection(socket_dir: Path) -> None:
         assert replies[1]["result"] == {"version": __version__, "protocol": 1}
         assert replies[7]["result"] == {"message": "alice: pause done"}
         assert backend.calls == [
-            ("status",), ("incidents", None), ("incidents", "bob"),
-            ("incident", INCIDENT["id"]), ("check_config", None),
+            ("status",),
+            ("incidents", None),
+            ("incidents", "bob"),
+            ("incident", INCIDENT["id"]),
+            ("check_config", None),
             ("check_config", "/etc/x.toml"),
             ("operator", "pause", "alice", "why", False, ROOT_WHO),
             ("operator", "resume", "alice", "", True, ROOT_WHO),
             ("operator", "retry", "alice", "", False, ROOT_WHO),
-            ("ack", INCIDENT["id"], ROOT_WHO), ("reload",),
+            ("ack", INCIDENT["id"], ROOT_WHO),
+            ("reload",),
         ]
 
     run(body)
@@ -440,8 +596,11 @@ BAD_REQUESTS: list[tuple[bytes, str, str]] = [
     (b'{"v": 1, "verb": "pause", "args": {"account": 7}}\n', "bad-request", "account"),
     (b'{"v": 1, "verb": "pause", "args": {"account": "-x"}}\n', "bad-request", "account"),
     (b'{"v": 1, "verb": "pause", "args": {"account": "a/../b"}}\n', "bad-request", "account"),
-    (b'{"v": 1, "verb": "pause", "args": {"account": "a", "force": true}}\n', "bad-request",
-     "force"),
+    (
+        b'{"v": 1, "verb": "pause", "args": {"account": "a", "force": true}}\n',
+        "bad-request",
+        "force",
+    ),
     (request("pause", account="a", reason="x" * 501), "bad-request", "reason"),
     (request("pause", account="a", reason="line\nforged"), "bad-request", "reason"),
     (request("resume", account="a", force="yes"), "bad-request", "force"),
@@ -477,16 +636,20 @@ def test_the_reply_keeps_the_request_id_even_on_errors(socket_dir: Path) -> None
 
     async def body() -> None:
         async with serving(path, RecordingBackend()):
-            replies = await exchange(path, b'{"v": 1, "verb": "nope", "id": "abc"}\n',
-                                     b'{"v": 1, "verb": "status", "id": 1.5}\n')
+            replies = await exchange(
+                path,
+                b'{"v": 1, "verb": "nope", "id": "abc"}\n',
+                b'{"v": 1, "verb": "status", "id": 1.5}\n',
+            )
         assert replies[0]["id"] == "abc" and replies[0]["error"]["code"] == "unknown-verb"
         assert "id" not in replies[1] and replies[1]["error"]["code"] == "bad-request"
 
     run(body)
 
 
-def test_backend_exceptions_become_internal_errors(socket_dir: Path,
-                                                   caplog: pytest.LogCaptureFixture) -> None:
+def test_backend_exceptions_become_internal_errors(
+    socket_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     backend = RecordingBackend()
     path = socket_dir / "control.sock"
 
@@ -496,14 +659,17 @@ def test_backend_exceptions_become_internal_errors(socket_dir: Path,
             failed = await exchange(path, request("pause", account="alice"))
             backend.fail_with = None
             after = await exchange(path, request("status"))
-        assert failed[0]["error"] == {"code": "internal",
-                                      "message": "pause failed: KeyError: 'alice'"}
+        assert failed[0]["error"] == {
+            "code": "internal",
+            "message": "pause failed: KeyError: 'alice'",
+        }
         assert after[0]["ok"]
 
     with caplog.at_level(logging.ERROR, logger="spaceguard.control"):
         run(body)
-    assert any("KeyError" in (record.exc_text or "") or record.exc_info
-               for record in caplog.records)
+    assert any(
+        "KeyError" in (record.exc_text or "") or record.exc_info for record in caplog.records
+    )
 
 
 def test_results_that_are_not_json_are_reported_not_sent(socket_dir: Path) -> None:
@@ -666,8 +832,9 @@ def test_socket_file_mode_group_stale_file_and_cleanup(socket_dir: Path) -> None
         path.parent.mkdir()
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stale:
             stale.bind(str(path))
-        async with serving(path, RecordingBackend(), reader_group="no-such-group-sg",
-                           admin_group="nogroup"):
+        async with serving(
+            path, RecordingBackend(), reader_group="no-such-group-sg", admin_group="nogroup"
+        ):
             st = path.stat()
             assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o660
             assert st.st_gid == grp.getgrnam("nogroup").gr_gid
@@ -714,9 +881,11 @@ def test_socket_activation_uses_the_inherited_socket(socket_dir: Path) -> None:
     script.write_text(ACTIVATED_GUARD)
     # the server is told another path: it must use the inherited fd, not bind
     unused = socket_dir / "not-bound.sock"
-    process = subprocess.Popen([activate, "-l", str(path), sys.executable, str(script),
-                                str(DAEMON_DIR), str(unused)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [activate, "-l", str(path), sys.executable, str(script), str(DAEMON_DIR), str(unused)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 10
         while not path.exists():
@@ -735,8 +904,10 @@ def test_socket_activation_uses_the_inherited_socket(socket_dir: Path) -> None:
 
 
 def _require_setpriv() -> None:
-    require(os.geteuid() == 0 and shutil.which("setpriv") is not None,
-            "needs root and setpriv to run spaceguardctl as another uid")
+    require(
+        os.geteuid() == 0 and shutil.which("setpriv") is not None,
+        "needs root and setpriv to run spaceguardctl as another uid",
+    )
 
 
 @contextlib.contextmanager
@@ -763,21 +934,25 @@ def test_permission_denied_on_the_socket_file_is_exit_3(socket_dir: Path) -> Non
     run(body)
 
 
-def test_outsiders_are_refused_and_the_refusal_is_logged(socket_dir: Path,
-                                                         caplog: pytest.LogCaptureFixture) -> None:
+def test_outsiders_are_refused_and_the_refusal_is_logged(
+    socket_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     _require_setpriv()
     backend = RecordingBackend()
     path = socket_dir / "control.sock"
 
     async def body() -> None:
-        async with serving(path, backend, reader_group="sg-readers-absent",
-                           admin_group="sg-admins-absent"):
+        async with serving(
+            path, backend, reader_group="sg-readers-absent", admin_group="sg-admins-absent"
+        ):
             path.chmod(0o666)  # let uid 65534 connect: the guard itself must refuse
             code, out, err = await ctl(path, "status", as_uid=NOBODY_UID)
             assert (code, out) == (4, "")
-            assert err == ("spaceguardctl: status needs root or membership in group "
-                           "'sg-readers-absent' or group 'sg-admins-absent'; you are "
-                           "uid 65534 (nobody)\n")
+            assert err == (
+                "spaceguardctl: status needs root or membership in group "
+                "'sg-readers-absent' or group 'sg-admins-absent'; you are "
+                "uid 65534 (nobody)\n"
+            )
             code, _, err = await ctl(path, "pause", "alice", as_uid=NOBODY_UID)
             assert code == 4 and "group 'sg-admins-absent'" in err
             assert "sg-readers-absent" not in err
@@ -787,8 +962,11 @@ def test_outsiders_are_refused_and_the_refusal_is_logged(socket_dir: Path,
 
     with caplog.at_level(logging.WARNING, logger="spaceguard.control"):
         run(body)
-    refusals = [record.getMessage() for record in caplog.records
-                if record.levelno == logging.WARNING and "refused" in record.getMessage()]
+    refusals = [
+        record.getMessage()
+        for record in caplog.records
+        if record.levelno == logging.WARNING and "refused" in record.getMessage()
+    ]
     assert len(refusals) == 3
     assert all("uid 65534 (nobody), pid " in message for message in refusals)
     assert [message.split()[2] for message in refusals] == ["status", "pause", "version"]
@@ -814,15 +992,27 @@ def test_reader_group_reads_but_does_not_change(socket_dir: Path) -> None:
     path = socket_dir / "control.sock"
 
     async def body(reader_group: str) -> None:
-        async with serving(path, backend, reader_group=reader_group,
-                           admin_group="sg-admins-absent"):
+        async with serving(
+            path, backend, reader_group=reader_group, admin_group="sg-admins-absent"
+        ):
             path.chmod(0o666)
-            for argv in (["status"], ["incidents"], ["show", INCIDENT["id"]], ["version"],
-                         ["check-config"]):
+            for argv in (
+                ["status"],
+                ["incidents"],
+                ["show", INCIDENT["id"]],
+                ["version"],
+                ["check-config"],
+            ):
                 code, _, err = await ctl(path, *argv, as_uid=NOBODY_UID)
                 assert code == 0, (argv, err)
-            for argv in (["pause", "alice"], ["resume", "alice"], ["retry", "alice"],
-                         ["ack", INCIDENT["id"]], ["reload"], ["check-config", "/etc/shadow"]):
+            for argv in (
+                ["pause", "alice"],
+                ["resume", "alice"],
+                ["retry", "alice"],
+                ["ack", INCIDENT["id"]],
+                ["reload"],
+                ["check-config", "/etc/shadow"],
+            ):
                 code, _, err = await ctl(path, *argv, as_uid=NOBODY_UID)
                 assert code == 4 and "sg-admins-absent" in err, (argv, err)
         assert not any(call[0] in ("operator", "ack", "reload") for call in backend.calls)
@@ -845,12 +1035,15 @@ def test_admin_group_may_change(socket_dir: Path) -> None:
         backend.calls.clear()
         async with serving(path, backend, admin_group=admin_group):
             path.chmod(0o666)
-            for argv in (["status"], ["pause", "alice", "--reason", "swap"], ["ack", "x-1"],
-                         ["check-config", "/etc/x.toml"]):
+            for argv in (
+                ["status"],
+                ["pause", "alice", "--reason", "swap"],
+                ["ack", "x-1"],
+                ["check-config", "/etc/x.toml"],
+            ):
                 code, _, err = await ctl(path, *argv, as_uid=NOBODY_UID)
                 assert code == 0, (argv, err)
-        assert ("operator", "pause", "alice", "swap", False, "uid 65534 (nobody)") \
-            in backend.calls
+        assert ("operator", "pause", "alice", "swap", False, "uid 65534 (nobody)") in backend.calls
         assert ("ack", "x-1", "uid 65534 (nobody)") in backend.calls
 
     with _group_with_nobody() as group:

@@ -33,15 +33,30 @@ from spaceguard.protocol import ARGUMENTS, MAX_REASON_CHARS, VERBS  # noqa: E402
 
 FUZZ_TESTS = 4
 EXAMPLES = int(os.environ.get("SPACEGUARD_FUZZ_EXAMPLES", "2000"))
-FUZZ = settings(max_examples=max(1, -(-EXAMPLES // FUZZ_TESTS)), deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-ERROR_CODES = {"bad-json", "bad-request", "unknown-verb", "too-long", "forbidden",
-               "not-found", "refused", "invalid-config", "internal", "unsupported-version"}
+FUZZ = settings(
+    max_examples=max(1, -(-EXAMPLES // FUZZ_TESTS)),
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+ERROR_CODES = {
+    "bad-json",
+    "bad-request",
+    "unknown-verb",
+    "too-long",
+    "forbidden",
+    "not-found",
+    "refused",
+    "invalid-config",
+    "internal",
+    "unsupported-version",
+}
 EXAMPLES_RUN: Counter[str] = Counter()  # per test, for bench/control_fuzz.py
 
 READER_GID, ADMIN_GID = 5001, 5002
-ACCESS = Access(reader_group="readers", admin_group="admins", reader_gid=READER_GID,
-                admin_gid=ADMIN_GID)
+ACCESS = Access(
+    reader_group="readers", admin_group="admins", reader_gid=READER_GID, admin_gid=ADMIN_GID
+)
 PEERS = [
     Peer(uid=0, gid=0, pid=1, user="root", gids=frozenset({0})),
     Peer(uid=1000, gid=1000, pid=2, user="reader", gids=frozenset({1000, READER_GID})),
@@ -68,9 +83,24 @@ class NotJson:
 
 
 ODD_RESULTS: list[Any] = [
-    None, 0, "text", [1, 2], float("nan"), float("inf"), {"k": float("-inf")}, (True, "ok"),
-    (False, "no"), (1, "x"), (True,), {1: "int key"}, {"x": NotJson()}, NotJson(), {"x": {1, 2}},
-    b"bytes", [[[[[[[[]]]]]]]], {"deep": [{"deeper": (1, 2.5, None)}]},
+    None,
+    0,
+    "text",
+    [1, 2],
+    float("nan"),
+    float("inf"),
+    {"k": float("-inf")},
+    (True, "ok"),
+    (False, "no"),
+    (1, "x"),
+    (True,),
+    {1: "int key"},
+    {"x": NotJson()},
+    NotJson(),
+    {"x": {1, 2}},
+    b"bytes",
+    [[[[[[[[]]]]]]]],
+    {"deep": [{"deeper": (1, 2.5, None)}]},
 ]
 
 
@@ -100,8 +130,9 @@ class FuzzBackend:
         result: dict[str, Any] = self._answer({"version": "x", "volumes": [], "migrations": []})
         return result
 
-    async def operator(self, verb: str, account: str, reason: str, force: bool,
-                       who: str) -> tuple[bool, str]:
+    async def operator(
+        self, verb: str, account: str, reason: str, force: bool, who: str
+    ) -> tuple[bool, str]:
         await asyncio.sleep(0)
         self._check_account(account)
         if verb not in ("pause", "resume", "retry"):
@@ -143,26 +174,61 @@ class FuzzBackend:
 # --- strategies ---------------------------------------------------------------------------------
 
 # kept small: generating data is most of the run time, the server's work is tiny
-json_scalars = (st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
-                | st.integers(min_value=-(2**70), max_value=2**70))
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=20)
+    | st.integers(min_value=-(2**70), max_value=2**70)
+)
 json_values = st.recursive(
     json_scalars,
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4),
-    max_leaves=8)
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=8,
+)
 
 # values that come close to what each argument accepts, and some that are just over
 argument_values = (
     st.from_regex(ACCOUNT_RE, fullmatch=True)
     | st.from_regex(INCIDENT_ID_RE, fullmatch=True)
-    | st.sampled_from(["alice", "a" * 128, "a" * 129, "-x", "a/b", "../etc", "", "a\n", "/etc/x",
-                       "x" * 500, "x" * 501, "relative", "/" + "p" * 5000, "/a\x00b", "é"])
-    | st.booleans() | st.text(max_size=30) | json_values)
+    | st.sampled_from(
+        [
+            "alice",
+            "a" * 128,
+            "a" * 129,
+            "-x",
+            "a/b",
+            "../etc",
+            "",
+            "a\n",
+            "/etc/x",
+            "x" * 500,
+            "x" * 501,
+            "relative",
+            "/" + "p" * 5000,
+            "/a\x00b",
+            "é",
+        ]
+    )
+    | st.booleans()
+    | st.text(max_size=30)
+    | json_values
+)
 argument_names: st.SearchStrategy[str] = st.sampled_from(
-    sorted({name for spec in ARGUMENTS.values() for name in spec} | {"", "Account", "x"}))
+    sorted({name for spec in ARGUMENTS.values() for name in spec} | {"", "Account", "x"})
+)
 verbs = st.sampled_from(sorted(VERBS)) | st.text(max_size=20)
-request_ids = (st.none() | st.integers() | st.text(max_size=210) | st.floats() | st.booleans()
-               | st.lists(st.integers(), max_size=2))
+request_ids = (
+    st.none()
+    | st.integers()
+    | st.text(max_size=210)
+    | st.floats()
+    | st.booleans()
+    | st.lists(st.integers(), max_size=2)
+)
 
 
 def valid_values(name: str) -> st.SearchStrategy[Any]:
@@ -181,20 +247,27 @@ def valid_values(name: str) -> st.SearchStrategy[Any]:
 def near_valid_requests(draw: st.DrawFn) -> dict[str, Any]:
     # mostly the right version and a known verb, so that the arguments get exercised
     verb = draw(st.sampled_from(sorted(VERBS))) if draw(st.integers(0, 4)) else draw(verbs)
-    version = 1 if draw(st.integers(0, 4)) else draw(st.sampled_from(
-        [0, 2, "1", 1.0, True, None, -1, 2**64]))
+    version = (
+        1
+        if draw(st.integers(0, 4))
+        else draw(st.sampled_from([0, 2, "1", 1.0, True, None, -1, 2**64]))
+    )
     request: dict[str, Any] = {"v": version, "verb": verb}
     shape = draw(st.integers(0, 3))
     if verb in ARGUMENTS and shape <= 1:
         # valid arguments for the verb, then (shape 1) one of them changed or added
-        args = {name: draw(valid_values(name)) for name, (_, required)
-                in ARGUMENTS[verb].items() if required or draw(st.booleans())}
+        args = {
+            name: draw(valid_values(name))
+            for name, (_, required) in ARGUMENTS[verb].items()
+            if required or draw(st.booleans())
+        }
         if shape == 1:
             args[draw(argument_names)] = draw(argument_values)
         request["args"] = args
     elif shape == 2:
-        request["args"] = draw(st.dictionaries(argument_names, argument_values, max_size=4)
-                               | json_values)
+        request["args"] = draw(
+            st.dictionaries(argument_names, argument_values, max_size=4) | json_values
+        )
     if draw(st.booleans()):
         request["id"] = draw(request_ids)
     if draw(st.integers(0, 9)) == 0:
@@ -208,14 +281,19 @@ def _json_line(value: Any) -> bytes:
     return json.dumps(value).encode() + b"\n"
 
 
-backend_outcomes = (st.just("well-formed") | st.sampled_from(ODD_RESULTS)
-                    | st.sampled_from([RuntimeError("boom"), KeyError("k"), ValueError("v"),
-                                       OSError(5, "EIO"), TypeError("t")]))
+backend_outcomes = (
+    st.just("well-formed")
+    | st.sampled_from(ODD_RESULTS)
+    | st.sampled_from(
+        [RuntimeError("boom"), KeyError("k"), ValueError("v"), OSError(5, "EIO"), TypeError("t")]
+    )
+)
 peers = st.sampled_from(PEERS)
 # what str.isprintable() accepts: no control, format, private, unassigned or separator
 # characters except the space
-PRINTABLE = st.characters(exclude_categories=["Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs"],
-                          include_characters=" ")
+PRINTABLE = st.characters(
+    exclude_categories=["Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs"], include_characters=" "
+)
 
 
 def check_reply(reply: object, peer: Peer, backend: FuzzBackend, verb: object) -> None:
@@ -246,9 +324,12 @@ def _verb_of(line: bytes) -> object:
 
 
 @FUZZ
-@given(line=st.binary(max_size=3000) | st.sampled_from([b"", b"\n", b"{", b"[" * 100_000,
-                                                         b"1" * 70_000, b"\xff" * 10]),
-       peer=peers, outcome=backend_outcomes)
+@given(
+    line=st.binary(max_size=3000)
+    | st.sampled_from([b"", b"\n", b"{", b"[" * 100_000, b"1" * 70_000, b"\xff" * 10]),
+    peer=peers,
+    outcome=backend_outcomes,
+)
 def test_arbitrary_bytes(line: bytes, peer: Peer, outcome: Any) -> None:
     EXAMPLES_RUN["arbitrary bytes"] += 1
     backend = FuzzBackend(outcome)
@@ -277,8 +358,10 @@ def test_near_valid_requests(request: dict[str, Any], peer: Peer, outcome: Any) 
     # the id comes back exactly when it was a usable one
     request_id = request.get("id")
     usable_id = (isinstance(request_id, str) and len(request_id) <= 200) or (
-        isinstance(request_id, int) and not isinstance(request_id, bool)
-        and abs(request_id) <= 2**53)
+        isinstance(request_id, int)
+        and not isinstance(request_id, bool)
+        and abs(request_id) <= 2**53
+    )
     if "id" in reply:
         assert reply["id"] == request_id and usable_id
     elif reply["ok"]:
@@ -286,27 +369,44 @@ def test_near_valid_requests(request: dict[str, Any], peer: Peer, outcome: Any) 
 
 
 @FUZZ
-@given(verb=st.sampled_from(sorted(VERBS)), peer=peers, outcome=backend_outcomes,
-       account=st.from_regex(ACCOUNT_RE, fullmatch=True),
-       incident=st.from_regex(INCIDENT_ID_RE, fullmatch=True),
-       reason=st.text(PRINTABLE, max_size=30)
-       | st.just("r" * MAX_REASON_CHARS), force=st.booleans())
-def test_valid_requests_reach_the_backend(verb: str, peer: Peer, outcome: Any, account: str,
-                                          incident: str, reason: str, force: bool) -> None:
+@given(
+    verb=st.sampled_from(sorted(VERBS)),
+    peer=peers,
+    outcome=backend_outcomes,
+    account=st.from_regex(ACCOUNT_RE, fullmatch=True),
+    incident=st.from_regex(INCIDENT_ID_RE, fullmatch=True),
+    reason=st.text(PRINTABLE, max_size=30) | st.just("r" * MAX_REASON_CHARS),
+    force=st.booleans(),
+)
+def test_valid_requests_reach_the_backend(
+    verb: str, peer: Peer, outcome: Any, account: str, incident: str, reason: str, force: bool
+) -> None:
     """Valid requests from someone allowed are served (or fail only through the backend)."""
     EXAMPLES_RUN["valid requests"] += 1
-    candidates = {"account": account, "incident": incident, "reason": reason, "force": force,
-                  "path": "/etc/spaceguard/spaceguard.toml"}
-    args = {name: candidates[name] for name, (_, required) in ARGUMENTS[verb].items()
-            if required or name in ("reason", "force")}
+    candidates = {
+        "account": account,
+        "incident": incident,
+        "reason": reason,
+        "force": force,
+        "path": "/etc/spaceguard/spaceguard.toml",
+    }
+    args = {
+        name: candidates[name]
+        for name, (_, required) in ARGUMENTS[verb].items()
+        if required or name in ("reason", "force")
+    }
     backend = FuzzBackend(outcome)
-    reply = run(handle_line(_json_line({"v": 1, "verb": verb, "args": args}).rstrip(b"\n"),
-                            peer, backend, ACCESS))
+    reply = run(
+        handle_line(
+            _json_line({"v": 1, "verb": verb, "args": args}).rstrip(b"\n"), peer, backend, ACCESS
+        )
+    )
     check_reply(reply, peer, backend, verb)
     if not ACCESS.allows(peer, verb):
         assert reply["error"]["code"] == "forbidden" and not backend.called
     elif outcome == "well-formed":
         assert reply["ok"], reply
     elif not reply["ok"]:
-        assert reply["error"]["code"] in {"internal", "refused", "invalid-config",
-                                          "not-found"}, reply
+        assert reply["error"]["code"] in {"internal", "refused", "invalid-config", "not-found"}, (
+            reply
+        )

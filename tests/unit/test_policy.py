@@ -70,24 +70,44 @@ def failed(status: int, code: str = "exited") -> UnitView:
 def make_config(**alice: Any) -> Config:
     document: dict[str, Any] = {
         "volumes": {
-            "space": {"path": "/space", "pause_below": "5%", "resume_above": "10%",
-                      "pause_below_inodes": "1%", "resume_above_inodes": "2%",
-                      "resume_after": "2m", "predict": "10m"},
+            "space": {
+                "path": "/space",
+                "pause_below": "5%",
+                "resume_above": "10%",
+                "pause_below_inodes": "1%",
+                "resume_above_inodes": "2%",
+                "resume_after": "2m",
+                "predict": "10m",
+            },
             "data": {"path": "/data", "pause_below": "5%", "resume_above": "10%"},
         },
         "migrations": [
-            {"account": "alice", "unit": ALICE, "volume": "space", "resume_unit": ALICE_RESUME,
-             "stall_after": "30m", "max_retries": 3, "retry_backoff": "1m", **alice},
-            {"account": "bob", "unit": BOB, "volume": "space", "pause": "stop",
-             "resume_unit": BOB_RESUME},
+            {
+                "account": "alice",
+                "unit": ALICE,
+                "volume": "space",
+                "resume_unit": ALICE_RESUME,
+                "stall_after": "30m",
+                "max_retries": 3,
+                "retry_backoff": "1m",
+                **alice,
+            },
+            {
+                "account": "bob",
+                "unit": BOB,
+                "volume": "space",
+                "pause": "stop",
+                "resume_unit": BOB_RESUME,
+            },
             {"account": "carol", "unit": CAROL, "volume": "data"},
         ],
     }
     return parse(Path("/etc/spaceguard/test.toml"), document)
 
 
-def sample(avail_gib: float, *, files_free: int = FILES // 2, rate: float = 0.0,
-           volume: str = "space") -> VolumeSampled:
+def sample(
+    avail_gib: float, *, files_free: int = FILES // 2, rate: float = 0.0, volume: str = "space"
+) -> VolumeSampled:
     return VolumeSampled(volume, int(avail_gib * GiB), SIZE, files_free, FILES, rate)
 
 
@@ -112,8 +132,7 @@ class Guard:
         self.now = now
         self.issued: list[UnitAction | RunVerify] = []
 
-    def __call__(self, event: Any, *, at: float | None = None,
-                 after: float = 0.0) -> list[Action]:
+    def __call__(self, event: Any, *, at: float | None = None, after: float = 0.0) -> list[Action]:
         self.now = at if at is not None else self.now + after
         self.state, actions = decide(self.config, self.state, event, self.now)
         self.issued += [a for a in actions if isinstance(a, UnitAction | RunVerify)]
@@ -122,8 +141,9 @@ class Guard:
     def m(self, account: str) -> MigrationState:
         return self.state.migrations[account]
 
-    def done(self, kind: str, unit: str, ok: bool = True, error: str = "",
-             after: float = 0.0) -> list[Action]:
+    def done(
+        self, kind: str, unit: str, ok: bool = True, error: str = "", after: float = 0.0
+    ) -> list[Action]:
         """Complete the last issued action of this kind on this unit."""
         for action in reversed(self.issued):
             if isinstance(action, UnitAction) and action.kind == kind and action.unit == unit:
@@ -141,8 +161,13 @@ def started_guard(config: Config | None = None) -> Guard:
     """Bus up, every unit seen, plenty of space."""
     guard = Guard(config or make_config())
     guard(BusChanged(True))
-    for unit, view in ((ALICE, RUNNING), (ALICE_RESUME, DEAD), (BOB, RUNNING),
-                       (BOB_RESUME, DEAD), (CAROL, RUNNING)):
+    for unit, view in (
+        (ALICE, RUNNING),
+        (ALICE_RESUME, DEAD),
+        (BOB, RUNNING),
+        (BOB_RESUME, DEAD),
+        (CAROL, RUNNING),
+    ):
         assert unit_actions(guard(UnitChanged(unit, view))) == []
     assert guard(sample(50)) == []
     assert guard(sample(50, volume="data")) == []
@@ -202,8 +227,10 @@ def test_resume_only_after_the_hold_down(guard: Guard) -> None:
     assert unit_actions(guard(sample(12), at=recovered_at + 119.9)) == []
     assert guard.m("alice").hold is not None
     actions = guard(Tick(), at=recovered_at + 120)
-    assert sorted(unit_actions(actions)) == [("start", BOB_RESUME, "resume"),
-                                             ("thaw", ALICE, "released")]
+    assert sorted(unit_actions(actions)) == [
+        ("start", BOB_RESUME, "resume"),
+        ("thaw", ALICE, "released"),
+    ]
     assert {a.key for a in of_type(actions, ResolveAlert)} == {"paused/alice", "paused/bob"}
     assert guard.m("alice").hold is None
     assert not guard.state.volumes["space"].low
@@ -316,8 +343,10 @@ def test_a_vanished_volume_pauses(guard: Guard) -> None:
     assert of_type(actions, RaiseAlert)
     assert any(a.level == "error" for a in of_type(actions, Log))
     guard.done("freeze", ALICE)
-    assert of_type(guard(VolumeUnavailable("space", "/space is not a mount point"), after=1),
-                   Log) == []  # the same problem is not logged again
+    assert (
+        of_type(guard(VolumeUnavailable("space", "/space is not a mount point"), after=1), Log)
+        == []
+    )  # the same problem is not logged again
     guard(sample(50), after=1)  # back
     assert unit_actions(guard(Tick(), after=60)) == []
     guard(VolumeUnavailable("space", "gone again"), after=1)  # resets the hold-down
@@ -361,7 +390,7 @@ def test_operator_pause_is_never_resumed_by_the_guard(guard: Guard) -> None:
 def test_operator_resume_of_a_guard_hold_while_low(guard: Guard) -> None:
     pause_alice(guard)
     actions = guard(OperatorRequest("r1", "resume", "alice"), after=1)
-    (ok, message), = replies(actions)
+    ((ok, message),) = replies(actions)
     assert not ok and "--force" in message and "still low" in message
     assert unit_actions(actions) == []
     assert guard.m("alice").hold is not None
@@ -387,12 +416,12 @@ def test_operator_resume_of_a_guard_hold_while_low(guard: Guard) -> None:
 
 def test_operator_requests_for_unknown_accounts_and_bad_verbs(guard: Guard) -> None:
     before = guard.state
-    (ok, message), = replies(guard(OperatorRequest("r1", "pause", "mallory"), after=1))
+    ((ok, message),) = replies(guard(OperatorRequest("r1", "pause", "mallory"), after=1))
     assert not ok and "mallory" in message
     assert guard.state == before
-    (ok, message), = replies(guard(OperatorRequest("r2", "resume", "alice"), after=1))
+    ((ok, message),) = replies(guard(OperatorRequest("r2", "resume", "alice"), after=1))
     assert not ok and "not paused" in message
-    (ok, message), = replies(guard(OperatorRequest("r3", "retry", "alice"), after=1))
+    ((ok, message),) = replies(guard(OperatorRequest("r3", "retry", "alice"), after=1))
     assert not ok and "already running" in message
 
 
@@ -497,7 +526,8 @@ def test_retries_are_counted_and_given_up(guard: Guard) -> None:
         if attempt < 3:
             assert failure.phase == "waiting-retry"
             assert unit_actions(guard(Tick(), at=failure.next_retry_at)) == [
-                ("start", ALICE_RESUME, "retry")]
+                ("start", ALICE_RESUME, "retry")
+            ]
             guard.done("start", ALICE_RESUME)
             guard(UnitChanged(ALICE_RESUME, RUNNING), after=1)
             unit = ALICE_RESUME
@@ -507,8 +537,9 @@ def test_retries_are_counted_and_given_up(guard: Guard) -> None:
     # an operator retry clears the failure and starts over
     actions = guard(OperatorRequest("r", "retry", "alice"), after=1)
     assert replies(actions) == [(True, "alice: retrying")]
-    assert unit_actions(actions) == [("start", ALICE_RESUME, "retry")] or unit_actions(
-        actions) == [("start", ALICE_RESUME, "resume")]
+    assert unit_actions(actions) == [("start", ALICE_RESUME, "retry")] or unit_actions(actions) == [
+        ("start", ALICE_RESUME, "resume")
+    ]
     assert guard.m("alice").failure is None and guard.m("alice").retries == 0
 
 
@@ -522,8 +553,9 @@ def test_retry_delays_grow_and_are_capped() -> None:
 
 
 def test_verification_runs_before_the_incident() -> None:
-    guard = started_guard(make_config(verify_command=["rclone", "check", "a:", "/b"],
-                                      verify_timeout="10m"))
+    guard = started_guard(
+        make_config(verify_command=["rclone", "check", "a:", "/b"], verify_timeout="10m")
+    )
     actions = fail_alice(guard, 5)
     (verify,) = of_type(actions, RunVerify)
     assert verify == RunVerify("alice", ("rclone", "check", "a:", "/b"), 600.0)
@@ -537,7 +569,9 @@ def test_verification_runs_before_the_incident() -> None:
 
 def test_unrecoverable_log_line_stops_the_migration(guard: Guard) -> None:
     line = "2025/01/01 10:00:00 CRITICAL: Failed to create file system: invalid_grant"
-    actions = guard(LogParsed("alice", (LogEvidence(FailureClass.UNRECOVERABLE, "auth", line),)), after=1)
+    actions = guard(
+        LogParsed("alice", (LogEvidence(FailureClass.UNRECOVERABLE, "auth", line),)), after=1
+    )
     assert unit_actions(actions) == [("stop", ALICE, "failure")]
     assert of_type(actions, WriteIncident) == []  # documented once stopped
     actions = guard.done("stop", ALICE)  # the job is done: the unit is down
@@ -587,7 +621,9 @@ def test_progress_and_pauses_do_not_count_as_a_stall(guard: Guard) -> None:
 
 def test_disk_full_in_the_log_pauses_for_space(guard: Guard) -> None:
     line = "ERROR : file.bin: Failed to copy: write /space/alice/file.bin: no space left on device"
-    actions = guard(LogParsed("alice", (LogEvidence(FailureClass.DISK_FULL, "enospc", line),)), after=1)
+    actions = guard(
+        LogParsed("alice", (LogEvidence(FailureClass.DISK_FULL, "enospc", line),)), after=1
+    )
     assert ("freeze", ALICE, "disk_full") in unit_actions(actions)
     assert guard.state.volumes["space"].low_reason == "disk_full"
     assert guard.m("alice").failure is None
@@ -609,7 +645,7 @@ def test_disk_full_exit_pauses_and_restarts_once_space_is_back(guard: Guard) -> 
 def test_operator_retry_of_a_paused_migration_is_refused(guard: Guard) -> None:
     fail_alice(guard, 1)
     guard(sample(4), after=1)
-    (ok, message), = replies(guard(OperatorRequest("r", "retry", "alice"), after=1))
+    ((ok, message),) = replies(guard(OperatorRequest("r", "retry", "alice"), after=1))
     assert not ok and "resume it first" in message
 
 
@@ -620,17 +656,26 @@ def saved_pause() -> GuardState:
     """What the store restores after a restart during a guard pause."""
     return GuardState(
         volumes={"space": VolumeState(low=True, low_reason="space", low_since=T0 - 600)},
-        migrations={"alice": MigrationState(account="alice",
-                                            hold=Hold("guard", "space", T0 - 600),
-                                            paused_units=frozenset({ALICE}))},
-        incident_seq=7)
+        migrations={
+            "alice": MigrationState(
+                account="alice",
+                hold=Hold("guard", "space", T0 - 600),
+                paused_units=frozenset({ALICE}),
+            )
+        },
+        incident_seq=7,
+    )
 
 
 def test_initial_state_keeps_what_is_configured() -> None:
     saved = saved_pause()
-    saved = replace(saved, migrations={
-        **saved.migrations,
-        "gone": MigrationState(account="gone", hold=Hold("operator", "operator", 1.0))})
+    saved = replace(
+        saved,
+        migrations={
+            **saved.migrations,
+            "gone": MigrationState(account="gone", hold=Hold("operator", "operator", 1.0)),
+        },
+    )
     state = initial_state(make_config(), saved)
     assert set(state.migrations) == {"alice", "bob", "carol"}
     assert state.migrations["alice"].hold == Hold("guard", "space", T0 - 600)
@@ -754,13 +799,16 @@ def test_restart_during_verification() -> None:
 
 def test_a_failure_stop_during_a_pause_is_not_a_pause(guard: Guard) -> None:
     pause_alice(guard)
-    guard(LogParsed("alice", (LogEvidence(FailureClass.UNRECOVERABLE, "auth", "invalid_grant"),)), after=1)
+    guard(
+        LogParsed("alice", (LogEvidence(FailureClass.UNRECOVERABLE, "auth", "invalid_grant"),)),
+        after=1,
+    )
     guard.done("stop", ALICE)
     guard(UnitChanged(ALICE, DEAD))
     alice = guard.m("alice")
     assert alice.failure.phase == "needs-operator"
     assert alice.paused_units == frozenset() and not alice.restart_on_release
-    (ok, _), = replies(guard(OperatorRequest("r", "resume", "alice", force=True)))
+    ((ok, _),) = replies(guard(OperatorRequest("r", "resume", "alice", force=True)))
     assert ok
     guard(sample(50), after=1)
     actions = guard(Tick(), after=120)
@@ -783,7 +831,12 @@ def test_stop_mode_hold_released_before_the_stop_job_returns(guard: Guard) -> No
 def test_a_finished_migration_is_not_restarted(guard: Guard) -> None:
     """restart_on_release is left over from a disk_full death; the unit is started again
     by hand, frozen, thawed, and then finishes: nothing is started after that."""
-    guard(LogParsed("alice", (LogEvidence(FailureClass.DISK_FULL, "enospc", "no space left on device"),)), after=1)
+    guard(
+        LogParsed(
+            "alice", (LogEvidence(FailureClass.DISK_FULL, "enospc", "no space left on device"),)
+        ),
+        after=1,
+    )
     guard(UnitChanged(ALICE, failed(5)), after=0.01)
     guard.done("freeze", ALICE, ok=False, error="unit not active")
     assert guard.m("alice").restart_on_release
@@ -823,7 +876,7 @@ def test_not_finished_while_the_other_unit_runs(guard: Guard) -> None:
 
 def test_operator_resume_while_the_stop_job_runs(guard: Guard) -> None:
     guard(sample(4), after=1)
-    (ok, _), = replies(guard(OperatorRequest("r", "resume", "bob", force=True), after=1))
+    ((ok, _),) = replies(guard(OperatorRequest("r", "resume", "bob", force=True), after=1))
     assert ok
     guard.done("stop", BOB, after=5)  # the stop job was already running: it completes
     guard(UnitChanged(BOB, DEAD))
@@ -837,7 +890,8 @@ def test_a_pause_stop_that_lands_after_a_takeover(guard: Guard) -> None:
     nothing is left to restart."""
     pause_alice(guard)
     assert ("stop", BOB_RESUME, "space") in unit_actions(
-        guard(UnitChanged(BOB_RESUME, RUNNING), after=1))
+        guard(UnitChanged(BOB_RESUME, RUNNING), after=1)
+    )
     guard(UnitChanged(BOB, RUNNING), after=1)  # started by hand: an operator's decision
     assert guard.m("bob").hold is None
     guard(UnitChanged(BOB_RESUME, DEAD))
@@ -876,9 +930,16 @@ def test_a_start_whose_reply_is_lost(guard: Guard) -> None:
 
 
 def test_a_saved_action_on_a_unit_no_longer_configured_is_dropped() -> None:
-    saved = GuardState(migrations={"bob": MigrationState(
-        account="bob", pending={"m365-migrate-old@bob.service": "stop", BOB: "stop"},
-        paused_units=frozenset({BOB}), restart_on_release=True)})
+    saved = GuardState(
+        migrations={
+            "bob": MigrationState(
+                account="bob",
+                pending={"m365-migrate-old@bob.service": "stop", BOB: "stop"},
+                paused_units=frozenset({BOB}),
+                restart_on_release=True,
+            )
+        }
+    )
     state = initial_state(make_config(), saved)
     assert state.migrations["bob"].pending == {BOB: "stop"}
     guard = Guard(make_config(), saved)
@@ -892,7 +953,12 @@ def test_a_disk_full_line_does_not_classify_a_later_exit(guard: Guard) -> None:
     """ENOSPC in the log, pause, space back, thaw; an hour later the run exits with a fatal
     error: that is an unrecoverable failure (incident, no retry), not a full disk (which
     would pause every migration on a volume with plenty of free space)."""
-    guard(LogParsed("alice", (LogEvidence(FailureClass.DISK_FULL, "enospc", "no space left on device"),)), after=1)
+    guard(
+        LogParsed(
+            "alice", (LogEvidence(FailureClass.DISK_FULL, "enospc", "no space left on device"),)
+        ),
+        after=1,
+    )
     guard.done("freeze", ALICE)
     guard(sample(50), after=1)
     guard(Tick(), after=120)
@@ -904,7 +970,12 @@ def test_a_disk_full_line_does_not_classify_a_later_exit(guard: Guard) -> None:
 
 
 def test_a_disk_full_death_is_still_a_pause(guard: Guard) -> None:
-    guard(LogParsed("alice", (LogEvidence(FailureClass.DISK_FULL, "enospc", "no space left on device"),)), after=1)
+    guard(
+        LogParsed(
+            "alice", (LogEvidence(FailureClass.DISK_FULL, "enospc", "no space left on device"),)
+        ),
+        after=1,
+    )
     actions = guard(UnitChanged(ALICE, failed(7)), after=0.5)  # rclone gave up on ENOSPC
     assert of_type(actions, WriteIncident) == []
     assert guard.m("alice").failure is None and guard.m("alice").restart_on_release
@@ -913,8 +984,13 @@ def test_a_disk_full_death_is_still_a_pause(guard: Guard) -> None:
 def test_a_hold_on_an_idle_migration_is_announced_when_a_unit_of_it_starts() -> None:
     guard = Guard(make_config())
     guard(BusChanged(True))
-    for unit, view in ((ALICE, DEAD), (ALICE_RESUME, DEAD), (BOB, RUNNING),
-                       (BOB_RESUME, DEAD), (CAROL, RUNNING)):
+    for unit, view in (
+        (ALICE, DEAD),
+        (ALICE_RESUME, DEAD),
+        (BOB, RUNNING),
+        (BOB_RESUME, DEAD),
+        (CAROL, RUNNING),
+    ):
         guard(UnitChanged(unit, view))
     actions = guard(sample(4), after=1)
     assert guard.m("alice").hold is not None
@@ -928,8 +1004,13 @@ def test_a_unit_found_frozen_without_record_is_adopted_by_a_new_guard_hold() -> 
     # The guard crashed after FreezeUnit and before anything of it was saved.
     guard = Guard(make_config())
     guard(BusChanged(True))
-    for unit, view in ((ALICE, FROZEN), (ALICE_RESUME, DEAD), (BOB, DEAD),
-                       (BOB_RESUME, DEAD), (CAROL, DEAD)):
+    for unit, view in (
+        (ALICE, FROZEN),
+        (ALICE_RESUME, DEAD),
+        (BOB, DEAD),
+        (BOB_RESUME, DEAD),
+        (CAROL, DEAD),
+    ):
         guard(UnitChanged(unit, view))
     actions = guard(sample(4), after=1)
     assert guard.m("alice").paused_units == {ALICE}

@@ -76,19 +76,44 @@ STRANGER = "sshd.service"
 ACCOUNTS = ("alice", "bob", "carol", "mallory")
 UNITS = (ALICE, ALICE_RESUME, BOB, BOB_RESUME, CAROL, STRANGER)
 
-CONFIG: Config = parse(Path("/etc/spaceguard/prop.toml"), {
-    "volumes": {"space": {"path": "/space", "pause_below": "5%", "resume_above": "10%",
-                          "pause_below_inodes": "1%", "resume_above_inodes": "2%",
-                          "resume_after": RESUME_AFTER, "predict": "10m"}},
-    "migrations": [
-        {"account": "alice", "unit": ALICE, "resume_unit": ALICE_RESUME, "volume": "space",
-         "stall_after": "30m", "max_retries": 2, "retry_backoff": "1m",
-         "verify_command": ["rclone", "check", "m365-alice:", "/space/alice"]},
-        {"account": "bob", "unit": BOB, "resume_unit": BOB_RESUME, "volume": "space",
-         "pause": "stop", "max_retries": 2, "retry_backoff": "30s"},
-        {"account": "carol", "unit": CAROL, "volume": "space"},
-    ],
-})
+CONFIG: Config = parse(
+    Path("/etc/spaceguard/prop.toml"),
+    {
+        "volumes": {
+            "space": {
+                "path": "/space",
+                "pause_below": "5%",
+                "resume_above": "10%",
+                "pause_below_inodes": "1%",
+                "resume_above_inodes": "2%",
+                "resume_after": RESUME_AFTER,
+                "predict": "10m",
+            }
+        },
+        "migrations": [
+            {
+                "account": "alice",
+                "unit": ALICE,
+                "resume_unit": ALICE_RESUME,
+                "volume": "space",
+                "stall_after": "30m",
+                "max_retries": 2,
+                "retry_backoff": "1m",
+                "verify_command": ["rclone", "check", "m365-alice:", "/space/alice"],
+            },
+            {
+                "account": "bob",
+                "unit": BOB,
+                "resume_unit": BOB_RESUME,
+                "volume": "space",
+                "pause": "stop",
+                "max_retries": 2,
+                "retry_backoff": "30s",
+            },
+            {"account": "carol", "unit": CAROL, "volume": "space"},
+        ],
+    },
+)
 CONFIGURED = {unit for m in CONFIG.migrations for unit in m.units}
 
 RUNNING = UnitView("active", "running")
@@ -138,8 +163,7 @@ class World:
         self.check_visible()
         return actions
 
-    def check(self, old: GuardState, new: GuardState, event: Any,
-              actions: list[Action]) -> None:
+    def check(self, old: GuardState, new: GuardState, event: Any, actions: list[Action]) -> None:
         ok_replies = {a.request_id for a in actions if isinstance(a, Reply) and a.ok}
         for action in actions:
             if isinstance(action, UnitAction):
@@ -148,20 +172,29 @@ class World:
                 owner = unit_owner(CONFIG, action.unit)
                 assert owner is not None and owner.account == action.account, action
                 # (e) one action in flight per unit
-                assert all(not (isinstance(f, UnitAction) and f.unit == action.unit)
-                           for f in self.inflight), f"{action} while one is in flight"
+                assert all(
+                    not (isinstance(f, UnitAction) and f.unit == action.unit) for f in self.inflight
+                ), f"{action} while one is in flight"
             if isinstance(action, RunVerify):
-                assert all(not (isinstance(f, RunVerify) and f.account == action.account)
-                           for f in self.inflight), f"{action} while one is in flight"
+                assert all(
+                    not (isinstance(f, RunVerify) and f.account == action.account)
+                    for f in self.inflight
+                ), f"{action} while one is in flight"
         for m in CONFIG.migrations:
             before, after = old.migrations[m.account], new.migrations[m.account]
-            resumes = [a for a in actions if isinstance(a, UnitAction)
-                       and a.account == m.account and a.kind in ("thaw", "start")]
+            resumes = [
+                a
+                for a in actions
+                if isinstance(a, UnitAction)
+                and a.account == m.account
+                and a.kind in ("thaw", "start")
+            ]
             self.resumes += sum(a.reason in ("released", "resume") for a in resumes)
             operator_hand = (
-                (isinstance(event, OperatorRequest) and event.account == m.account
-                 and event.request_id in ok_replies)
-                or (isinstance(event, UnitChanged) and event.unit in m.units))
+                isinstance(event, OperatorRequest)
+                and event.account == m.account
+                and event.request_id in ok_replies
+            ) or (isinstance(event, UnitChanged) and event.unit in m.units)
             # a finished migration is not started again without an operator's retry
             if any(a.kind == "start" for a in resumes) and not operator_hand:
                 assert not after.finished, (m.account, resumes)
@@ -169,12 +202,19 @@ class World:
             if resumes:
                 assert after.hold is None, (m.account, resumes, after.hold)
             # (b) an operator hold ends only by an operator's hand
-            if before.hold is not None and before.hold.by == "operator" and (
-                    after.hold is None or after.hold.by != "operator"):
+            if (
+                before.hold is not None
+                and before.hold.by == "operator"
+                and (after.hold is None or after.hold.by != "operator")
+            ):
                 assert operator_hand, (m.account, event)
             # (c) a guard hold ends only after the hold-down above resume_above
-            if before.hold is not None and before.hold.by == "guard" and after.hold is None \
-                    and not operator_hand:
+            if (
+                before.hold is not None
+                and before.hold.by == "guard"
+                and after.hold is None
+                and not operator_hand
+            ):
                 assert self.last_sample is not None, "released while the volume is unavailable"
                 avail, files = self.last_sample
                 assert avail >= RESUME and files >= RESUME_FILES, (avail, files)
@@ -185,16 +225,28 @@ class World:
                 assert after.override, (m.account, resumes)
             # (g) the guard pausing a running unit says so in the same decision (a hold on a
             # migration that is not running is no news until a unit of it runs)
-            pauses = [a for a in actions if isinstance(a, UnitAction) and a.account == m.account
-                      and a.kind in ("freeze", "stop") and a.reason != "failure"]
+            pauses = [
+                a
+                for a in actions
+                if isinstance(a, UnitAction)
+                and a.account == m.account
+                and a.kind in ("freeze", "stop")
+                and a.reason != "failure"
+            ]
             if pauses and after.hold is not None and after.hold.by == "guard":
                 assert after.hold.alerted, (m.account, actions)
-                assert (before.hold is not None and before.hold.alerted
-                        and before.hold.since == after.hold.since) or any(
-                    isinstance(a, RaiseAlert) and a.key == f"paused/{m.account}"
-                    for a in actions), (m.account, actions)
-            if after.hold is not None and after.hold.by == "guard" and (
-                    before.hold is None or before.hold.by != "guard"):
+                assert (
+                    before.hold is not None
+                    and before.hold.alerted
+                    and before.hold.since == after.hold.since
+                ) or any(
+                    isinstance(a, RaiseAlert) and a.key == f"paused/{m.account}" for a in actions
+                ), (m.account, actions)
+            if (
+                after.hold is not None
+                and after.hold.by == "guard"
+                and (before.hold is None or before.hold.by != "guard")
+            ):
                 self.holds_taken[m.account] = self.holds_taken.get(m.account, 0) + 1
 
     def check_visible(self) -> None:
@@ -203,9 +255,14 @@ class World:
             key = f"paused/{account}"
             if m.hold is not None and m.hold.by == "guard" and m.hold.alerted:
                 assert key in self.firing, f"{account} paused by the guard without an alert"
-            if m.hold is not None and m.hold.by == "guard" and any(
+            if (
+                m.hold is not None
+                and m.hold.by == "guard"
+                and any(
                     kind == "freeze" or (kind == "stop" and m.failure is None)
-                    for kind in m.pending.values()):
+                    for kind in m.pending.values()
+                )
+            ):
                 assert m.hold.alerted, f"{account} being paused by the guard, not alerted"
             if key in self.firing:
                 assert m.hold is not None, f"{key} still firing for a running migration"
@@ -320,7 +377,6 @@ class World:
         for unit, view in sorted(self.views.items()):
             self.feed(UnitChanged(unit, view))
 
-
     def calm(self) -> None:
         """The storm passes: the bus is up, space is back, every job completes, operators
         resume what they paused. The guard must then leave nothing frozen or stopped that
@@ -357,11 +413,33 @@ def new_world() -> World:
 # --- commands ---------------------------------------------------------------------------
 
 AVAILS = st.one_of(
-    st.sampled_from([0, PAUSE - 1, PAUSE, PAUSE + 1, 7 * GiB, RESUME - 1, RESUME, RESUME + 1,
-                     12 * GiB, 50 * GiB]),
-    st.integers(min_value=0, max_value=20 * GiB))
-FILES_FREE = st.sampled_from([FILES // 2, FILES // 2, FILES // 2, PAUSE_FILES - 1, PAUSE_FILES,
-                              RESUME_FILES - 1, RESUME_FILES])
+    st.sampled_from(
+        [
+            0,
+            PAUSE - 1,
+            PAUSE,
+            PAUSE + 1,
+            7 * GiB,
+            RESUME - 1,
+            RESUME,
+            RESUME + 1,
+            12 * GiB,
+            50 * GiB,
+        ]
+    ),
+    st.integers(min_value=0, max_value=20 * GiB),
+)
+FILES_FREE = st.sampled_from(
+    [
+        FILES // 2,
+        FILES // 2,
+        FILES // 2,
+        PAUSE_FILES - 1,
+        PAUSE_FILES,
+        RESUME_FILES - 1,
+        RESUME_FILES,
+    ]
+)
 RATES = st.sampled_from([0.0, 0.0, -MiB, MiB, 20 * MiB, GiB])
 DT = st.sampled_from([0.0, 0.001, 0.25, 1.0, 5.0, 60.0, 119.0, 120.0, 121.0, 600.0, 1900.0])
 
@@ -375,14 +453,26 @@ COMMAND = st.one_of(
     st.tuples(st.just("complete"), st.integers(0, 7), st.booleans(), st.booleans(), DT),
     st.tuples(st.just("complete"), st.integers(0, 7), st.just(True), st.booleans(), DT),
     st.tuples(st.just("complete"), st.integers(0, 7), st.just(True), st.booleans(), DT),
-    st.tuples(st.just("meddle"), st.sampled_from(UNITS),
-              st.sampled_from(["thaw", "freeze", "stop", "start", "exit1", "exit5", "killed",
-                               "finish"]), DT),
+    st.tuples(
+        st.just("meddle"),
+        st.sampled_from(UNITS),
+        st.sampled_from(["thaw", "freeze", "stop", "start", "exit1", "exit5", "killed", "finish"]),
+        DT,
+    ),
     st.tuples(st.just("bus"), st.booleans(), DT),
-    st.tuples(st.just("operator"), st.sampled_from(["pause", "resume", "retry"]),
-              st.sampled_from(ACCOUNTS), st.booleans(), DT),
-    st.tuples(st.just("log"), st.sampled_from(ACCOUNTS),
-              st.sampled_from(["progress", "unrecoverable", "transient", "disk_full"]), DT),
+    st.tuples(
+        st.just("operator"),
+        st.sampled_from(["pause", "resume", "retry"]),
+        st.sampled_from(ACCOUNTS),
+        st.booleans(),
+        DT,
+    ),
+    st.tuples(
+        st.just("log"),
+        st.sampled_from(ACCOUNTS),
+        st.sampled_from(["progress", "unrecoverable", "transient", "disk_full"]),
+        DT,
+    ),
     st.tuples(st.just("restart"), DT),
 )
 
@@ -413,8 +503,12 @@ def run(world: World, commands: list[tuple[Any, ...]]) -> None:
                 if what == "progress":
                     world.feed(LogParsed(account, progressed=True, transferred_bytes=number))
                 else:
-                    world.feed(LogParsed(account, (LogEvidence(FailureClass(what), f"rule-{what}",
-                                                               f"line {number}"),)))
+                    world.feed(
+                        LogParsed(
+                            account,
+                            (LogEvidence(FailureClass(what), f"rule-{what}", f"line {number}"),),
+                        )
+                    )
             case "restart":
                 world.restart()
 
@@ -464,10 +558,12 @@ def test_no_flapping_inside_the_band(commands: list[tuple[Any, ...]]) -> None:
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.tuples(st.integers(min_value=0, max_value=RESUME - 1), DT),
-                min_size=1, max_size=60))
+@given(
+    st.lists(st.tuples(st.integers(min_value=0, max_value=RESUME - 1), DT), min_size=1, max_size=60)
+)
 def test_one_pause_however_the_samples_move_below_resume_above(
-        samples: list[tuple[int, float]]) -> None:
+    samples: list[tuple[int, float]],
+) -> None:
     """Once paused, anything below resume_above keeps the pause, and never re-pauses."""
     world = new_world()
     world.sample(PAUSE - 1, FILES // 2, 0.0)

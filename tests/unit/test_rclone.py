@@ -43,8 +43,11 @@ SOURCE_FILE_SIZES = [300_000, 700_000, 1_000_000, 1_500_000, 12_345, 0, 1]
 
 def _rclone_binary() -> str:
     binary = shutil.which("rclone")
-    require(binary is not None, "rclone is not installed (apt-get install rclone): the "
-            "parser is tested on real rclone output")
+    require(
+        binary is not None,
+        "rclone is not installed (apt-get install rclone): the "
+        "parser is tested on real rclone output",
+    )
     assert binary is not None
     return binary
 
@@ -149,12 +152,20 @@ def rclone_logs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RcloneLogs
     )  # fmt: skip
     try:
         _wait_for_port(port)
-        wrong = subprocess.run(
-            [rclone, "obscure", "wrong-password"], capture_output=True, env=env, check=True
-        ).stdout.decode().strip()
-        right = subprocess.run(
-            [rclone, "obscure", "right-password"], capture_output=True, env=env, check=True
-        ).stdout.decode().strip()
+        wrong = (
+            subprocess.run(
+                [rclone, "obscure", "wrong-password"], capture_output=True, env=env, check=True
+            )
+            .stdout.decode()
+            .strip()
+        )
+        right = (
+            subprocess.run(
+                [rclone, "obscure", "right-password"], capture_output=True, env=env, check=True
+            )
+            .stdout.decode()
+            .strip()
+        )
         webdav = ["--webdav-url", f"http://127.0.0.1:{port}", "--webdav-user", "alice"]
         run("webdav_401", "copy", str(source), ":webdav:dst", *webdav, "--webdav-pass", wrong,
             "-v", *fast_fail)  # fmt: skip
@@ -331,7 +342,7 @@ def test_hand_written_lines(line: str, expected_class: FailureClass, rule: str) 
         '{"level":"info","msg":"i/o timeout"}',
         # error-level lines that name no known cause
         "2025/11/23 10:00:00 ERROR : EOF.txt: Failed to copy: checksum mismatch",
-        "2025/11/23 10:00:00 NOTICE: Config file \"/root/.config/rclone/rclone.conf\" not found",
+        '2025/11/23 10:00:00 NOTICE: Config file "/root/.config/rclone/rclone.conf" not found',
         # stats continuation lines are not tested against rules
         "Errors:                 1 (fatal error encountered)",
         " *  timeout 401 Unauthorized.docx: 12% /1.2Mi, 0/s, -",

@@ -9,7 +9,9 @@ from spaceguard.rclone import compile_rules
 from spaceguard.runtime import CONTEXT_BEFORE, CONTEXT_LINES, MigrationLog
 
 AUTH = "2025/01/01 10:00:00 CRITICAL: Failed to create file system: invalid_grant"
-ENOSPC = "2025/01/01 10:00:01 ERROR : a.bin: Failed to copy: write /space/a.bin: no space left on device"
+ENOSPC = (
+    "2025/01/01 10:00:01 ERROR : a.bin: Failed to copy: write /space/a.bin: no space left on device"
+)
 
 
 def info(n: int) -> str:

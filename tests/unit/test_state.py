@@ -15,9 +15,9 @@ from spaceguard.atomicfile import write_atomic
 from spaceguard.model import (
     Failure,
     FailureClass,
-    LogEvidence,
     GuardState,
     Hold,
+    LogEvidence,
     MigrationState,
     VolumeState,
 )
@@ -27,24 +27,52 @@ T0 = 1_750_000_000.0
 
 
 def sample_state() -> GuardState:
-    failure = Failure(failure_class=FailureClass.TRANSIENT, trigger="unit-failed",
-                      detail="m365-migrate@bob.service failed (result=exit-code exited=5)",
-                      since=T0 - 60, phase="waiting-retry", lines=("ERROR : 429 Too Many",),
-                      exit_status="result=exit-code exited=5", incident_id="20250615T000000Z-bob-3",
-                      verify_result="passed", steps=("a", "b"), next_retry_at=T0 + 90.5)
+    failure = Failure(
+        failure_class=FailureClass.TRANSIENT,
+        trigger="unit-failed",
+        detail="m365-migrate@bob.service failed (result=exit-code exited=5)",
+        since=T0 - 60,
+        phase="waiting-retry",
+        lines=("ERROR : 429 Too Many",),
+        exit_status="result=exit-code exited=5",
+        incident_id="20250615T000000Z-bob-3",
+        verify_result="passed",
+        steps=("a", "b"),
+        next_retry_at=T0 + 90.5,
+    )
     return GuardState(
-        volumes={"space": VolumeState(up=True, avail_bytes=123, low=True, low_reason="space",
-                                      low_since=T0 - 600, recovered_since=T0 - 5)},
+        volumes={
+            "space": VolumeState(
+                up=True,
+                avail_bytes=123,
+                low=True,
+                low_reason="space",
+                low_since=T0 - 600,
+                recovered_since=T0 - 5,
+            )
+        },
         migrations={
-            "alice": MigrationState(account="alice", hold=Hold("guard", "space", T0 - 600),
-                                    paused_units=frozenset({"a.service", "b.service"}),
-                                    restart_on_release=True, retries=1,
-                                    last_progress_at=T0 - 700.25, transferred_bytes=10**12),
-            "bob": MigrationState(account="bob", failure=failure, retries=2, override=True,
-                                  hold=Hold("operator", "operator", T0, note="maintenance")),
+            "alice": MigrationState(
+                account="alice",
+                hold=Hold("guard", "space", T0 - 600),
+                paused_units=frozenset({"a.service", "b.service"}),
+                restart_on_release=True,
+                retries=1,
+                last_progress_at=T0 - 700.25,
+                transferred_bytes=10**12,
+            ),
+            "bob": MigrationState(
+                account="bob",
+                failure=failure,
+                retries=2,
+                override=True,
+                hold=Hold("operator", "operator", T0, note="maintenance"),
+            ),
             "carol": MigrationState(account="carol", finished=True),
         },
-        bus_connected=True, incident_seq=3)
+        bus_connected=True,
+        incident_seq=3,
+    )
 
 
 def leftovers(directory: Path) -> list[str]:
@@ -111,8 +139,9 @@ def test_write_atomic_replaces(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("fail_at", ["write", "fsync", "rename"])
-def test_a_crash_mid_write_leaves_the_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                               fail_at: str) -> None:
+def test_a_crash_mid_write_leaves_the_old_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_at: str
+) -> None:
     path = tmp_path / "state.json"
     write_atomic(path, b'{"old": true}')
 
@@ -165,19 +194,35 @@ def corrupt_files(directory: Path) -> list[Path]:
     return sorted(directory.glob("state.json.corrupt-*"))
 
 
-@pytest.mark.parametrize("content", [
-    b'{"version": 1, "state": {"incident_seq": 1, "volu',  # cut short
-    b"\x00\x00\x00\x00",
-    b"",
-    b"[1, 2, 3]",
-    b'"just a string"',
-    json.dumps({"version": 1}).encode(),  # keys missing
-    json.dumps({"version": 1, "state": {"incident_seq": "x", "volumes": {}, "migrations": {}},
-                "log_positions": {}}).encode(),
-    json.dumps({"version": 1, "state": {"incident_seq": 0, "volumes": {},
-                                        "migrations": {"a": {"hold": {"by": "guard"}}}},
-                "log_positions": {}}).encode(),
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"version": 1, "state": {"incident_seq": 1, "volu',  # cut short
+        b"\x00\x00\x00\x00",
+        b"",
+        b"[1, 2, 3]",
+        b'"just a string"',
+        json.dumps({"version": 1}).encode(),  # keys missing
+        json.dumps(
+            {
+                "version": 1,
+                "state": {"incident_seq": "x", "volumes": {}, "migrations": {}},
+                "log_positions": {},
+            }
+        ).encode(),
+        json.dumps(
+            {
+                "version": 1,
+                "state": {
+                    "incident_seq": 0,
+                    "volumes": {},
+                    "migrations": {"a": {"hold": {"by": "guard"}}},
+                },
+                "log_positions": {},
+            }
+        ).encode(),
+    ],
+)
 def test_a_corrupt_file_is_set_aside(tmp_path: Path, content: bytes) -> None:
     (tmp_path / "state.json").write_bytes(content)
     store = StateStore(tmp_path)
@@ -194,8 +239,11 @@ def test_a_corrupt_file_is_set_aside(tmp_path: Path, content: bytes) -> None:
 
 @pytest.mark.parametrize("version", [0, 2, 99, "1", None])
 def test_an_unknown_version_is_set_aside(tmp_path: Path, version: object) -> None:
-    good = json.loads(json.dumps({"version": STATE_VERSION, "state": durable(sample_state()),
-                                  "log_positions": {}}))
+    good = json.loads(
+        json.dumps(
+            {"version": STATE_VERSION, "state": durable(sample_state()), "log_positions": {}}
+        )
+    )
     good["version"] = version
     (tmp_path / "state.json").write_text(json.dumps(good), encoding="utf-8")
     store = StateStore(tmp_path)
@@ -208,37 +256,69 @@ def test_an_unknown_version_is_set_aside(tmp_path: Path, version: object) -> Non
 
 TIMES = st.floats(min_value=0, max_value=4e9, allow_nan=False)
 TEXT = st.text(max_size=20)
-HOLDS = st.none() | st.builds(Hold, by=st.sampled_from(["guard", "operator"]), reason=TEXT,
-                              since=TIMES, note=TEXT)
+HOLDS = st.none() | st.builds(
+    Hold, by=st.sampled_from(["guard", "operator"]), reason=TEXT, since=TIMES, note=TEXT
+)
 FAILURES = st.none() | st.builds(
-    Failure, failure_class=st.sampled_from([FailureClass.TRANSIENT, FailureClass.UNRECOVERABLE]),
-    trigger=st.sampled_from(["unit-failed", "log", "stall"]), detail=TEXT, since=TIMES,
-    phase=st.sampled_from(["stopping", "verifying", "documenting", "waiting-retry",
-                           "needs-operator"]),
-    lines=st.lists(TEXT, max_size=3).map(tuple), exit_status=TEXT, incident_id=TEXT,
-    verify_result=TEXT, steps=st.lists(TEXT, max_size=3).map(tuple),
+    Failure,
+    failure_class=st.sampled_from([FailureClass.TRANSIENT, FailureClass.UNRECOVERABLE]),
+    trigger=st.sampled_from(["unit-failed", "log", "stall"]),
+    detail=TEXT,
+    since=TIMES,
+    phase=st.sampled_from(
+        ["stopping", "verifying", "documenting", "waiting-retry", "needs-operator"]
+    ),
+    lines=st.lists(TEXT, max_size=3).map(tuple),
+    exit_status=TEXT,
+    incident_id=TEXT,
+    verify_result=TEXT,
+    steps=st.lists(TEXT, max_size=3).map(tuple),
     next_retry_at=st.none() | TIMES,
-    evidence=st.none() | st.builds(
-        LogEvidence, failure_class=st.sampled_from(list(FailureClass)), rule=TEXT, line=TEXT,
-        seq=st.integers(0, 2**40), before=st.lists(TEXT, max_size=3).map(tuple)))
+    evidence=st.none()
+    | st.builds(
+        LogEvidence,
+        failure_class=st.sampled_from(list(FailureClass)),
+        rule=TEXT,
+        line=TEXT,
+        seq=st.integers(0, 2**40),
+        before=st.lists(TEXT, max_size=3).map(tuple),
+    ),
+)
 MIGRATIONS = st.builds(
-    MigrationState, account=st.just("x"), hold=HOLDS,
+    MigrationState,
+    account=st.just("x"),
+    hold=HOLDS,
     paused_units=st.frozensets(st.sampled_from(["a.service", "b.service"])),
-    restart_on_release=st.booleans(), override=st.booleans(), failure=FAILURES,
-    retries=st.integers(0, 100), last_progress_at=st.none() | TIMES,
-    transferred_bytes=st.integers(0, 2**62), finished=st.booleans())
+    restart_on_release=st.booleans(),
+    override=st.booleans(),
+    failure=FAILURES,
+    retries=st.integers(0, 100),
+    last_progress_at=st.none() | TIMES,
+    transferred_bytes=st.integers(0, 2**62),
+    finished=st.booleans(),
+)
 
 
 @settings(max_examples=100, deadline=None)
-@given(migrations=st.dictionaries(st.sampled_from(["alice", "bob", "carol"]), MIGRATIONS),
-       low=st.booleans(), reason=TEXT, since=TIMES, seq=st.integers(0, 10**6))
-def test_any_durable_state_round_trips(migrations: dict[str, MigrationState], low: bool,
-                                       reason: str, since: float, seq: int) -> None:
+@given(
+    migrations=st.dictionaries(st.sampled_from(["alice", "bob", "carol"]), MIGRATIONS),
+    low=st.booleans(),
+    reason=TEXT,
+    since=TIMES,
+    seq=st.integers(0, 10**6),
+)
+def test_any_durable_state_round_trips(
+    migrations: dict[str, MigrationState], low: bool, reason: str, since: float, seq: int
+) -> None:
     state = GuardState(
         volumes={"space": VolumeState(low=low, low_reason=reason, low_since=since)},
-        migrations={account: MigrationState(**{**m.__dict__, "account": account})
-                    for account, m in migrations.items()},
-        incident_seq=seq)
-    data = json.dumps({"version": STATE_VERSION, "state": durable(state), "log_positions": {}},
-                      sort_keys=True)
+        migrations={
+            account: MigrationState(**{**m.__dict__, "account": account})
+            for account, m in migrations.items()
+        },
+        incident_seq=seq,
+    )
+    data = json.dumps(
+        {"version": STATE_VERSION, "state": durable(state), "log_positions": {}}, sort_keys=True
+    )
     assert durable(_restore(json.loads(data)["state"])) == durable(state)

@@ -17,11 +17,17 @@ FILES = 1_000_000  # pause below 10 000 inodes
 
 def volume(**changes: object) -> VolumeConfig:
     base: dict[str, object] = {
-        "name": "space", "path": "/space",
-        "pause_below": Threshold(percent=5.0), "resume_above": Threshold(percent=10.0),
-        "pause_below_inodes": Threshold(percent=1.0), "resume_above_inodes": Threshold(percent=2.0),
-        "resume_after": 120.0, "predict": 600.0, "max_write_speed": 2 * GiB,
-        "poll_min": 0.001, "poll_max": 1.0,
+        "name": "space",
+        "path": "/space",
+        "pause_below": Threshold(percent=5.0),
+        "resume_above": Threshold(percent=10.0),
+        "pause_below_inodes": Threshold(percent=1.0),
+        "resume_above_inodes": Threshold(percent=2.0),
+        "resume_after": 120.0,
+        "predict": 600.0,
+        "max_write_speed": 2 * GiB,
+        "poll_min": 0.001,
+        "poll_max": 1.0,
     }
     base.update(changes)
     return VolumeConfig(**base)  # type: ignore[arg-type]
@@ -83,8 +89,7 @@ def test_reset() -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.floats(0.0, 5.0), st.integers(0, 10 * GiB)), min_size=1,
-                max_size=50))
+@given(st.lists(st.tuples(st.floats(0.0, 5.0), st.integers(0, 10 * GiB)), min_size=1, max_size=50))
 def test_the_rate_is_the_slope_over_the_kept_samples(steps: list[tuple[float, int]]) -> None:
     rate, now = FillRate(window=1.0), 0.0
     for dt, avail in steps:
@@ -106,8 +111,9 @@ def test_far_from_every_threshold_polls_slowly() -> None:
     assert poll_interval(volume(), usage(80 * GiB), 0.0, low=False) == 1.0
     assert poll_interval(volume(poll_max=2.0), usage(80 * GiB, FILES), 0.0, low=False) == 2.0
     # with plenty of both, the slower of the two clocks still bounds it: inodes here
-    assert poll_interval(volume(poll_max=5.0), usage(80 * GiB, FILES), 0.0,
-                         low=False) == pytest.approx((FILES - 10_000) / MAX_FILE_CREATE_RATE / 2)
+    assert poll_interval(
+        volume(poll_max=5.0), usage(80 * GiB, FILES), 0.0, low=False
+    ) == pytest.approx((FILES - 10_000) / MAX_FILE_CREATE_RATE / 2)
 
 
 def test_near_the_threshold_polls_fast() -> None:
@@ -122,8 +128,9 @@ def test_half_the_headroom_at_max_write_speed() -> None:
     # 1 GiB above pause_below, 2 GiB/s → 0.5 s to fill → sample every 0.25 s
     assert poll_interval(volume(), usage(6 * GiB), 0.0, low=False) == pytest.approx(0.25)
     # a slower disk: 1 GiB/s → 0.5 s
-    assert poll_interval(volume(max_write_speed=GiB), usage(6 * GiB), 0.0,
-                         low=False) == pytest.approx(0.5)
+    assert poll_interval(
+        volume(max_write_speed=GiB), usage(6 * GiB), 0.0, low=False
+    ) == pytest.approx(0.5)
 
 
 def test_an_observed_rate_faster_than_max_write_speed_counts() -> None:
@@ -138,8 +145,9 @@ def test_inode_headroom() -> None:
     # plenty of bytes, 10 000 inodes above the pause threshold at 200 000 files/s
     files_free = 10_000 + 10_000
     expected = 10_000 / MAX_FILE_CREATE_RATE / 2
-    assert poll_interval(volume(), usage(80 * GiB, files_free), 0.0,
-                         low=False) == pytest.approx(expected)
+    assert poll_interval(volume(), usage(80 * GiB, files_free), 0.0, low=False) == pytest.approx(
+        expected
+    )
     # a file system without inode counts only looks at bytes
     assert poll_interval(volume(), usage(80 * GiB, 0, 0), 0.0, low=False) == 1.0
 
@@ -151,12 +159,17 @@ def test_when_low_the_poll_is_relaxed_but_frequent() -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(avail=st.integers(0, SIZE), files_free=st.integers(0, FILES),
-       rate=st.floats(-10 * GiB, 10 * GiB), low=st.booleans(),
-       poll_min=st.sampled_from([0.001, 0.01, 0.1]), poll_max=st.sampled_from([0.5, 1.0, 10.0]))
-def test_the_interval_is_always_within_bounds(avail: int, files_free: int, rate: float,
-                                              low: bool, poll_min: float,
-                                              poll_max: float) -> None:
+@given(
+    avail=st.integers(0, SIZE),
+    files_free=st.integers(0, FILES),
+    rate=st.floats(-10 * GiB, 10 * GiB),
+    low=st.booleans(),
+    poll_min=st.sampled_from([0.001, 0.01, 0.1]),
+    poll_max=st.sampled_from([0.5, 1.0, 10.0]),
+)
+def test_the_interval_is_always_within_bounds(
+    avail: int, files_free: int, rate: float, low: bool, poll_min: float, poll_max: float
+) -> None:
     config = volume(poll_min=poll_min, poll_max=poll_max)
     interval = poll_interval(config, usage(avail, files_free), rate, low)
     if interval == 0.0:
