@@ -110,6 +110,7 @@ from typing import Any, Final, Literal, TypeVar
 
 from spaceguard import __version__
 from spaceguard.atomicfile import set_aside, write_atomic
+from spaceguard.names import is_receiver_name
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,6 @@ SPOOL_WRITE_RETRY_S: Final = 5.0
 
 # As config.py allows, minus a leading dot: the name is a spool file name and must not
 # look like a hidden or temporary file.
-RECEIVER_NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
 LABEL_NAME_PATTERN: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 ReceiverKind = Literal["alertmanager", "webhook"]
@@ -191,10 +191,14 @@ class AlertReceiver:
     bearer_token: str | None = field(default=None, repr=False)
     basic_auth: tuple[str, str] | None = field(default=None, repr=False)
     timeout_s: float = 10.0
+    # "" = straight to the receiver: an http_proxy in the environment (Debian's build sets a
+    # dead one; production hosts often set one for the internet) must not swallow alerts
+    # meant for a local Alertmanager
+    proxy: str = ""
 
     def __post_init__(self) -> None:
         # The name is also the spool file name.
-        if not RECEIVER_NAME_PATTERN.fullmatch(self.name):
+        if not is_receiver_name(self.name):
             raise ValueError(
                 f"receiver name {self.name!r}: use letters, digits, '_.-' (max 64, no leading '.')"
             )
@@ -719,8 +723,10 @@ def post_json(receiver: AlertReceiver, body: bytes) -> None:
         credentials = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
         headers["Authorization"] = f"Basic {credentials}"
     request = urllib.request.Request(receiver.endpoint, data=body, headers=headers, method="POST")
+    proxies = {"http": receiver.proxy, "https": receiver.proxy} if receiver.proxy else {}
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler(proxies))
     try:
-        with urllib.request.urlopen(request, timeout=receiver.timeout_s) as response:
+        with opener.open(request, timeout=receiver.timeout_s) as response:
             # The answer does not matter, but reading it lets the connection close cleanly.
             response.read(RESPONSE_READ_LIMIT_BYTES)
     except urllib.error.HTTPError as error:

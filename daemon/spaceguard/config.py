@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .names import check_unit_name, is_account
+from .names import check_unit_name, is_account, is_receiver_name
 from .quantities import Threshold, parse_duration, parse_size, parse_threshold
 
 PauseMode = Literal["freeze", "stop"]
@@ -87,6 +87,8 @@ class ReceiverConfig:
     bearer_token: str | None = None
     basic_auth: tuple[str, str] | None = None
     timeout: float = 5.0
+    # deliveries go straight to the receiver, whatever http_proxy says, unless this is set
+    proxy: str = ""
 
 
 @dataclass(frozen=True)
@@ -188,6 +190,28 @@ def _abs_path(value: object) -> Path:
     if not text.startswith("/"):
         raise ValueError(f"expected an absolute path, got {text!r}")
     return Path(text)
+
+
+def _positive_duration(value: object) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError(f"must be above 0, got {value!r}")
+    return seconds
+
+
+def _at_least_a_second(value: object) -> float:
+    # the first retry of a delivery waits a second: a cap below it cannot hold
+    seconds = parse_duration(value)
+    if seconds < 1.0:
+        raise ValueError(f"must be at least 1s, got {value!r}")
+    return seconds
+
+
+def _proxy_url(value: object) -> str:
+    url = _string(value)
+    if url and not re.fullmatch(r"https?://[^\s/]+/?", url):
+        raise ValueError(f"expected an http:// proxy URL like http://proxy:3128, got {url!r}")
+    return url
 
 
 def _listen(value: object) -> str:
@@ -372,15 +396,17 @@ def _read_alerts(source: Path, raw: object) -> AlertsConfig:
     for index, item in enumerate(raw_receivers):
         receiver = _Section(source, f"alerts.receivers[{index}]", item)
         name = receiver.get("name", _string, required=True)
-        if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", name):
-            raise receiver.error("name", "letters, digits, '_.-' only (it names a spool file)")
+        if not is_receiver_name(name):
+            raise receiver.error(
+                "name", "letters, digits, '_.-', at most 64, no leading '.' (it names a spool file)"
+            )
         if any(existing.name == name for existing in receivers):
             raise receiver.error("name", f"receiver {name!r} is configured twice")
         kind = receiver.get("kind", _string, required=True)
         if kind not in ("alertmanager", "webhook"):
             raise receiver.error("kind", 'must be "alertmanager" or "webhook"')
         url = receiver.get("url", _string, required=True)
-        if not re.match(r"^https?://[^\s/]+", url):
+        if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", url):
             raise receiver.error("url", f"expected an http:// or https:// URL, got {url!r}")
         user = receiver.get("basic_auth_user", _string)
         password = _read_secret(receiver, "basic_auth_password_file")
@@ -395,14 +421,15 @@ def _read_alerts(source: Path, raw: object) -> AlertsConfig:
                 url=url.rstrip("/"),
                 bearer_token=_read_secret(receiver, "bearer_token_file"),
                 basic_auth=(user, password) if user is not None and password is not None else None,
-                timeout=receiver.get("timeout", parse_duration, 5.0),
+                timeout=receiver.get("timeout", _positive_duration, 5.0),
+                proxy=receiver.get("proxy", _proxy_url, ""),
             )
         )
         receiver.finish()
     alerts = AlertsConfig(
         receivers=tuple(receivers),
-        resend_interval=section.get("resend_interval", parse_duration, 60.0),
-        max_backoff=section.get("max_backoff", parse_duration, 300.0),
+        resend_interval=section.get("resend_interval", _positive_duration, 60.0),
+        max_backoff=section.get("max_backoff", _at_least_a_second, 300.0),
         generator_url=section.get("generator_url", _string, ""),
     )
     section.finish()

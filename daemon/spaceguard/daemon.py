@@ -135,6 +135,7 @@ class Guard:
                 bearer_token=r.bearer_token,
                 basic_auth=r.basic_auth,
                 timeout_s=r.timeout,
+                proxy=r.proxy,
             )
             for r in config.alerts.receivers
         ]

@@ -1,4 +1,5 @@
-"""Names the guard accepts from outside, pure: accounts, systemd service names, incident ids.
+"""Names the guard accepts from outside, pure: accounts, systemd service names, incident ids,
+alert receivers.
 
 One definition each, for the config, the control protocol and the incident store. Every
 check matches the whole string (`fullmatch`): `$` in a Python regex also matches before a
@@ -11,6 +12,8 @@ import re
 
 ACCOUNT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}")
 INCIDENT_ID_RE = re.compile(r"[A-Za-z0-9_.@:-]{1,200}")
+# it names a spool file too: no leading '.' (no hidden files, no '..')
+RECEIVER_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
 # systemd's unit name rules (unit_name_is_valid): [a-zA-Z0-9:_.\\-] plus one '@' for templates
 SERVICE_RE = re.compile(r"[a-zA-Z0-9:_.\\-]+(@[a-zA-Z0-9:_.\\-]*)?\.service")
 
@@ -21,6 +24,10 @@ def is_account(name: str) -> bool:
 
 def is_incident_id(name: str) -> bool:
     return INCIDENT_ID_RE.fullmatch(name) is not None
+
+
+def is_receiver_name(name: str) -> bool:
+    return RECEIVER_NAME_RE.fullmatch(name) is not None
 
 
 def check_unit_name(name: object) -> str:

@@ -692,3 +692,37 @@ def test_duplicate_receiver_names_are_rejected(tmp_path: Path) -> None:
     receiver = AlertReceiver("am", "alertmanager", "http://127.0.0.1:9093")
     with pytest.raises(ValueError):
         AlertSender([receiver, receiver], tmp_path)
+
+
+def test_an_http_proxy_in_the_environment_is_not_used(
+    server: RecordingServer,
+    down_server: RecordingServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Debian's build environment sets a dead proxy; so do many production hosts, for the
+    # internet. A local Alertmanager must still get its alerts.
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.setenv(name, down_server.url)
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    sender = make_sender([am_receiver(server)], tmp_path)
+    sender.fire(paused_alert())
+    run_sender_until(sender, all_delivered(sender))
+    (request,) = server.recorded()
+    assert request.path == "/api/v2/alerts"
+
+
+def test_a_receiver_with_a_proxy_sends_through_it(server: RecordingServer, tmp_path: Path) -> None:
+    proxy = RecordingServer()  # records the proxied request: its path is the absolute URL
+    proxy.start()
+    try:
+        receiver = am_receiver(server, url="http://alertmanager.invalid:9093", proxy=proxy.url)
+        sender = make_sender([receiver], tmp_path)
+        sender.fire(paused_alert())
+        run_sender_until(sender, all_delivered(sender))
+        (request,) = proxy.recorded()
+        assert request.path == "http://alertmanager.invalid:9093/api/v2/alerts"
+        assert server.recorded() == []
+    finally:
+        proxy.stop()
