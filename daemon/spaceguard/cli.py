@@ -27,6 +27,17 @@ def check_config(path: Path) -> int:
     return 0
 
 
+def polkit_rule(path: Path, user: str, any_unit: bool) -> int:
+    from .polkitrule import RuleError, render
+
+    try:
+        print(render(load(path), user, any_unit), end="")
+    except (ConfigError, RuleError) as error:
+        print(f"spaceguard: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="spaceguard", description=__doc__)
     parser.add_argument("--version", action="version", version=f"spaceguard {__version__}")
@@ -43,9 +54,30 @@ def main(argv: list[str] | None = None) -> int:
         dest="top_config",
         help=argparse.SUPPRESS,
     )
+    freezer = commands.add_parser(
+        "freezer", help="the privileged freeze/thaw helper (spaceguard-freezer.service)"
+    )
+    freezer.add_argument("--config", "-c", type=Path, default=DEFAULT_CONFIG)
+    freezer.add_argument("--user", default="spaceguard", help="the only peer allowed")
+    freezer.add_argument(
+        "--socket", type=Path, default=Path("/run/spaceguard-freezer/freezer.sock")
+    )
+    rule = commands.add_parser("polkit-rule", help="print a polkit rule for the configured units")
+    rule.add_argument("file", type=Path, nargs="?", default=DEFAULT_CONFIG)
+    rule.add_argument("--user", default="spaceguard")
+    rule.add_argument(
+        "--any-unit", action="store_true", help="allow units the shipped rule does not"
+    )
     args = parser.parse_args(argv)
     if args.command == "check-config":
         return check_config(args.file)
+    if args.command == "polkit-rule":
+        return polkit_rule(args.file, args.user, args.any_unit)
+    if args.command == "freezer":
+        from .freezer import run_freezer
+
+        journal.setup()
+        return asyncio.run(run_freezer(args.config, args.user, args.socket))
     config_path = args.config if args.command == "run" else args.top_config
     journal.setup()
     from .daemon import run_guard  # the daemon's imports are only needed to run it
