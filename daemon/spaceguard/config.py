@@ -109,6 +109,8 @@ class GuardConfig:
     admin_group: str = ""
     log_level: str = "info"
     log_recheck_interval: float = 5.0
+    # the freezer helper (spaceguard-freezer.socket), used when systemd refuses FreezeUnit
+    freezer_socket: Path = Path("/run/spaceguard-freezer/freezer.sock")
 
 
 @dataclass(frozen=True)
@@ -256,6 +258,7 @@ def _read_guard(source: Path, raw: object) -> GuardConfig:
         log_recheck_interval=section.get(
             "log_recheck_interval", parse_duration, defaults.log_recheck_interval
         ),
+        freezer_socket=section.get("freezer_socket", _abs_path, defaults.freezer_socket),
     )
     if guard.log_level not in ("debug", "info", "warning", "error"):
         raise section.error("log_level", "must be one of debug, info, warning, error")

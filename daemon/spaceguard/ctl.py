@@ -273,6 +273,8 @@ def render_status(status: Mapping[str, Any], now: float) -> str:
         head += ": ready" if status["ready"] else ": starting"
     if "bus_connected" in status:
         head += ", D-Bus " + ("connected" if status["bus_connected"] else "DISCONNECTED")
+    if status.get("freeze_path") == "helper":
+        head += ", freezing through spaceguard-freezer"
     lines = [head]
     if status.get("config"):
         lines.append(f"config: {_cell(status['config'])}")

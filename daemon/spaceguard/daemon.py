@@ -104,7 +104,11 @@ class Guard:
         self._status_key: tuple[Any, ...] = ()
         self._status_sent = 0.0
         self.systemd = SystemdClient(
-            config.guard.bus_address, self._units(config), self._on_unit, self._on_connection
+            config.guard.bus_address,
+            self._units(config),
+            self._on_unit,
+            self._on_connection,
+            freezer_socket=config.guard.freezer_socket,
         )
         self.logwatch = LogWatcher()
         self.alerts = self._alert_sender(config)
@@ -664,6 +668,7 @@ class Guard:
             "version": __version__,
             "ready": self.ready,
             "bus_connected": self.state.bus_connected,
+            "freeze_path": self.systemd.freeze_path,
             "config": str(self.config_path),
             "config_problem": self.config_problem,
             "state_problem": self.store.problem,

@@ -100,7 +100,7 @@ def reload_problem(old: Config, new: Config, state: GuardState) -> str:
                 f"migration {account!r} is removed but still paused; resume it first "
                 f"(spaceguardctl resume {account} --force), then reload"
             )
-    for key in ("state_dir", "control_socket", "metrics_listen", "bus_address"):
+    for key in ("state_dir", "control_socket", "metrics_listen", "bus_address", "freezer_socket"):
         if getattr(old.guard, key) != getattr(new.guard, key):
             return f"guard.{key}: cannot change on reload (restart the guard to apply it)"
     return ""

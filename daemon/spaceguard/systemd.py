@@ -12,8 +12,10 @@ import asyncio
 import contextlib
 import logging
 import shutil
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from dbus_next.aio.message_bus import MessageBus
@@ -21,6 +23,7 @@ from dbus_next.constants import BusType, MessageType
 from dbus_next.message import Message
 from dbus_next.signature import Variant
 
+from .freezer import FreezerClient, FreezerError, choose_path, is_refusal
 from .model import UnitView
 
 log = logging.getLogger(__name__)
@@ -54,8 +57,13 @@ class SystemdClient:
         units: Iterable[str],
         on_unit: Callable[[str, UnitView], None],
         on_connection: Callable[[bool], None],
+        freezer_socket: Path | None = None,
     ) -> None:
         self.address = address
+        # How freeze/thaw go out: "direct" (FreezeUnit ourselves) or "helper" (through
+        # spaceguard-freezer), decided by a probe at each connect (_probe_freezing).
+        self.freeze_path = "direct"
+        self.freezer = FreezerClient(freezer_socket) if freezer_socket else None
         self.units = set(units)
         self.on_unit = on_unit
         self.on_connection = on_connection
@@ -82,6 +90,8 @@ class SystemdClient:
                 await self._task
         if self.bus is not None:
             self.bus.disconnect()
+        if self.freezer is not None:
+            await self.freezer.close()
 
     def set_units(self, units: Iterable[str]) -> None:
         """After a reload: watch the new set (loading new units if connected)."""
@@ -128,12 +138,33 @@ class SystemdClient:
                 [rule],
             )
         await self._call(SYSTEMD, MANAGER_PATH, MANAGER, "Subscribe")
+        await self._probe_freezing()
         self.paths.clear()
         await self._load_units(sorted(self.units))
         self._set_connected(True)
         log.info(
             "D-Bus connected (%s); watching %d units", self.address or "system bus", len(self.units)
         )
+
+    async def _probe_freezing(self) -> None:
+        """May this process freeze? Ask systemd to freeze a unit that cannot exist (a fresh
+        random name: no side effect). "not loaded" means yes; AccessDenied (systemd 252's
+        bus policy lets only root) means freezes go through the helper."""
+        probe = f"spaceguard-probe-{uuid.uuid4().hex}.service"
+        try:
+            await self._call(SYSTEMD, MANAGER_PATH, MANAGER, "FreezeUnit", "s", [probe])
+            error = None
+        except SystemdError as refused:
+            error = str(refused)
+        self.freeze_path, why = choose_path(error, self.freezer is not None)
+        if self.freeze_path == "helper" and self.freezer is not None:
+            log.info("freezing through the helper at %s: %s", self.freezer.path, why)
+            try:  # connect now (socket activation starts it): the first freeze must not wait
+                await self.freezer.connect()
+            except FreezerError as problem:
+                log.error("%s", problem)
+        else:
+            log.info("freezing directly over D-Bus: %s", why)
 
     def _set_connected(self, connected: bool) -> None:
         if connected != self.connected:
@@ -252,11 +283,27 @@ class SystemdClient:
     async def freeze(self, unit: str) -> None:
         """FreezeUnit: systemd replies once the cgroup is frozen."""
         self._check(unit)
-        await self._call(SYSTEMD, MANAGER_PATH, MANAGER, "FreezeUnit", "s", [unit])
+        await self._freezer_call("FreezeUnit", "freeze", unit)
 
     async def thaw(self, unit: str) -> None:
         self._check(unit)
-        await self._call(SYSTEMD, MANAGER_PATH, MANAGER, "ThawUnit", "s", [unit])
+        await self._freezer_call("ThawUnit", "thaw", unit)
+
+    async def _freezer_call(self, method: str, verb: str, unit: str) -> None:
+        if self.freeze_path == "direct" or self.freezer is None:
+            try:
+                await self._call(SYSTEMD, MANAGER_PATH, MANAGER, method, "s", [unit])
+                return
+            except SystemdError as error:
+                if self.freezer is None or not is_refusal(str(error)):
+                    raise
+                # e.g. a newer systemd whose polkit check refuses what the probe let through
+                log.warning("%s %s refused (%s): using the helper from now on", verb, unit, error)
+                self.freeze_path = "helper"
+        try:
+            await self.freezer.request(verb, unit)
+        except FreezerError as error:
+            raise SystemdError(f"freezer helper: {error}") from None
 
     async def stop(self, unit: str) -> None:
         self._check(unit)
