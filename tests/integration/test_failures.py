@@ -5,6 +5,7 @@ detects failures, stops, verifies, writes incidents and retries."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import textwrap
@@ -14,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from tests.guardrig import GuardRig, free_port, wait_until
+from tests.integration.test_operators import migration_status
+from tests.integration.test_space_guard import make_ballast
 from tests.sandbox import LoopVolume, SystemdSandbox, require
 
 MIB = 1024 * 1024
@@ -79,12 +82,12 @@ class Migration:
             ExecStart={self.copy_command(rate)} --log-file {self.log}
             """)
 
-    def config(self, extra: str = "") -> str:
+    def config(self, extra: str = "", pause_below: str = "16MiB") -> str:
         retries = "" if "max_retries" in extra else "max_retries = 2"
         return f"""
             [volumes.space]
             path = "{self.volume.mountpoint}"
-            pause_below = "16MiB"
+            pause_below = "{pause_below}"
             resume_above = "32MiB"
             resume_after = "1s"
             predict = "0s"
@@ -116,6 +119,7 @@ def boot(
     rate: str = "2M",
     migration_unit: str | None = None,
     extra_units: dict[str, str] | None = None,
+    pause_below: str = "16MiB",
 ) -> None:
     sandbox.up(
         {
@@ -124,7 +128,7 @@ def boot(
             **(extra_units or {}),
         }
     )
-    rig.write_config(migration.config(config_extra))
+    rig.write_config(migration.config(config_extra, pause_below))
     rig.install()
     sandbox.systemctl("start", REMOTE)
     wait_until(lambda: _port_open(migration.port), 10, "the WebDAV remote to listen")
@@ -215,7 +219,19 @@ def test_wrong_credentials_unrecoverable_no_retry(
     assert incident["class"] == "unrecoverable"
     assert "operator" in incident["outcome"]
     assert any("401" in line for line in incident["matched_lines"])
-    time.sleep(3)  # longer than the retry backoff: nothing may restart it
+
+    # The guard's decision, not a wait: the failure is left for an operator, no retry planned.
+    def failure() -> dict[str, object]:
+        return migration_status(rig, "alice")["failure"] or {}  # type: ignore[return-value]
+
+    wait_until(
+        lambda: failure().get("phase") == "needs-operator",
+        30,
+        "the failure to be left for an operator",
+        on_timeout=rig.journal,
+    )
+    assert failure()["next_retry_at"] is None, failure()
+    assert migration_status(rig, "alice")["state"] == "failed"
     assert sandbox.show(UNIT, "ActiveState") in ("inactive", "failed")
     assert len(incidents(rig)) == 1
     assert "retry 1" not in rig.journal()
@@ -272,12 +288,10 @@ def test_log_rotation_both_ways_loses_no_line(loop_volume, sandbox, venv_python,
     wait_until(lambda: truth.exists() and len(truth.read_text().splitlines()) >= 5, 30, "log lines")
     migration.log.rename(tmp_path / "m365-migrate-alice.log.1")  # rename-and-create rotation
     wait_until(lambda: migration.log.exists(), 10, "the logger to create a new file")
-    time.sleep(2)
     wait_until(read_all, 10, "the guard to catch up after the rename")
     shutil.copy(migration.log, tmp_path / "m365-migrate-alice.log.2")  # copytruncate
     with migration.log.open("r+") as handle:
         handle.truncate(0)
-    time.sleep(2)
     sandbox.wait_for(UNIT, "ActiveState", ("inactive", "failed"), timeout=60)
     wait_until(
         read_all,
@@ -287,15 +301,37 @@ def test_log_rotation_both_ways_loses_no_line(loop_volume, sandbox, venv_python,
             f"guard {rig.metrics().get(lines_key)} vs {len(truth.read_text().splitlines())} written"
         ),
     )
+
+    def marker(text: str) -> None:
+        """One more line, in the log and in the truth: once the guard has counted it, it has
+        read everything a reload or restart would have made it read again."""
+        line = time.strftime("%Y/%m/%d %H:%M:%S") + f" INFO  : test marker: {text}\n"
+        for path in (truth, migration.log):
+            with path.open("a") as handle:
+                handle.write(line)
+
     # A reload reads nothing twice: it goes on from where it was.
     sandbox.systemctl("reload", "spaceguard.service")
-    time.sleep(1.5)
-    assert read_all(), "a reload re-read (or lost) log lines"
+    wait_until(
+        lambda: "configuration reloaded" in rig.journal(), 10, "the reload", on_timeout=rig.journal
+    )
+    marker("after the reload")
+    wait_until(
+        lambda: rig.metrics().get(lines_key, 0) >= len(truth.read_text().splitlines()),
+        10,
+        "the guard to read the line written after the reload",
+    )
+    assert read_all(), "a reload re-read log lines"
     # A restart reads nothing twice: the saved position is at the end.
     rig.stop()
     rig.start()
-    time.sleep(1)
-    assert rig.metrics().get(lines_key, 0) == 0  # counters restart; no old line re-read
+    marker("after the restart")
+    wait_until(
+        lambda: rig.metrics().get(lines_key, 0) >= 1,
+        10,
+        "the restarted guard to read the line written after its start",
+    )
+    assert rig.metrics()[lines_key] == 1  # counters restart; no old line re-read
     assert not incidents(rig)
 
 
@@ -308,28 +344,71 @@ def test_stall_detected(loop_volume, sandbox, venv_python, tmp_path, rclone):
     wait_until(lambda: copied_files(migration) >= 1, 30, "copying to start")
     # rclone frozen from outside: its process stops, the unit stays active
     sandbox.systemctl("kill", "-s", "STOP", UNIT)
-    stopped_at = time.monotonic()
     found = wait_until(lambda: incidents(rig), 30, "a stall incident", on_timeout=rig.journal)
-    assert time.monotonic() - stopped_at >= 3
     incident = found[0]
     assert incident["trigger"] == "stall"
+    # the guard's own account of it: no progress for at least stall_after
+    stalled_for = re.fullmatch(r"no progress for (\d+)s \(stall_after 4s\)", incident["detail"])
+    assert stalled_for is not None and int(stalled_for[1]) >= 4, incident["detail"]
     assert "gave up" in incident["outcome"]
     sandbox.wait_for(UNIT, "ActiveState", ("inactive", "failed"), timeout=30)
 
 
 def test_destination_full_is_paused_not_failed(loop_volume, sandbox, venv_python, tmp_path, rclone):
+    """Real rclone runs out of space and logs "no space left on device": the guard pauses the
+    migration for it (scenario 3), writes no incident, fails nothing, and the copy completes
+    once space is back."""
     volume = loop_volume(96, options=["nodelalloc"])
-    ballast = volume.mountpoint / "ballast"
-    ballast.write_bytes(b"\0" * (40 * MIB))
-    migration = Migration(tmp_path, rclone, volume, files=40)
+    migration = Migration(tmp_path, rclone, volume, files=12, size=2 * MIB)
+    # About 6 MiB free for a 24 MiB copy, and no threshold to pause it before: pause_below 0
+    # leaves rclone's own ENOSPC as the only sign.
+    ballast = make_ballast(volume, volume.usable_bytes // MIB - 6)
+    # --local-no-preallocate: otherwise rclone refuses a file bigger than the free space
+    # before writing it ("preallocate: file too big for remaining disk space"), no ENOSPC.
+    unit = textwrap.dedent(f"""\
+        [Service]
+        ExecStart={migration.copy_command("8M")} --local-no-preallocate --log-file {migration.log}
+        """)
     rig = GuardRig(sandbox, tmp_path, venv_python)
-    boot(sandbox, rig, migration, rate="8M")
+    boot(sandbox, rig, migration, migration_unit=unit, pause_below="0")
     sandbox.systemctl("start", UNIT)
-    sandbox.wait_for(UNIT, "FreezerState", "frozen", timeout=60)
-    ballast.unlink()
-    sandbox.wait_for(UNIT, "FreezerState", "running", timeout=30)
-    sandbox.wait_for(UNIT, "ActiveState", ("inactive", "failed"), timeout=90)
-    assert sandbox.show(UNIT, "Result") == "success"
-    assert copied_files(migration) == 40
+    paused = (
+        'spaceguard_migration_pause_info{account="alice",by="guard",reason="disk_full",'
+        f'unit="{UNIT}"}}'
+    )
+    wait_until(
+        lambda: rig.metrics().get(paused) == 1,
+        60,
+        "the guard to pause alice for the full disk",
+        on_timeout=lambda: rig.journal() + migration.log.read_text()[-3000:],
+    )
+    assert "no space left on device" in migration.log.read_text()
+    assert "pausing (freeze) because volume space is low (disk_full)" in rig.journal()
+    wait_until(
+        lambda: "paused: alice (guard: disk_full)" in rig.status_text(), 10, "STATUS= to say so"
+    )
+    metrics = rig.metrics()
+    assert metrics['spaceguard_volume_low{volume="space"}'] == 1
+    for failure_class in ("transient", "unrecoverable"):
+        labels = f'account="alice",class="{failure_class}",unit="{UNIT}"'
+        assert metrics["spaceguard_migration_failed{" + labels + "}"] == 0
     assert not incidents(rig)
-    assert "no space left" not in migration.log.read_text().lower()
+
+    ballast.unlink()  # an operator frees space
+    wait_until(
+        lambda: copied_files(migration) == 12 and sandbox.show(UNIT, "ActiveState") == "inactive",
+        90,
+        "the migration to finish",
+        on_timeout=rig.journal,
+    )
+    assert sandbox.show(UNIT, "Result") == "success"
+    check = subprocess.run(
+        [rclone, "check", str(migration.source), str(migration.destination)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert check.returncode == 0, check.stderr
+    assert not incidents(rig)
+    assert "migration failed" not in rig.journal()
+    assert rig.metrics()[f'spaceguard_migration_paused{{account="alice",unit="{UNIT}"}}'] == 0
