@@ -132,8 +132,8 @@ def test_files_at_debian_paths(package: BuiltPackage, unpacked: tuple[Path, Path
     for installed, original in same.items():
         assert (files / installed).read_bytes() == (source / original).read_bytes(), installed
     for page in ("man8/spaceguard.8", "man8/spaceguardctl.8", "man5/spaceguard.toml.5"):
-        shipped = gzip.decompress((files / "usr/share/man" / f"{page}.gz").read_bytes())
-        assert shipped == (source / "packaging/man" / page.split("/")[1]).read_bytes(), page
+        text = gzip.decompress((files / "usr/share/man" / f"{page}.gz").read_bytes())
+        assert text == (source / "packaging/man" / page.split("/")[1]).read_bytes(), page
 
 
 def test_control_depends_and_conffile(
