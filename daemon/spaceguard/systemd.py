@@ -336,14 +336,15 @@ class SystemdClient:
         program = command[0] if command[0].startswith("/") else shutil.which(command[0])
         if program is None:
             raise SystemdError(f"{command[0]}: not found in PATH")
-        properties = [
-            ("Description", Variant("s", f"spaceguard verification: {' '.join(command)}")),
-            ("Type", Variant("s", "oneshot")),
-            ("ExecStart", Variant("a(sasb)", [(program, list(command), False)])),
+        # dbus-next takes D-Bus structs as lists only (a tuple fails its signature check)
+        properties: list[list[Any]] = [
+            ["Description", Variant("s", f"spaceguard verification: {' '.join(command)}")],
+            ["Type", Variant("s", "oneshot")],
+            ["ExecStart", Variant("a(sasb)", [[program, list(command), False]])],
             # a oneshot's run is its start job: TimeoutStartSec bounds it (RuntimeMaxSec
             # does not apply to oneshot services)
-            ("TimeoutStartUSec", Variant("t", int(timeout * 1_000_000))),
-            ("CollectMode", Variant("s", "inactive-or-failed")),
+            ["TimeoutStartUSec", Variant("t", int(timeout * 1_000_000))],
+            ["CollectMode", Variant("s", "inactive-or-failed")],
         ]
         reply = await self._call(
             SYSTEMD,
