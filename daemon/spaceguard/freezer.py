@@ -308,10 +308,10 @@ class FreezerServer:
                 body=[unit],
             )
             reply = await asyncio.wait_for(bus.call(message), CALL_TIMEOUT)
-        except (TimeoutError, OSError, EOFError) as error:
+        except Exception as error:  # any failure is an answer, never a silent request
             if self.bus is not None and not self.bus.connected:
                 self.bus = None
-            return f"D-Bus: {error or type(error).__name__}"
+            return f"D-Bus: {str(error) or type(error).__name__}"
         if reply is not None and reply.message_type == MessageType.ERROR:
             text = reply.body[0] if reply.body else ""
             return f"{reply.error_name}: {text}"
@@ -405,7 +405,12 @@ class FreezerServer:
         self, request: Request, writer: asyncio.StreamWriter, slots: asyncio.Semaphore
     ) -> None:
         try:
-            writer.write(await self.answer(request))
+            try:
+                reply = await self.answer(request)
+            except Exception as error:  # a bug here must still answer the guard
+                log.exception("freezer: %s %s failed", request.verb, request.unit)
+                reply = format_reply(request.id, f"internal error: {error!r}")
+            writer.write(reply)
             await writer.drain()
         finally:
             slots.release()
