@@ -1,0 +1,208 @@
+"""Install spaceguard the way its Debian package does, for tests that run the shipped units.
+
+Two ways, chosen with ``SPACEGUARD_TEST_INSTALL``:
+
+* ``files`` (the default): the package's files from this checkout, put where the package
+  puts them: the units (``systemd/*.service``, ``systemd/*.socket``) into the sandbox's
+  unit directory (its /lib/systemd/system), the polkit rule into
+  /usr/share/polkit-1/rules.d, the user and groups with ``systemd-sysusers
+  packaging/sysusers/spaceguard.conf``, and the Python package into a directory any user
+  can read (the checkout may sit under a 0700 directory), run by Debian's
+  /usr/bin/python3 with Debian's python3-* libraries, as the package's /usr/bin/spaceguard
+  does.
+* ``deb``: ``dpkg -i`` of the package built by ``scripts/build-deb.sh`` (or of the .deb
+  that ``SPACEGUARD_TEST_DEB`` names); the units are then copied from /lib/systemd/system.
+
+Either way the units are the shipped ones, unchanged; a drop-in only points paths at the
+test: the config file, the state directory, and (``files``) the program's location.
+``DropIn`` refuses any other key, so no test can switch off the user or the hardening.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import os
+import pwd
+import shutil
+import subprocess
+from pathlib import Path
+
+from tests.sandbox import SYSTEM_UNIT_DIR, SandboxError, SystemdSandbox
+
+REPO = Path(__file__).resolve().parents[1]
+GUARD = "spaceguard.service"
+FREEZER = "spaceguard-freezer.service"
+POLKIT_RULE = Path("/usr/share/polkit-1/rules.d/50-spaceguard.rules")
+PYTHON = "/usr/bin/python3"  # what the package's /usr/bin/spaceguard runs
+DEBIAN_LIBRARIES = ("dbus_next", "sdnotify", "pyinotify", "prometheus_client")
+# What a test drop-in may set: paths only (README, "Tests").
+ALLOWED_KEYS = frozenset({"ExecStartPre", "ExecStart", "Environment", "StateDirectory"})
+
+
+def mode() -> str:
+    chosen = os.environ.get("SPACEGUARD_TEST_INSTALL", "files").strip() or "files"
+    if chosen not in ("files", "deb"):
+        raise SandboxError(f"SPACEGUARD_TEST_INSTALL={chosen!r}: expected files or deb")
+    return chosen
+
+
+def missing() -> list[str]:
+    """What this host lacks to run the shipped units (empty when all is there)."""
+    problems = []
+    if (
+        not (SYSTEM_UNIT_DIR / "polkit.service").exists()
+        or not Path("/usr/lib/polkit-1/polkitd").exists()
+    ):
+        problems.append("no polkitd (apt-get install polkitd)")
+    if shutil.which("systemd-sysusers") is None:
+        problems.append("no systemd-sysusers (apt-get install systemd)")
+    if mode() == "files":
+        probe = subprocess.run(
+            [PYTHON, "-c", "import " + ", ".join(DEBIAN_LIBRARIES)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if probe.returncode != 0:
+            problems.append(
+                f"{PYTHON} lacks Debian's libraries (apt-get install python3-dbus-next "
+                f"python3-sdnotify python3-pyinotify python3-prometheus-client): "
+                f"{probe.stderr.strip().splitlines()[-1:]}"
+            )
+    return problems
+
+
+class DropIn:
+    """A drop-in that may only point paths; any other key is a test bug, refused here."""
+
+    def __init__(self, unit: str) -> None:
+        self.unit = unit
+        self.lines: list[str] = ["[Service]"]
+
+    def set(self, key: str, *values: str) -> DropIn:
+        if key not in ALLOWED_KEYS:
+            raise SandboxError(f"a test drop-in may only point paths, not set {key}=")
+        self.lines += [f"{key}={value}" for value in values]
+        return self
+
+    def write(self, sandbox: SystemdSandbox) -> Path:
+        directory = sandbox.units_dir / f"{self.unit}.d"
+        directory.mkdir(exist_ok=True)
+        path = directory / "test-paths.conf"
+        path.write_text("\n".join(self.lines) + "\n")
+        return path
+
+
+class Installation:
+    """The package's files on this host and in one sandbox; see the module doc."""
+
+    def __init__(self, workdir: Path, tag: str) -> None:
+        self.workdir = workdir
+        self.tag = tag
+        self.mode = mode()
+        self.config_path = workdir / "spaceguard.toml"
+        # StateDirectory= is relative to /var/lib; the config's state_dir must match it
+        self.state_name = f"spaceguard-test/{tag}/state"
+        self.state_dir = Path("/var/lib") / self.state_name
+        self.package_dir = workdir / "python"
+
+    # -- on the host (before the sandbox boots)
+
+    def install_host_files(self) -> None:
+        if self.mode == "deb":
+            self._install_deb()
+            return
+        self._run(["systemd-sysusers", str(REPO / "packaging" / "sysusers" / "spaceguard.conf")])
+        rule = (REPO / "packaging" / "polkit" / "50-spaceguard.rules").read_bytes()
+        current = b""
+        with contextlib.suppress(FileNotFoundError):
+            current = POLKIT_RULE.read_bytes()
+        if current != rule:
+            POLKIT_RULE.parent.mkdir(parents=True, exist_ok=True)
+            partial = POLKIT_RULE.with_name(f".{POLKIT_RULE.name}.{os.getpid()}")
+            partial.write_bytes(rule)
+            partial.chmod(0o644)
+            partial.replace(POLKIT_RULE)  # atomic: a polkitd reading it sees all or nothing
+        self._copy_package()
+
+    def _copy_package(self) -> None:
+        target = self.package_dir / "spaceguard"
+        shutil.copytree(
+            REPO / "daemon" / "spaceguard", target, ignore=shutil.ignore_patterns("__pycache__")
+        )
+        for path in [self.package_dir, *self.package_dir.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+
+    def _install_deb(self) -> None:
+        deb = os.environ.get("SPACEGUARD_TEST_DEB", "")
+        if not deb:
+            build = subprocess.run(
+                ["bash", str(REPO / "scripts" / "build-deb.sh"), "--no-lint"],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if build.returncode != 0:
+                raise SandboxError(f"scripts/build-deb.sh failed:\n{build.stderr[-3000:]}")
+            deb = build.stdout.strip().splitlines()[-1]
+        self._run(["dpkg", "-i", deb])
+
+    def write_config(self, text: str) -> None:
+        """The config as the package installs it: 0640 root:spaceguard."""
+        self.config_path.write_text(text)
+        os.chown(self.config_path, 0, grp.getgrnam("spaceguard").gr_gid)
+        self.config_path.chmod(0o640)
+
+    # -- in the sandbox
+
+    def unit_files(self) -> list[Path]:
+        if self.mode == "deb":
+            return sorted(
+                p
+                for p in SYSTEM_UNIT_DIR.glob("spaceguard*")
+                if p.suffix in (".service", ".socket")
+            )
+        return sorted([*(REPO / "systemd").glob("*.service"), *(REPO / "systemd").glob("*.socket")])
+
+    def install_units(self, sandbox: SystemdSandbox) -> None:
+        """The shipped units, unchanged, plus polkitd's own unit and the path drop-ins."""
+        for path in self.unit_files():
+            shutil.copy(path, sandbox.units_dir / path.name)
+        shutil.copy(SYSTEM_UNIT_DIR / "polkit.service", sandbox.units_dir / "polkit.service")
+        if self.mode == "deb":
+            program = ["/usr/bin/spaceguard"]
+            environment: list[str] = []
+        else:
+            program = [PYTHON, "-m", "spaceguard"]
+            environment = [f"PYTHONPATH={self.package_dir}"]
+        config = str(self.config_path)
+        guard = DropIn(GUARD).set("ExecStartPre", "", " ".join([*program, "check-config", config]))
+        guard.set("ExecStart", "", " ".join([*program, "run", "--config", config]))
+        guard.set("StateDirectory", "", self.state_name)
+        freezer = DropIn(FREEZER).set(
+            "ExecStart",
+            "",
+            " ".join([*program, "freezer", "--config", config, "--user", "spaceguard"]),
+        )
+        for dropin in (guard, freezer):
+            if environment:
+                dropin.set("Environment", *environment)
+            dropin.write(sandbox)
+
+    def uid(self) -> int:
+        return pwd.getpwnam("spaceguard").pw_uid
+
+    def cleanup(self) -> None:
+        """Remove this test's state directory (the system user and the rule stay, as the
+        package leaves them until purge; other runs may be using them)."""
+        shutil.rmtree(self.state_dir.parent, ignore_errors=True)
+
+    @staticmethod
+    def _run(command: list[str]) -> None:
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise SandboxError(
+                f"{' '.join(command)} failed ({result.returncode}): "
+                f"{result.stderr.strip() or result.stdout.strip()}"
+            )
