@@ -163,6 +163,30 @@ receivers:
             listed: list[dict[str, Any]] = json.loads(response.read())
         return [alert for alert in listed if alert["labels"].get("alertname") == alertname]
 
+    def metrics(self) -> dict[str, float]:
+        """Alertmanager's own /metrics: {'name{labels}': value}."""
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        values = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                values[name] = float(value)
+        return values
+
+    def flushes(self) -> float:
+        """How many times a group went through the notification pipeline: every flush asks
+        the notification log whether it notified already (alertmanager_nflog_queries_total),
+        notification or not."""
+        return self.metrics()["alertmanager_nflog_queries_total"]
+
+    def flushed_every_group_twice_since(self, flushes: float) -> bool:
+        """Positive sign that Alertmanager considered notifying again, twice for each group
+        (groups share group_interval), since ``flushes`` was read."""
+        metrics = self.metrics()
+        groups = metrics["alertmanager_dispatcher_aggregation_groups"]
+        return metrics["alertmanager_nflog_queries_total"] >= flushes + 2 * max(groups, 1)
+
 
 @pytest.fixture
 def recorder() -> Iterator[NotificationRecorder]:
@@ -211,6 +235,18 @@ async def eventually(condition: Callable[[], bool], what: str) -> None:
         await asyncio.sleep(0.1)
 
 
+async def resent_and_flushed(sender: AlertSender, alertmanager: Alertmanager) -> None:
+    """Wait until Alertmanager accepted two more sends of ``sender`` (its re-sends), then
+    flushed every group twice: any duplicate notification would have gone out by then."""
+    sent = sender.stats()["am"].sent_ok
+    await eventually(lambda: sender.stats()["am"].sent_ok >= sent + 2, "two re-sends accepted")
+    flushes = await asyncio.to_thread(alertmanager.flushes)
+    await eventually(
+        lambda: alertmanager.flushed_every_group_twice_since(flushes),
+        "Alertmanager to flush its groups after the re-sends",
+    )
+
+
 def run_with_sender(sender: AlertSender, scenario: Callable[[], Awaitable[None]]) -> None:
     async def main() -> None:
         task = asyncio.create_task(sender.run())
@@ -247,8 +283,9 @@ def test_pushed_alert_is_active_in_alertmanager_then_resolved(
         assert active["status"]["state"] == "active"
         assert active["startsAt"].startswith(time.strftime("%Y-%m-%dT", time.gmtime(starts_at)))
         await eventually(lambda: bool(recorder.alerts_notified(name, "firing")), "notification")
-        # Re-sent every RESEND_S: Alertmanager keeps one alert and notifies once.
-        await asyncio.sleep(4 * RESEND_S)
+        # Re-sent every RESEND_S: Alertmanager keeps one alert and notifies once. Checked
+        # after two re-sends were accepted and Alertmanager flushed its groups twice since.
+        await resent_and_flushed(sender, alertmanager)
         assert len(alertmanager.active_alerts(name)) == 1
         assert len(recorder.alerts_notified(name, "firing")) == 1
 
@@ -291,8 +328,8 @@ def test_alert_fired_during_an_outage_arrives_once_after_a_guard_restart(
     async def deliver_after_restart() -> None:
         await eventually(lambda: len(alertmanager.active_alerts(name)) == 1, "alert in the API")
         await eventually(lambda: bool(recorder.alerts_notified(name, "firing")), "notification")
-        # Several re-sends and group intervals later there is still exactly one.
-        await asyncio.sleep(max(4 * RESEND_S, 2.5))
+        # Several re-sends and group flushes later there is still exactly one.
+        await resent_and_flushed(second_guard, alertmanager)
 
     run_with_sender(second_guard, deliver_after_restart)
     notified = recorder.alerts_notified(name, "firing")
