@@ -520,10 +520,9 @@ def test_ctl_times_out_when_the_guard_does_not_answer(socket_dir: Path) -> None:
 
     async def body() -> None:
         async with serving(path, backend):
-            started = time.monotonic()
+            # the backend answers after 5 s: a ctl that did not give up would exit 0
             code, _, err = await ctl(path, "--timeout", "0.5", "pause", "alice")
             assert code == 1 and "no reply within 0.5 s" in err
-            assert time.monotonic() - started < 4
 
     run(body)
 
@@ -722,23 +721,25 @@ def test_an_idle_client_is_told_and_closed(socket_dir: Path) -> None:
 
     async def body() -> None:
         async with serving(path, RecordingBackend(), idle_timeout=0.3) as server:
-            started = time.monotonic()
             reader, writer = await asyncio.open_unix_connection(str(path))
             reply = json.loads(await reader.readline())
-            assert reply["error"]["code"] == "timeout"
+            assert reply["error"] == {
+                "code": "timeout",
+                "message": "no complete request within 0.3 s; closing",
+            }
             assert await reader.read() == b""
-            assert 0.25 < time.monotonic() - started < 3
             writer.close()
-            # a slow drip of bytes does not reset the deadline
-            started = time.monotonic()
+            # a slow drip of bytes does not reset the deadline: the reply comes while the
+            # client is still dripping (a deadline reset by every byte would never come)
             reader, writer = await asyncio.open_unix_connection(str(path))
             # read meanwhile: once a write fails, asyncio's reader raises instead of reading
             reply_line = asyncio.create_task(reader.readline())
-            while not reply_line.done() and time.monotonic() - started < 3:
-                writer.write(b" ")
-                await asyncio.sleep(0.05)
+            async with asyncio.timeout(30):
+                while not reply_line.done():
+                    writer.write(b" ")
+                    await asyncio.sleep(0.05)
             reply = json.loads(await reply_line)
-            assert reply["error"]["code"] == "timeout" and time.monotonic() - started < 3
+            assert reply["error"]["code"] == "timeout"
             writer.close()
             assert server.client_count == 0
 
@@ -760,24 +761,16 @@ def test_a_last_request_without_newline_is_answered(socket_dir: Path) -> None:
     run(body)
 
 
-def test_hundreds_of_clients_do_not_block_the_loop(socket_dir: Path) -> None:
-    """300 clients at once, 256 allowed: every one is answered or told busy, none hangs,
-    and a timer on the same loop keeps its pace."""
+def test_hundreds_of_clients_are_answered_or_told_busy(socket_dir: Path) -> None:
+    """300 clients at once, 256 allowed: every one is answered or told busy, none hangs.
+    (How the guard reacts while clients crowd its socket: bench/control_latency.py.)"""
     path = socket_dir / "control.sock"
     clients = 300
 
-    async def body() -> tuple[int, int, float]:
-        async with serving(path, RecordingBackend(), max_clients=256) as server:
-            stop = asyncio.Event()
-            lags: list[float] = []
-
-            async def ticker() -> None:
-                loop = asyncio.get_running_loop()
-                while not stop.is_set():
-                    before = loop.time()
-                    await asyncio.sleep(0.01)
-                    lags.append(loop.time() - before - 0.01)
-
+    async def body() -> tuple[int, int]:
+        # idle_timeout: however long 300 connections take here, none is timed out meanwhile
+        async with serving(path, RecordingBackend(), max_clients=256, idle_timeout=60) as server:
+            replies: list[asyncio.Task[bytes]] = []
             connected = 0
             all_connected = asyncio.Event()
 
@@ -787,12 +780,16 @@ def test_hundreds_of_clients_do_not_block_the_loop(socket_dir: Path) -> None:
                 # read meanwhile: a busy reply comes at once, and once a write fails
                 # asyncio's reader raises instead of returning what it has
                 reply_line = asyncio.create_task(reader.readline())
+                replies.append(reply_line)
                 connected += 1
                 if connected == clients:
-                    # connect() returns once the kernel queues us: wait for the accepts
-                    while server.client_count + server.refused_busy < clients:
+                    # connect() returns once the kernel queues us: wait for the accepts,
+                    # and for the busy replies to arrive
+                    while (
+                        server.client_count + server.refused_busy < clients
+                        or sum(line.done() for line in replies) < server.refused_busy
+                    ):
                         await asyncio.sleep(0.01)
-                    await asyncio.sleep(0.1)  # and for the busy replies to arrive
                     all_connected.set()
                 await all_connected.wait()  # hold every connection open at once
                 try:
@@ -804,21 +801,15 @@ def test_hundreds_of_clients_do_not_block_the_loop(socket_dir: Path) -> None:
                     writer.close()
                 return "ok" if reply["ok"] else str(reply["error"]["code"])
 
-            timer = asyncio.create_task(ticker())
-            async with asyncio.timeout(20):  # none hangs
+            async with asyncio.timeout(50):  # none hangs
                 outcomes = await asyncio.gather(*(client() for _ in range(clients)))
-            stop.set()
-            await timer
             assert set(outcomes) <= {"ok", "busy"}
             assert server.refused_busy == outcomes.count("busy")
             # the slots are free again
             assert (await exchange(path, request("version")))[0]["ok"]
-            return outcomes.count("ok"), outcomes.count("busy"), max(lags)
+            return outcomes.count("ok"), outcomes.count("busy")
 
-    ok, busy, max_lag = run(body)
-    assert (ok, busy) == (256, 44)
-    assert max_lag < 0.5, f"the loop stalled for {max_lag:.3f} s"
-    print(f"300 clients: {ok} answered, {busy} busy, max timer lag {max_lag * 1000:.1f} ms")
+    assert run(body) == (256, 44)
 
 
 # --- the socket file and socket activation --------------------------------------------------
