@@ -59,6 +59,11 @@ class MigrationConfig:
     verify_command: tuple[str, ...] = ()
     verify_unit: str = ""
     verify_timeout: float = 3600.0
+    # the circuit breaker: more item errors than this within item_error_window (0: in the
+    # whole run) is not a few bad items but a systemic failure; the run is stopped
+    max_item_errors: int = 500
+    item_error_window: float = 600.0
+    log_time: Literal["local", "utc"] = "local"  # how the log's text lines give the time
 
     @property
     def verifies(self) -> bool:
@@ -77,6 +82,7 @@ class RuleConfig:
     name: str
     pattern: str
     failure_class: str
+    scope: str = ""  # "item", "run", or "" (as the line's structure says)
 
 
 @dataclass(frozen=True)
@@ -214,6 +220,16 @@ def _proxy_url(value: object) -> str:
     if url and not re.fullmatch(r"https?://[^\s/]+/?", url):
         raise ValueError(f"expected an http:// proxy URL like http://proxy:3128, got {url!r}")
     return url
+
+
+def _log_time(value: object) -> Literal["local", "utc"]:
+    if value == "local":
+        return "local"
+    if value == "utc":
+        return "utc"
+    raise ValueError(
+        f'must be "local" (rclone\'s default) or "utc" (--log-format UTC), got {value!r}'
+    )
 
 
 def _listen(value: object) -> str:
@@ -361,6 +377,9 @@ def _read_migration(
         verify_command=section.get("verify_command", _command, ()),
         verify_unit=section.get("verify_unit", check_unit_name, ""),
         verify_timeout=section.get("verify_timeout", parse_duration, 3600.0),
+        max_item_errors=section.get("max_item_errors", _count, 500),
+        item_error_window=section.get("item_error_window", parse_duration, 600.0),
+        log_time=section.get("log_time", _log_time, "local"),
     )
     if migration.verify_command and migration.verify_unit:
         raise section.error("verify_unit", "give verify_command or verify_unit, not both")
@@ -379,6 +398,9 @@ def _read_rules(source: Path, raw: object) -> tuple[RuleConfig, ...]:
         name = section.get("name", _string, required=True)
         pattern = section.get("pattern", _string, required=True)
         failure_class = section.get("class", _string, required=True)
+        scope = section.get("scope", _string, "")
+        if scope not in ("", "item", "run"):
+            raise section.error("scope", f'must be "item" or "run", got {scope!r}')
         if failure_class not in FAILURE_CLASSES:
             raise section.error("class", f"must be one of {', '.join(FAILURE_CLASSES)}")
         try:
@@ -386,7 +408,9 @@ def _read_rules(source: Path, raw: object) -> tuple[RuleConfig, ...]:
         except re.error as error:
             raise section.error("pattern", f"not a valid regular expression: {error}") from None
         section.finish()
-        rules.append(RuleConfig(name=name, pattern=pattern, failure_class=failure_class))
+        rules.append(
+            RuleConfig(name=name, pattern=pattern, failure_class=failure_class, scope=scope)
+        )
     return tuple(rules)
 
 

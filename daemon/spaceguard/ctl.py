@@ -250,6 +250,12 @@ def _failure_text(failure: object, now: float) -> str:
     return ", ".join(parts)
 
 
+def _item_errors_text(items: object) -> str:
+    if not isinstance(items, dict) or not items.get("total"):
+        return "-"
+    return str(items["total"])
+
+
 def _migration_row(migration: Mapping[str, Any], now: float) -> list[str]:
     retries = migration.get("retries")
     retry_text = "-" if retries is None else str(retries)
@@ -262,6 +268,7 @@ def _migration_row(migration: Mapping[str, Any], now: float) -> list[str]:
         _cell(_hold_text(migration.get("hold"), now), 60),
         _cell(_failure_text(migration.get("failure"), now), 100),
         retry_text,
+        _item_errors_text(migration.get("item_errors")),
         human_bytes(migration.get("transferred_bytes")),
         relative_time(migration.get("last_progress_at"), now),
     ]
@@ -311,6 +318,7 @@ def render_status(status: Mapping[str, Any], now: float) -> str:
                 "PAUSED BY / REASON / SINCE",
                 "FAILURE",
                 "RETRIES",
+                "ITEM ERRORS",
                 "TRANSFERRED",
                 "LAST PROGRESS",
             ],
@@ -319,6 +327,9 @@ def render_status(status: Mapping[str, Any], now: float) -> str:
         if migrations
         else "  (none)"
     )
+    notes = [note for note in status.get("diagnostics") or [] if isinstance(note, str)]
+    if notes:
+        lines += ["", "NOTES"] + [f"  {_cell(note)}" for note in notes]
     return "\n".join(lines) + "\n"
 
 

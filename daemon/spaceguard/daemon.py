@@ -41,7 +41,14 @@ from .model import (
     migration_state,
 )
 from .notify import Notifier
-from .policy import decide, initial_state, reload_problem
+from .policy import (
+    decide,
+    diagnostics,
+    initial_state,
+    is_current_line,
+    pause_mode,
+    reload_problem,
+)
 from .quantities import format_size
 from .rclone import ClassifyRule, CompiledRules, FailureClass, compile_rules
 from .runtime import MigrationLog
@@ -95,6 +102,7 @@ class Guard:
         self.verify_seq = 0
         self.open_incidents = self.incident_store.open_counts()
         self.logs: dict[str, MigrationLog] = {}
+        self.logs_started = False
         self.samplers: dict[str, VolumeSampler] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
         self._durable_key: tuple[Any, ...] = ()
@@ -155,7 +163,10 @@ class Guard:
         return compile_rules(
             [
                 ClassifyRule(
-                    name=r.name, pattern=r.pattern, failure_class=FailureClass(r.failure_class)
+                    name=r.name,
+                    pattern=r.pattern,
+                    failure_class=FailureClass(r.failure_class),
+                    scope=r.scope,
                 )
                 for r in config.rules
             ]
@@ -242,21 +253,27 @@ class Guard:
         return volume is not None and volume.low
 
     def _start_logs(self) -> None:
+        """Follow the migrations' logs (again, after a reload). Not before the units' states
+        are known: whether a line belongs to the current run is judged by its unit's start."""
+        if not self.logs_started:
+            return
         rules = self._rules(self.config)
-        wanted = {m.account: m.log for m in self.config.migrations if m.log is not None}
+        wanted = {m.account: m for m in self.config.migrations if m.log is not None}
         for account in list(self.logs):
             if account not in wanted:
                 self.logwatch.remove(account)
                 del self.logs[account]
         current = self.logwatch.positions()  # before remove(): a reload goes on from here
-        for account, path in wanted.items():
+        for account, migration in wanted.items():
+            assert migration.log is not None
+            utc = migration.log_time == "utc"
             if account in self.logs:
-                self.logs[account].rebind(path, rules)
+                self.logs[account].rebind(migration.log, rules, utc)
             else:
-                self.logs[account] = MigrationLog(account, path, rules)
+                self.logs[account] = MigrationLog(account, migration.log, rules, utc)
             self.logwatch.remove(account)
             position = current.get(account) or self.saved_positions.get(account)
-            self.logwatch.add(account, path, position, self._on_lines)
+            self.logwatch.add(account, migration.log, position, self._on_lines, self._on_backlog)
 
     # -- events in ------------------------------------------------------------------------
 
@@ -265,15 +282,22 @@ class Guard:
 
     def _on_connection(self, connected: bool) -> None:
         self.handle(BusChanged(connected))
+        if connected and not self.logs_started:
+            self.logs_started = True  # every unit's view has just been read
+            self._start_logs()
 
-    def _on_lines(self, account: str, lines: list[str]) -> None:
+    def _on_lines(self, account: str, lines: list[str], backlog: bool = False) -> None:
         migration_log = self.logs.get(account)
-        if migration_log is None:
+        migration = self.state.migrations.get(account)
+        if migration_log is None or migration is None:
             return
-        event = migration_log.feed(lines)
+        event = migration_log.feed(lines, backlog, functools.partial(is_current_line, migration))
         self._positions_dirty = True
         if event is not None:
             self.handle(event)
+
+    def _on_backlog(self, account: str, lines: list[str]) -> None:
+        self._on_lines(account, lines, backlog=True)
 
     def handle(self, event: Event) -> None:
         """The one place where events meet the policy (always on the loop thread)."""
@@ -577,6 +601,12 @@ class Guard:
             delivery=delivery,
             log_lines={a: m.lines_read for a, m in self.logs.items()},
             log_errors={(a, c.value): n for a, m in self.logs.items() for c, n in m.errors.items()},
+            item_errors={
+                (a, c.value, rule): n
+                for a, m in self.logs.items()
+                for (rule, c), n in m.item_errors.items()
+            },
+            past_errors={a: m.past_errors for a, m in self.logs.items()},
         )
 
     def _alert_state_problem(self) -> None:
@@ -635,8 +665,17 @@ class Guard:
                             "sub_state": v.sub_state,
                             "freezer_state": v.freezer_state,
                             "result": v.result,
+                            "type": v.service_type,
                         }
                         for unit, v in migration.units.items()
+                    },
+                    "pause": pause_mode(migration_config, migration),
+                    "item_errors": {
+                        "total": migration.run_items.total,
+                        "by_rule": [
+                            {"rule": rule, "class": cls.value, "count": count}
+                            for rule, cls, count in migration.run_items.by_rule
+                        ],
                     },
                     "volume": migration_config.volume,
                     "state": migration_state(migration),
@@ -674,6 +713,7 @@ class Guard:
             "state_problem": self.store.problem,
             "volumes": volumes,
             "migrations": migrations,
+            "diagnostics": diagnostics(self.config, self.state),
         }
 
     async def operator(
@@ -711,8 +751,10 @@ class Guard:
             config = load(target)
         except ConfigError as error:
             return False, str(error)
+        notes = diagnostics(config, initial_state(config, self.state))
         return True, (
             f"{target}: OK ({len(config.volumes)} volumes, {len(config.migrations)} migrations)"
+            + "".join(f"\nnote: {note}" for note in notes)
         )
 
 

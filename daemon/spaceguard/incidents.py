@@ -90,6 +90,20 @@ def render_text(record: Mapping[str, Any]) -> str:
         *(f"  {step}" for step in record.get("steps", [])),
         "",
     ]
+    items = record.get("items") or {}
+    if items.get("total"):
+        lines.append(f"Items rclone could not copy ({items['total']}; it copied the others):")
+        lines += [
+            f"  {rule['count']:>8}  {rule['rule']} ({rule['class']})"
+            for rule in items.get("by_rule", [])
+        ]
+        lines += [
+            f"  {item['path']}: {item['message']}  [{item['rule']}]"
+            for item in items.get("failed", [])
+        ]
+        if items.get("not_listed"):
+            lines.append(f"  ... and {items['not_listed']} more (see the log)")
+        lines.append("")
     partial = record.get("partial") or {}
     lines.append("Partial migration (for a person to review; the guard deletes nothing):")
     if partial.get("destination"):

@@ -173,6 +173,9 @@ class _OpenLog:
         self.writer_closed = False
         self.read_pos_at_last_recheck = -1
         self._head_crc: tuple[int, int] | None = None  # (length, crc) of the first bytes
+        # bytes before this were in the file when the guard first read it without a
+        # position to go on from: the log's past, delivered to on_backlog
+        self.backlog_end = 0
 
     @property
     def identity(self) -> tuple[int, int]:
@@ -306,10 +309,14 @@ class _Follower:
         watches: _Watches,
         chunk_bytes: int,
         max_line: int,
+        on_backlog: LineCallback | None = None,
     ) -> None:
         self.key = key
         self.path = path
         self.on_lines = on_lines
+        self.on_backlog = on_backlog or on_lines
+        # no saved position and the file is there: what it holds now is the log's past
+        self._first_read_is_backlog = resume is None and os.path.lexists(path)
         self.resume = resume
         self.last_position = resume
         self.current: _OpenLog | None = None
@@ -409,7 +416,8 @@ class _Follower:
             return False
         fd, st = opened
         if resume is None:
-            self._adopt(fd, st, offset=0)
+            self._adopt(fd, st, offset=0, backlog=self._first_read_is_backlog)
+            self._first_read_is_backlog = False
             return True
         self.resume = None
         if (st.st_dev, st.st_ino) == (resume.dev, resume.inode):
@@ -421,7 +429,7 @@ class _Follower:
                     self.key,
                     self.path,
                 )
-                self._adopt(fd, st, offset=0)
+                self._adopt(fd, st, offset=0, backlog=True)
             return True
         found = self._find_inode(resume)
         if found is None:
@@ -432,7 +440,7 @@ class _Follower:
                 resume.inode,
                 self.path,
             )
-            self._adopt(fd, st, offset=0)
+            self._adopt(fd, st, offset=0, backlog=True)
             return True
         # Rotated while we were away: finish the saved file first. The poll loop then
         # sees that the name points elsewhere and switches to it.
@@ -440,10 +448,12 @@ class _Follower:
         self._adopt(*found, offset=resume.offset)
         return True
 
-    def _adopt(self, fd: int, st: os.stat_result, offset: int) -> None:
+    def _adopt(self, fd: int, st: os.stat_result, offset: int, backlog: bool = False) -> None:
         if offset > st.st_size:
             offset = 0  # truncated since the position was saved
         reader = _OpenLog(fd, st, offset)
+        if backlog:
+            reader.backlog_end = st.st_size
         reader.watch = self._watches.watch_inode(fd, self.key)
         self.current = reader
         self._last_problem = None
@@ -505,14 +515,18 @@ class _Follower:
     def _read(self, reader: _OpenLog, budget: int) -> int:
         while budget > 0 and not self.closed:
             read_from = reader.read_pos
-            result = reader.read_lines(min(self._chunk_bytes, budget), self._max_line)
+            chunk = min(self._chunk_bytes, budget)
+            in_backlog = read_from < reader.backlog_end
+            if in_backlog:  # a batch is all past or all new
+                chunk = min(chunk, reader.backlog_end - read_from)
+            result = reader.read_lines(chunk, self._max_line)
             if result is None:
                 break
             lines, offset = result
             budget -= reader.read_pos - read_from
             if lines:
                 try:
-                    self._deliver(lines)
+                    self._deliver(lines, backlog=in_backlog and offset <= reader.backlog_end)
                 finally:
                     reader.offset = offset
         return budget
@@ -535,9 +549,9 @@ class _Follower:
             reader.watch = None
         os.close(reader.fd)
 
-    def _deliver(self, lines: list[str]) -> None:
+    def _deliver(self, lines: list[str], backlog: bool = False) -> None:
         try:
-            self.on_lines(self.key, lines)
+            (self.on_backlog if backlog else self.on_lines)(self.key, lines)
         except Exception:
             # A failing consumer must not stop the watcher; the lines count as delivered
             # (re-delivering them would fail the same way forever).
@@ -596,12 +610,19 @@ class LogWatcher:
     # -- public API ------------------------------------------------------------------
 
     def add(
-        self, key: str, path: Path, position: LogPosition | None, on_lines: LineCallback
+        self,
+        key: str,
+        path: Path,
+        position: LogPosition | None,
+        on_lines: LineCallback,
+        on_backlog: LineCallback | None = None,
     ) -> None:
         """Follow ``path`` from ``position`` (None: from the start of the file).
 
         A missing file (or directory) is not an error: it is read once it appears.
-        The first read happens on the next loop turn, not inside this call.
+        The first read happens on the next loop turn, not inside this call. Lines that
+        were in the file before it was first read without a usable position (its past)
+        go to ``on_backlog`` when given; lines of a file that appears later are new.
         """
         if self._fd is None:
             raise RuntimeError("LogWatcher is closed")
@@ -615,6 +636,7 @@ class LogWatcher:
             self._watches,
             self._chunk_bytes,
             self._max_line,
+            on_backlog,
         )
         self._followers[key] = follower
         follower.ensure_dir_watch()  # before the first read, so no change slips between

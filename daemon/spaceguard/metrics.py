@@ -53,6 +53,9 @@ class Snapshot:
     delivery: Mapping[str, DeliveryStats] = field(default_factory=dict)
     log_lines: Mapping[str, int] = field(default_factory=dict)  # account → lines read
     log_errors: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (account, class)
+    # (account, class, rule) → item errors of current runs; account → lines of earlier runs
+    item_errors: Mapping[tuple[str, str, str], int] = field(default_factory=dict)
+    past_errors: Mapping[str, int] = field(default_factory=dict)
 
 
 class GuardCollector(Collector):
@@ -237,12 +240,26 @@ def _activity(snap: Snapshot) -> Iterator[Metric]:
         open_incidents.add_metric([account], snap.open_incidents.get(account, 0))
     for (account, failure_class), count in sorted(snap.log_errors.items()):
         errors.add_metric([account, failure_class], count)
+    item_errors = CounterMetricFamily(
+        "spaceguard_log_item_errors",
+        "items rclone could not copy and went on without (current runs)",
+        labels=["account", "class", "rule"],
+    )
+    for (account, failure_class, rule), count in sorted(snap.item_errors.items()):
+        item_errors.add_metric([account, failure_class, rule], count)
+    past = CounterMetricFamily(
+        "spaceguard_log_past_errors",
+        "classified lines of earlier runs (read for position only, never acted on)",
+        labels=["account"],
+    )
+    for account in accounts:
+        past.add_metric([account], snap.past_errors.get(account, 0))
     actions = CounterMetricFamily(
         "spaceguard_actions", "actions taken on units", labels=["action", "reason", "result"]
     )
     for (action, reason, result), count in sorted(counters.actions.items()):
         actions.add_metric([action, reason, result], count)
-    yield from (lines, errors, incidents, open_incidents, actions)
+    yield from (lines, errors, item_errors, past, incidents, open_incidents, actions)
 
 
 def _delivery(snap: Snapshot) -> Iterator[Metric]:

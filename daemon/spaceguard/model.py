@@ -28,6 +28,8 @@ class UnitView:
     result: str = ""
     exec_code: str = ""  # "exited", "killed", "dumped" (CLD_* of the main process)
     exec_status: int = 0
+    started_at: float = 0.0  # when its latest run began (InactiveExitTimestamp); 0: never
+    service_type: str = ""  # simple, exec, forking, oneshot, notify, ... ("" not known)
 
     @property
     def known(self) -> bool:
@@ -79,7 +81,8 @@ class FailureClass(StrEnum):
 
 @dataclass(frozen=True)
 class LogEvidence:
-    """A classified log line, with the lines that led up to it: what an incident quotes.
+    """A classified log line of the current run, with the lines that led up to it: what an
+    incident quotes.
 
     `seq` numbers the line within its migration's log (since the guard started), so the
     lines that followed it can be added later without searching for the text again."""
@@ -89,6 +92,57 @@ class LogEvidence:
     line: str
     seq: int = 0
     before: tuple[str, ...] = ()
+    scope: str = "run"  # "run": the whole run cannot go on; "item": one item (disk full)
+
+
+@dataclass(frozen=True)
+class ItemError:
+    """One item rclone could not copy (and went on without)."""
+
+    path: str
+    failure_class: FailureClass
+    rule: str
+    message: str
+
+
+ITEM_SAMPLES = 50  # item errors kept from the start of a run, and as many from its end
+
+
+@dataclass(frozen=True)
+class ItemErrors:
+    """A bounded account of item errors: how many, by rule, and the first and the latest
+    few (a log with a million of them must not grow the guard)."""
+
+    total: int = 0
+    by_rule: tuple[tuple[str, FailureClass, int], ...] = ()  # (rule, class, count), sorted
+    first: tuple[ItemError, ...] = ()
+    last: tuple[ItemError, ...] = ()  # after `first`, the latest ones
+
+    @property
+    def shown(self) -> tuple[ItemError, ...]:
+        return (*self.first, *self.last)
+
+    @property
+    def only_transient(self) -> bool:
+        return all(cls == FailureClass.TRANSIENT for _rule, cls, _count in self.by_rule)
+
+    def count(self, failure_class: FailureClass) -> int:
+        return sum(count for _rule, cls, count in self.by_rule if cls == failure_class)
+
+    def plus(self, other: ItemErrors) -> ItemErrors:
+        counts: dict[tuple[str, FailureClass], int] = {}
+        for rule, cls, count in (*self.by_rule, *other.by_rule):
+            counts[(rule, cls)] = counts.get((rule, cls), 0) + count
+        incoming = other.shown
+        room = ITEM_SAMPLES - len(self.first)
+        return ItemErrors(
+            total=self.total + other.total,
+            by_rule=tuple(sorted((rule, cls, n) for (rule, cls), n in counts.items())),
+            first=(*self.first, *incoming[:room]),
+            last=(*self.last, *incoming[room:])[-ITEM_SAMPLES:]
+            if room < len(incoming)
+            else self.last,
+        )
 
 
 @dataclass(frozen=True)
@@ -128,6 +182,11 @@ class MigrationState:
     transferred_bytes: int = 0
     last_log_failure: LogEvidence | None = None
     finished: bool = False
+    run_started_at: float = 0.0  # the latest run's start, as systemd reported it
+    run_items: ItemErrors = field(default_factory=ItemErrors)  # of the current run
+    # item errors of the current run in one-second buckets (start, count), for the breaker
+    item_window: tuple[tuple[float, int], ...] = ()
+    freeze_refused: frozenset[str] = frozenset()  # units systemd would not freeze (busy)
 
 
 @dataclass(frozen=True)
@@ -171,9 +230,10 @@ class BusChanged:
 @dataclass(frozen=True)
 class LogParsed:
     account: str
-    failures: tuple[LogEvidence, ...] = ()
+    failures: tuple[LogEvidence, ...] = ()  # of the current run: run-level, or disk full
     progressed: bool = False
     transferred_bytes: int | None = None
+    items: ItemErrors | None = None  # the current run's item errors in this batch
 
 
 @dataclass(frozen=True)
@@ -270,7 +330,16 @@ class Log:
 Action = UnitAction | RunVerify | WriteIncident | RaiseAlert | ResolveAlert | Reply | Log
 
 
-MIGRATION_STATES = ("running", "paused", "stopped", "failed", "retrying", "finished", "inactive")
+MIGRATION_STATES = (
+    "running",
+    "paused",
+    "stopped",
+    "failed",
+    "items_failed",
+    "retrying",
+    "finished",
+    "inactive",
+)
 
 
 def migration_state(migration: MigrationState) -> str:
@@ -279,7 +348,9 @@ def migration_state(migration: MigrationState) -> str:
     if migration.hold is not None or migration.paused_units:
         return "paused"
     if migration.failure is not None:
-        return "retrying" if migration.failure.phase == "waiting-retry" else "failed"
+        if migration.failure.phase == "waiting-retry":
+            return "retrying"
+        return "items_failed" if migration.failure.trigger == "item-errors" else "failed"
     if any(view.running for view in views):
         return "running"
     if migration.finished:

@@ -21,6 +21,7 @@ wait for an operator (unrecoverable, or retries used up).
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from dataclasses import replace
 from typing import Any, Literal, cast
@@ -36,6 +37,7 @@ from .model import (
     FailureClass,
     GuardState,
     Hold,
+    ItemErrors,
     Log,
     LogEvidence,
     LogParsed,
@@ -104,6 +106,58 @@ def reload_problem(old: Config, new: Config, state: GuardState) -> str:
         if getattr(old.guard, key) != getattr(new.guard, key):
             return f"guard.{key}: cannot change on reload (restart the guard to apply it)"
     return ""
+
+
+def run_started_at(state: MigrationState) -> float:
+    """When the migration's latest run began, as systemd says (0: not known)."""
+    return max([state.run_started_at, *(view.started_at for view in state.units.values())])
+
+
+def is_current_line(state: MigrationState, logged_at: float | None, backlog: bool) -> bool:
+    """Only the current run acts: a log line written before it began (rclone appends to
+    its --log-file across runs) is read for position and progress, never acted on.
+
+    A line with a time is judged by it against the run's start, to the second (rclone
+    prints whole seconds, so a line of the run's first second reads as earlier than the
+    start); a line without one (wrapper output, --log-systemd) by where it was read: the
+    file's content at the guard's first read is its past."""
+    started = run_started_at(state)
+    if logged_at is None or not started:
+        return not backlog
+    return logged_at >= math.floor(started)
+
+
+def pause_mode(migration: MigrationConfig, state: MigrationState) -> str:
+    """How this migration is paused now: its configured mode, except that a unit systemd
+    cannot freeze while it runs (Type=oneshot: its start job is pending until the script
+    ends; or a freeze systemd refused as busy) is stopped and resumed by resume_unit."""
+    if migration.pause == "stop":
+        return "stop"
+    if state.freeze_refused or any(view.service_type == "oneshot" for view in state.units.values()):
+        return "stop"
+    return "freeze"
+
+
+def diagnostics(config: Config, state: GuardState) -> list[str]:
+    """What an operator should know about how the guard can act on each migration."""
+    notes = []
+    for migration in config.migrations:
+        migration_state = state.migrations.get(migration.account)
+        if migration_state is None or migration.pause != "freeze":
+            continue
+        for unit, view in sorted(migration_state.units.items()):
+            if view.service_type == "oneshot":
+                notes.append(
+                    f"{migration.account}: {unit} is Type=oneshot: systemd cannot freeze it "
+                    f"while it runs; it is paused by stopping it and resumed by starting "
+                    f"{migration.resume_unit} (make it Type=exec to freeze it instead)"
+                )
+            elif unit in migration_state.freeze_refused:
+                notes.append(
+                    f"{migration.account}: systemd refused to freeze {unit} (a job was "
+                    "pending); this pause stops it instead"
+                )
+    return notes
 
 
 def unit_owner(config: Config, unit: str) -> MigrationConfig | None:
@@ -266,6 +320,20 @@ class _Decision:
         old = state.units.get(event.unit, UnitView())
         new = event.view
         state = replace(state, units={**state.units, event.unit: new})
+        if new.started_at > state.run_started_at:
+            state = replace(state, run_started_at=new.started_at)
+        if (
+            new.service_type == "oneshot"
+            and old.service_type != "oneshot"
+            and migration.pause == "freeze"
+        ):
+            self.log(
+                "warning",
+                f"{migration.account}: {event.unit} is Type=oneshot: systemd refuses to freeze "
+                "it while it runs, so the guard pauses it by stopping it and resumes it by "
+                f"starting {migration.resume_unit} (Type=exec lets it be frozen: see "
+                "systemd/examples/)",
+            )
         pending = state.pending.get(event.unit)
         if event.unit in state.paused_units and old.known:
             state = self._external_change(migration, state, event.unit, old, new, pending)
@@ -276,7 +344,7 @@ class _Decision:
             and new.frozen
             and state.hold is not None
             and state.hold.by == "guard"
-            and migration.pause == "freeze"
+            and pause_mode(migration, state) == "freeze"
         ):
             # The saved hold proves the guard meant to freeze it: it crashed between the
             # FreezeUnit call and recording that the call succeeded. Adopt it, so it is
@@ -295,6 +363,8 @@ class _Decision:
                 finished=False,
                 last_log_failure=None if old.known else state.last_log_failure,
             )
+            if old.known:  # a new run (after a restart, the saved run goes on)
+                state = replace(state, run_items=ItemErrors(), item_window=())
             if state.hold is None and old.known:
                 # running again without a hold (a start whose reply was lost, a person):
                 # nothing is left to restart, and in stop mode nothing is paused any more
@@ -302,7 +372,9 @@ class _Decision:
                     state,
                     restart_on_release=False,
                     paused_units=(
-                        state.paused_units if migration.pause == "freeze" else frozenset()
+                        state.paused_units
+                        if pause_mode(migration, state) == "freeze"
+                        else frozenset()
                     ),
                 )
         ended = (
@@ -363,20 +435,25 @@ class _Decision:
     ) -> MigrationState:
         """Someone else acted on a unit the guard paused."""
         if (
-            migration.pause == "freeze"
+            pause_mode(migration, state) == "freeze"
             and old.frozen
             and not new.frozen
             and new.running
             and pending != "thaw"
         ):
             return self._taken_over(migration, state, unit, "thawed")
-        if migration.pause == "stop" and not old.running and new.running and pending != "start":
+        if (
+            pause_mode(migration, state) == "stop"
+            and not old.running
+            and new.running
+            and pending != "start"
+        ):
             return self._taken_over(migration, state, unit, "started")
         if (
             old.active_state != new.active_state
             and not new.running
             and not new.frozen
-            and migration.pause == "freeze"
+            and pause_mode(migration, state) == "freeze"
         ):
             # stopped while frozen: nothing left to thaw; if the hold remains, a restart
             # of the unit is frozen again by the reconcile step
@@ -387,7 +464,7 @@ class _Decision:
         self, migration: MigrationConfig, state: MigrationState, unit: str, new: UnitView
     ) -> MigrationState:
         """First sight of a unit the saved state says the guard paused (after a restart)."""
-        if migration.pause == "freeze":
+        if pause_mode(migration, state) == "freeze":
             if new.frozen:
                 self.log(
                     "info",
@@ -415,7 +492,9 @@ class _Decision:
         self.actions.append(ResolveAlert(f"paused/{migration.account}"))
         # freeze: what else the guard froze is thawed; stop: the migration runs again
         # through this unit, so nothing the guard stopped is to be restarted
-        paused = state.paused_units - {unit} if migration.pause == "freeze" else frozenset()
+        paused = (
+            state.paused_units - {unit} if pause_mode(migration, state) == "freeze" else frozenset()
+        )
         return replace(
             state, hold=None, paused_units=paused, restart_on_release=False, override=volume.low
         )
@@ -430,20 +509,30 @@ class _Decision:
                 for other, other_view in state.units.items()
             ):
                 return state  # its other unit still runs the migration: not finished
-            self.log("info", f"{migration.account}: {unit} finished successfully")
-            self.actions.append(ResolveAlert(f"failed/{migration.account}"))
-            return replace(
-                state, finished=True, retries=0, last_log_failure=None, restart_on_release=False
-            )
+            if state.run_items.total:
+                return self._items_failed(migration, state, unit, f"result={view.result}")
+            return self._finished(migration, state, unit)
         exit_status = (
             f"result={view.result} {view.exec_code or 'status'}={view.exec_status}"
             if view.exec_code
             else f"result={view.result}"
         )
         evidence = state.last_log_failure
-        failure_class = FailureClass.TRANSIENT  # killed by a signal: worth another try
+        failure_class: FailureClass | None = FailureClass.TRANSIENT  # killed by a signal
         if view.exec_code == "exited":
-            failure_class = classify_exit_code(view.exec_status) or FailureClass.TRANSIENT
+            failure_class = classify_exit_code(view.exec_status)  # 0 and 9 are success
+        items = state.run_items
+        if (
+            evidence is None
+            and items.total
+            and view.exec_code in ("exited", "")  # a killed run did not finish
+            and failure_class != FailureClass.DISK_FULL
+        ):
+            return self._items_failed(migration, state, unit, exit_status)
+        if failure_class is None and evidence is None:
+            return self._finished(migration, state, unit)
+        if failure_class is None:
+            failure_class = FailureClass.TRANSIENT
         if evidence is not None:
             # what the run itself said beats the exit code (rclone exits 1 for some
             # network failures, and 5 after an expired token's retries)
@@ -463,6 +552,82 @@ class _Decision:
             evidence,
             exit_status,
         )
+
+    def _finished(
+        self, migration: MigrationConfig, state: MigrationState, unit: str
+    ) -> MigrationState:
+        self.log("info", f"{migration.account}: {unit} finished successfully")
+        self.actions.append(ResolveAlert(f"failed/{migration.account}"))
+        return replace(
+            state, finished=True, retries=0, last_log_failure=None, restart_on_release=False
+        )
+
+    def _items_failed(
+        self, migration: MigrationConfig, state: MigrationState, unit: str, exit_status: str
+    ) -> MigrationState:
+        """The run ended with item errors and nothing else: every other item was copied.
+        Retried only when every item error was transient (a throttled item may copy next
+        time; an unreadable one will not)."""
+        items = state.run_items
+        if items.only_transient:
+            return self._fail(
+                migration,
+                state,
+                FailureClass.TRANSIENT,
+                "unit-failed",
+                f"{unit} ended with {items.total} item errors, all transient ({exit_status})",
+                exit_status=exit_status,
+            )
+        return self._fail(
+            migration,
+            state,
+            FailureClass.UNRECOVERABLE,
+            "item-errors",
+            f"{unit} finished with {items.total} item errors ({exit_status})",
+            exit_status=exit_status,
+        )
+
+    def _item_errors(
+        self, migration: MigrationConfig, state: MigrationState, items: ItemErrors
+    ) -> MigrationState:
+        """Count a batch of item errors; trip the circuit breaker when they come too fast
+        (a permission revoked on everything shows up as one item error per item)."""
+        second = math.floor(self.now)
+        window = [
+            (at, n)
+            for at, n in state.item_window
+            if not migration.item_error_window or at > self.now - migration.item_error_window
+        ]
+        if window and window[-1][0] == second:
+            window[-1] = (second, window[-1][1] + items.total)
+        else:
+            window.append((second, items.total))
+        state = replace(state, run_items=state.run_items.plus(items), item_window=tuple(window))
+        recent = sum(n for _at, n in window)
+        if (
+            recent > migration.max_item_errors
+            and state.failure is None
+            and any(view.running for view in state.units.values())
+        ):
+            run = state.run_items
+            failure_class = (
+                FailureClass.TRANSIENT if run.only_transient else FailureClass.UNRECOVERABLE
+            )
+            within = (
+                f"within {migration.item_error_window:g}s"
+                if migration.item_error_window
+                else "in this run"
+            )
+            example = run.shown[0].message if run.shown else ""
+            state = self._fail(
+                migration,
+                state,
+                failure_class,
+                "item-error-rate",
+                f"{recent} item errors {within} (max_item_errors {migration.max_item_errors}): "
+                f"systemic, not a few bad items; e.g. {example[:200]}",
+            )
+        return state
 
     def _disk_full(
         self, migration: MigrationConfig, state: MigrationState, line: str
@@ -517,6 +682,8 @@ class _Decision:
             state = replace(state, last_progress_at=self.now)
         if event.transferred_bytes is not None:
             state = replace(state, transferred_bytes=event.transferred_bytes)
+        if event.items is not None:
+            state = self._item_errors(migration, state, event.items)
         for evidence in event.failures:
             state = replace(state, last_log_failure=evidence)
             if evidence.failure_class == FailureClass.DISK_FULL:
@@ -570,7 +737,7 @@ class _Decision:
                 )
                 return
             restart = state.restart_on_release or (
-                state.hold is not None and migration.pause == "stop"
+                state.hold is not None and pause_mode(migration, state) == "stop"
             )
             state = replace(state, hold=None, override=volume.low, restart_on_release=restart)
             self.log(
@@ -691,6 +858,20 @@ class _Decision:
                     running_since=self.now,
                 )
         else:
+            migration = self.config.migration(action.account)
+            busy = "UnitBusy" in event.error or "pending job" in event.error
+            if action.kind == "freeze" and busy and migration is not None:
+                # systemd will not freeze a unit with a job pending (a oneshot runs inside
+                # its start job): pause it the way that works instead of asking again
+                self.log(
+                    "warning",
+                    f"{action.account}: systemd refuses to freeze {action.unit} while it has "
+                    "a job pending; pausing it by stopping it instead (resumed by starting "
+                    f"{migration.resume_unit})",
+                )
+                state = replace(state, freeze_refused=state.freeze_refused | {action.unit})
+                self.migrations[action.account] = state
+                return
             errors = state.action_errors + 1
             delay = min(0.25 * 2 ** min(errors, 10), UNIT_ACTION_BACKOFF_MAX)
             self.log(
@@ -732,7 +913,7 @@ class _Decision:
             reason = volume.low_reason or "space"
             self.log(
                 "warning",
-                f"{migration.account}: pausing ({migration.pause}) because "
+                f"{migration.account}: pausing ({pause_mode(migration, state)}) because "
                 f"volume {migration.volume} is low ({reason})",
             )
             adopted = {
@@ -742,7 +923,7 @@ class _Decision:
                 and unit not in state.paused_units
                 and state.pending.get(unit) != "thaw"
             }
-            if adopted and migration.pause == "freeze":
+            if adopted and pause_mode(migration, state) == "freeze":
                 # Frozen already, with no record of who did it: most likely the guard, just
                 # before a crash that lost the record. Under the new hold it is the guard's
                 # to thaw at recovery (an operator's freeze belongs in spaceguardctl pause).
@@ -903,6 +1084,11 @@ class _Decision:
             )
         elif failure.failure_class == FailureClass.TRANSIENT:
             outcome = f"gave up after {state.retries} retries: waiting for an operator"
+        elif failure.trigger == "item-errors":
+            outcome = (
+                "finished with item errors: every other item was copied; left for an operator "
+                "to look at the failed items (spaceguardctl retry runs it again)"
+            )
         else:
             outcome = "unrecoverable: left stopped until an operator acts (spaceguardctl retry)"
         volume = self.volumes.get(migration.volume, VolumeState())
@@ -937,13 +1123,16 @@ class _Decision:
             },
             "log": str(migration.log) if migration.log else "",
             "destination": str(migration.destination) if migration.destination else "",
+            "items": _items_record(state.run_items),
         }
         self.actions.append(WriteIncident(record, failure.evidence))
-        severity = "warning" if will_retry else "critical"
+        items_only = failure.trigger == "item-errors" and not will_retry
+        severity = "warning" if will_retry or items_only else "critical"
+        name = "SpaceguardMigrationItemErrors" if items_only else "SpaceguardMigrationFailed"
         self.actions.append(
             RaiseAlert(
                 key=f"failed/{migration.account}",
-                name="SpaceguardMigrationFailed",
+                name=name,
                 severity=severity,
                 labels={
                     "account": migration.account,
@@ -986,16 +1175,16 @@ class _Decision:
             for unit, view in state.units.items():
                 if not view.running:
                     continue
-                if migration.pause == "freeze" and not view.frozen:
+                if pause_mode(migration, state) == "freeze" and not view.frozen:
                     wanted.append(UnitAction("freeze", unit, migration.account, reason))
-                elif migration.pause == "stop":
+                elif pause_mode(migration, state) == "stop":
                     wanted.append(UnitAction("stop", unit, migration.account, reason))
         else:
             # Thaw what the guard froze even during a failure (a unit someone started by
             # hand while it waits for a retry or an operator): only starts wait for it.
             for unit in sorted(state.paused_units):
                 view = state.units.get(unit, UnitView())
-                if migration.pause == "freeze" and view.frozen:
+                if pause_mode(migration, state) == "freeze" and view.frozen:
                     wanted.append(UnitAction("thaw", unit, migration.account, "released"))
             if (
                 state.failure is None
@@ -1024,6 +1213,26 @@ class _Decision:
         if len(pending) != len(state.pending):
             state = replace(state, pending=pending)
         return state
+
+
+def _items_record(items: ItemErrors) -> dict[str, Any]:
+    """The failed items for an incident: counts by rule, and the first and latest few."""
+    return {
+        "total": items.total,
+        "by_rule": [
+            {"rule": rule, "class": cls.value, "count": count} for rule, cls, count in items.by_rule
+        ],
+        "failed": [
+            {
+                "path": item.path,
+                "rule": item.rule,
+                "class": item.failure_class.value,
+                "message": item.message,
+            }
+            for item in items.shown
+        ],
+        "not_listed": items.total - len(items.shown),
+    }
 
 
 def _stamp(when: float) -> str:

@@ -18,12 +18,15 @@ speed; only the few remaining lines are examined in Python.
 
 from __future__ import annotations
 
+import calendar
 import json
 import math
 import re
+import time
 from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from itertools import accumulate
 from typing import Final
 
@@ -59,6 +62,9 @@ class ClassifyRule:
     pattern: str
     failure_class: FailureClass
     keywords: tuple[str, ...] = ()
+    # "run": whatever the line names, the whole run cannot proceed (credentials, quota,
+    # usage); "item": only ever one item; "": as the line's structure says
+    scope: str = ""
 
 
 def _http_status(code: int, reason: str) -> str:
@@ -107,6 +113,7 @@ DEFAULT_RULES: tuple[ClassifyRule, ...] = (
         + r"|(?i:\bunauthori[sz]ed\b)|\bInvalidAuthenticationToken\b",
         _U,
         ("401", "unauthori", "invalidauthenticationtoken"),
+        scope="run",
     ),
     ClassifyRule(
         "forbidden",
@@ -120,6 +127,7 @@ DEFAULT_RULES: tuple[ClassifyRule, ...] = (
         r"|failed to refresh token|token (?:has )?expired|expired token)|\bAADSTS\d+",
         _U,
         ("invalid_grant", "invalid_client", "fetch token", "refresh token", "expired", "aadsts"),
+        scope="run",
     ),
     ClassifyRule(
         "directory_not_found",
@@ -132,6 +140,7 @@ DEFAULT_RULES: tuple[ClassifyRule, ...] = (
         _http_status(507, "Insufficient Storage") + r"|\binsufficientStorage\b",
         _U,
         ("507", "insufficient"),
+        scope="run",
     ),
     ClassifyRule(
         "usage_error",
@@ -139,12 +148,14 @@ DEFAULT_RULES: tuple[ClassifyRule, ...] = (
         r"|\binvalid argument \"[^\"]*\" for \"-",
         _U,
         ("command ", "unknown ", "invalid argument"),
+        scope="run",
     ),
     ClassifyRule(
         "config_error",
         r"didn't find section in config file",
         _U,
         ("didn't find section",),
+        scope="run",
     ),
     # local destination problems that no retry can fix
     ClassifyRule(
@@ -203,12 +214,13 @@ DEFAULT_RULES: tuple[ClassifyRule, ...] = (
     ),
     ClassifyRule("killed", r"\bsignal: killed\b", _T, ("signal: killed",)),
     # 5. unrecoverable context
-    ClassifyRule("fatal_error", r"\bFatal error\b", _U, ("fatal error",)),
+    ClassifyRule("fatal_error", r"\bFatal error\b", _U, ("fatal error",), scope="run"),
     ClassifyRule(
         "create_fs_failed",
         r"\bFailed to create file system\b",
         _U,
         ("failed to create file system",),
+        scope="run",
     ),
 )
 
@@ -324,6 +336,10 @@ class LogFailure:
     line: str
     failure_class: FailureClass
     rule: str
+    scope: str = "run"  # "item": one item failed and rclone goes on; "run": the whole run
+    object: str = ""  # the item rclone names (never classified)
+    message: str = ""  # what was classified
+    logged_at: float | None = None  # the line's own time (Unix seconds), when it has one
 
 
 @dataclass(frozen=True)
@@ -474,10 +490,121 @@ def _line_numbers(text: str, lines: Sequence[str], offsets: list[int]) -> list[i
     return [bisect_right(line_starts, offset) - 1 for offset in offsets]
 
 
+# --- the structure of a line: "LEVEL : <object>: <message>" ---------------------------
+
+ITEM: Final = "item"
+RUN: Final = "run"
+SUMMARY: Final = "summary"
+
+# rclone's per-item messages (fs.Errorf(object, ...) in operations, sync, march): what
+# follows ": " after the object's name. One item failed; rclone goes on with the others.
+_ITEM_MESSAGE = re.compile(
+    r": (?=(?:Failed to (?:copy|move|set modification time|set modtime|update|read|open"
+    r"|remove|delete|mkdir|rename|hash|check|download|upload)"
+    r"|failed to (?:open|read|copy|set|get|delete|remove|hash|update)"
+    r"|error reading (?:source|destination) directory|error listing|Couldn't |couldn't )"
+    r")"
+)
+# Where rclone says the whole run cannot go on, whatever object it names (the file system
+# itself: "Local file system at /x: error reading source root directory: ...").
+_RUN_MESSAGE = re.compile(
+    r"error reading (?:source|destination) root directory|Failed to create file system"
+    r"|\bFatal error\b"
+)
+# Summaries of item errors already seen one by one ("Attempt 1/3 failed with 2 errors
+# and: <the last one>", and the final "Failed to copy with 2 errors: last error was: ..."):
+# they repeat an item's message; the exit status says how the run ended.
+_SUMMARY_MESSAGE = re.compile(
+    r"Attempt \d+/\d+ failed with \d+ errors|Failed to \w+ with \d+ errors"
+)
+
+
+def split_text(body: str) -> tuple[str, str, str]:
+    """A text line after its level marker → (scope, object, message)."""
+    if _SUMMARY_MESSAGE.match(body):
+        return SUMMARY, "", body
+    if _RUN_MESSAGE.search(body):
+        return RUN, "", body
+    item = _ITEM_MESSAGE.search(body)
+    if item is not None and item.start() > 0:
+        return ITEM, body[: item.start()], body[item.end() :]
+    return RUN, "", body
+
+
+def structure_scope(message: str, obj: str) -> str:
+    """The scope of a JSON log line, whose object and message are separate fields."""
+    if _SUMMARY_MESSAGE.match(message):
+        return SUMMARY
+    if not obj or _RUN_MESSAGE.search(message):
+        return RUN
+    return ITEM
+
+
+_NAME_BEFORE: Final = frozenset(" /\"'")
+_NAME_AFTER: Final = frozenset(" :\"'")
+
+
+def mask_name(message: str, name: str) -> str:
+    """`message` with every whole occurrence of an item's name (alone, or as the last
+    part of a path) replaced by "<item>"; string scans only: it runs once per item error."""
+    parts: list[str] = []
+    start = 0
+    while (found := message.find(name, start)) >= 0:
+        end = found + len(name)
+        before = message[found - 1] if found else " "
+        after = message[end] if end < len(message) else " "
+        if before in _NAME_BEFORE and after in _NAME_AFTER:
+            parts += [message[start:found], "<item>"]
+            start = end
+        else:
+            parts.append(message[start : found + 1])
+            start = found + 1
+    parts.append(message[start:])
+    return "".join(parts)
+
+
+_TEXT_TIME = re.compile(r"(?:<\d>)?(\d{4})/(\d\d)/(\d\d) (\d\d):(\d\d):(\d\d)(\.\d+)?")
+
+
+def text_line_time(line: str, utc: bool = False) -> float | None:
+    """The date and time a text line starts with (rclone prints local time, to the
+    second unless --log-format microseconds), as Unix seconds; None without one."""
+    match = _TEXT_TIME.match(line)
+    if match is None:
+        return None
+    year, month, day, hour, minute, second = (int(part) for part in match.groups()[:6])
+    fraction = float(match.group(7)) if match.group(7) else 0.0
+    try:
+        fields = (year, month, day, hour, minute, second, 0, 0, -1)
+        when = calendar.timegm(fields) if utc else time.mktime(fields)
+    except (OverflowError, ValueError):
+        return None
+    return when + fraction
+
+
+def json_time(value: object) -> float | None:
+    """rclone's JSON "time" (RFC 3339 with its offset) as Unix seconds."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except (ValueError, OverflowError, OSError):
+        return None
+
+
+@dataclass(frozen=True)
+class _Match:
+    offset: int  # of the line in the batch text
+    rule: ClassifyRule
+    scope: str
+    object: str
+    message: str
+    logged_at: float | None = None
+
+
 @dataclass
 class _BatchState:
-    # (offset of the line in the batch text, matched rule), in line order
-    matches: list[tuple[int, ClassifyRule]] = field(default_factory=list)
+    matches: list[_Match] = field(default_factory=list)  # in line order
     unclassified_errors: int = 0
     progressed: bool = False
 
@@ -491,9 +618,14 @@ class RcloneLogParser:
     """
 
     def __init__(
-        self, rules: CompiledRules | None = None, last_progress: Progress | None = None
+        self,
+        rules: CompiledRules | None = None,
+        last_progress: Progress | None = None,
+        *,
+        utc: bool = False,
     ) -> None:
         self._rules = rules if rules is not None else compile_rules()
+        self._utc = utc  # text lines' dates are UTC (rclone --log-format UTC), not local
         self._progress = last_progress
         known = last_progress or Progress()
         self._bytes_transferred = known.bytes_transferred
@@ -532,12 +664,21 @@ class RcloneLogParser:
             batch.progressed = self._has_copied_line(text)
         failures: list[LogFailure] = []
         if batch.matches:
-            numbers = _line_numbers(text, lines, [offset for offset, _ in batch.matches])
+            numbers = _line_numbers(text, lines, [match.offset for match in batch.matches])
             failures = [
                 LogFailure(
-                    number, lines[number][:MAX_EXAMINED_CHARS], rule.failure_class, rule.name
+                    number,
+                    lines[number][:MAX_EXAMINED_CHARS],
+                    match.rule.failure_class,
+                    match.rule.name,
+                    match.scope,
+                    match.object,
+                    match.message,
+                    match.logged_at
+                    if match.logged_at is not None
+                    else text_line_time(lines[number], self._utc),
                 )
-                for number, (_, rule) in zip(numbers, batch.matches, strict=True)
+                for number, match in zip(numbers, batch.matches, strict=True)
             ]
         if self._progress_changed:
             self._progress_changed = False
@@ -591,11 +732,11 @@ class RcloneLogParser:
         if level_match is not None:
             level = level_match.group(1)
             if level not in _QUIET_LEVELS:
-                self._apply_rules(start, line[level_match.end() :], level, batch)
+                self._apply_text(start, line[level_match.end() :], level, batch)
             return
         prefix = _DATE_PREFIX.match(line)
         message = line[prefix.end() :] if prefix is not None else line
-        self._apply_rules(start, message, None, batch)
+        self._apply_text(start, message, None, batch)
 
     def _examine_json(self, start: int, line: str, batch: _BatchState) -> bool:
         """Handle a --use-json-log line; False if it is not one (then it is text)."""
@@ -613,17 +754,37 @@ class RcloneLogParser:
             level = None
         elif level in _QUIET_LEVELS:
             return True
-        message = str(record.get("msg", ""))
+        message = str(record.get("msg", ""))[:MAX_EXAMINED_CHARS]
         obj = record.get("object")
-        if isinstance(obj, str) and obj:
-            message = f"{obj}: {message}"
-        self._apply_rules(start, message[:MAX_EXAMINED_CHARS], level, batch)
+        obj = obj if isinstance(obj, str) else ""
+        scope = structure_scope(message, obj)
+        if scope == SUMMARY:
+            return True
+        self._apply_rules(start, scope, obj, message, level, batch, json_time(record.get("time")))
         return True
 
-    def _apply_rules(self, start: int, message: str, level: str | None, batch: _BatchState) -> None:
+    def _apply_text(self, start: int, body: str, level: str | None, batch: _BatchState) -> None:
+        scope, obj, message = split_text(body)
+        if scope != SUMMARY:
+            self._apply_rules(start, scope, obj, message, level, batch)
+
+    def _apply_rules(
+        self,
+        start: int,
+        scope: str,
+        obj: str,
+        message: str,
+        level: str | None,
+        batch: _BatchState,
+        logged_at: float | None = None,
+    ) -> None:
+        # The object's name is never classified: a file called "401 Unauthorized.txt"
+        # is not an authentication failure, not even where the message quotes its path.
+        if obj and obj in message:
+            message = mask_name(message, obj)
         rule = self._rules.classify(message) if message else None
         if rule is not None:
-            batch.matches.append((start, rule))
+            batch.matches.append(_Match(start, rule, rule.scope or scope, obj, message, logged_at))
         elif level in _ERROR_LEVELS:
             batch.unclassified_errors += 1
 

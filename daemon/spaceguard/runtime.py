@@ -10,12 +10,15 @@ writer adds the lines that followed it by number, never by searching for its tex
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import islice
 from pathlib import Path
 
-from .model import FailureClass, LogEvidence, LogParsed
-from .rclone import CompiledRules, RcloneLogParser
+from .model import ITEM_SAMPLES, FailureClass, ItemError, ItemErrors, LogEvidence, LogParsed
+from .rclone import ITEM, CompiledRules, RcloneLogParser
+
+# (the line's own time or None, whether it was in the file before the guard read it)
+CurrentLine = Callable[[float | None, bool], bool]
 
 CONTEXT_LINES = 200  # kept per migration, for incident context
 CONTEXT_BEFORE = 20  # lines before a classified line that travel with it
@@ -24,45 +27,86 @@ CONTEXT_FALLBACK = 40  # an incident with no classified line quotes the log's la
 
 
 class MigrationLog:
-    def __init__(self, account: str, path: Path, rules: CompiledRules) -> None:
+    def __init__(self, account: str, path: Path, rules: CompiledRules, utc: bool = False) -> None:
         self.account = account
         self.path = path
-        self.parser = RcloneLogParser(rules)
+        self.utc = utc
+        self.parser = RcloneLogParser(rules, utc=utc)
         self.lines_read = 0
-        self.errors: Counter[FailureClass] = Counter()
+        self.errors: Counter[FailureClass] = Counter()  # lines of current runs that acted
+        self.item_errors: Counter[tuple[str, FailureClass]] = Counter()  # (rule, class)
+        self.past_errors = 0  # classified lines of earlier runs: read, never acted on
         self._recent: deque[tuple[int, str]] = deque(maxlen=CONTEXT_LINES)
 
-    def rebind(self, path: Path, rules: CompiledRules) -> None:
+    def rebind(self, path: Path, rules: CompiledRules, utc: bool = False) -> None:
         """A reload: new rules (and maybe path); progress, context and counts go on."""
         self.path = path
-        self.parser = RcloneLogParser(rules, last_progress=self.parser.progress)
+        self.utc = utc
+        self.parser = RcloneLogParser(rules, last_progress=self.parser.progress, utc=utc)
 
-    def feed(self, lines: Sequence[str]) -> LogParsed | None:
-        """A batch of new lines → the event for the policy (None: nothing worth one)."""
+    def feed(
+        self,
+        lines: Sequence[str],
+        backlog: bool = False,
+        is_current: CurrentLine | None = None,
+    ) -> LogParsed | None:
+        """A batch of new lines → the event for the policy (None: nothing worth one).
+
+        `backlog`: the lines were in the file before the guard first read it. Only lines
+        of the current run can act: `is_current(logged_at, backlog)` (the policy's rule)
+        says which; the others count for position and progress, and as `past_errors`.
+        """
         first = self.lines_read
         tail = [line for _seq, line in islice(reversed(self._recent), CONTEXT_BEFORE)][::-1]
         self._recent.extend(zip(range(first, first + len(lines)), lines, strict=True))
         self.lines_read += len(lines)
         result = self.parser.feed(lines)
-        evidence = []
-        if result.failures:
-            window = [*tail, *lines]  # only built when a line was classified
-            for failure in result.failures:
-                index = len(tail) + failure.line_number
-                evidence.append(
-                    LogEvidence(
-                        failure.failure_class,
-                        failure.rule,
-                        failure.line,
-                        first + failure.line_number,
-                        tuple(window[max(0, index - CONTEXT_BEFORE) : index]),
-                    )
+        evidence: list[LogEvidence] = []
+        first_items: list[ItemError] = []
+        last_items: deque[ItemError] = deque(maxlen=ITEM_SAMPLES)
+        counts: Counter[tuple[str, FailureClass]] = Counter()
+        window: list[str] = []
+        for failure in result.failures:
+            if is_current is not None and not is_current(failure.logged_at, backlog):
+                self.past_errors += 1
+                continue
+            self.errors[failure.failure_class] += 1
+            if failure.scope == ITEM and failure.failure_class != FailureClass.DISK_FULL:
+                self.item_errors[(failure.rule, failure.failure_class)] += 1
+                counts[(failure.rule, failure.failure_class)] += 1
+                item = ItemError(
+                    failure.object, failure.failure_class, failure.rule, failure.message
                 )
-                self.errors[failure.failure_class] += 1
+                if len(first_items) < ITEM_SAMPLES:
+                    first_items.append(item)
+                else:
+                    last_items.append(item)  # a bounded deque: the batch's latest
+                continue
+            if not window:
+                window = [*tail, *lines]  # only built when a line acts
+            index = len(tail) + failure.line_number
+            evidence.append(
+                LogEvidence(
+                    failure.failure_class,
+                    failure.rule,
+                    failure.line,
+                    first + failure.line_number,
+                    tuple(window[max(0, index - CONTEXT_BEFORE) : index]),
+                    failure.scope,
+                )
+            )
+        batch_items = None
+        if counts:
+            batch_items = ItemErrors(
+                total=sum(counts.values()),
+                by_rule=tuple(sorted((rule, cls, n) for (rule, cls), n in counts.items())),
+                first=tuple(first_items),
+                last=tuple(last_items),
+            )
         transferred = result.progress.bytes_transferred if result.progress else None
-        if not evidence and not result.progressed and transferred is None:
+        if not evidence and batch_items is None and not result.progressed and transferred is None:
             return None
-        return LogParsed(self.account, tuple(evidence), result.progressed, transferred)
+        return LogParsed(self.account, tuple(evidence), result.progressed, transferred, batch_items)
 
     def context_for(self, evidence: LogEvidence | None) -> list[str]:
         """The lines an incident quotes: around the classified line, else the latest."""

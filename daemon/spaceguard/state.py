@@ -17,7 +17,17 @@ from pathlib import Path
 from typing import Any
 
 from .atomicfile import set_aside, write_atomic
-from .model import Failure, FailureClass, GuardState, Hold, LogEvidence, MigrationState, VolumeState
+from .model import (
+    Failure,
+    FailureClass,
+    GuardState,
+    Hold,
+    ItemError,
+    ItemErrors,
+    LogEvidence,
+    MigrationState,
+    VolumeState,
+)
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -54,6 +64,8 @@ def durable(state: GuardState) -> dict[str, Any]:
                 "last_progress_at": m.last_progress_at,
                 "transferred_bytes": m.transferred_bytes,
                 "finished": m.finished,
+                "run_started_at": m.run_started_at,
+                "run_items": _items_json(m.run_items),
             }
             for account, m in state.migrations.items()
         },
@@ -80,6 +92,7 @@ def _evidence_json(evidence: LogEvidence | None) -> dict[str, Any] | None:
         "line": evidence.line,
         "seq": evidence.seq,
         "before": list(evidence.before),
+        "scope": evidence.scope,
     }
 
 
@@ -92,6 +105,37 @@ def _evidence(data: Mapping[str, Any] | None) -> LogEvidence | None:
         str(data["line"]),
         int(data["seq"]),
         tuple(str(line) for line in data["before"]),
+        str(data.get("scope", "run")),
+    )
+
+
+def _items_json(items: ItemErrors) -> dict[str, Any]:
+    def item(error: ItemError) -> list[str]:
+        return [error.path, error.failure_class.value, error.rule, error.message]
+
+    return {
+        "total": items.total,
+        "by_rule": [[rule, cls.value, count] for rule, cls, count in items.by_rule],
+        "first": [item(error) for error in items.first],
+        "last": [item(error) for error in items.last],
+    }
+
+
+def _items(data: Mapping[str, Any] | None) -> ItemErrors:
+    if data is None:
+        return ItemErrors()
+
+    def item(raw: list[str]) -> ItemError:
+        path, cls, rule, message = raw
+        return ItemError(str(path), FailureClass(cls), str(rule), str(message))
+
+    return ItemErrors(
+        total=int(data["total"]),
+        by_rule=tuple(
+            (str(rule), FailureClass(cls), int(count)) for rule, cls, count in data["by_rule"]
+        ),
+        first=tuple(item(raw) for raw in data["first"]),
+        last=tuple(item(raw) for raw in data["last"]),
     )
 
 
@@ -128,6 +172,8 @@ def _restore(data: Mapping[str, Any]) -> GuardState:
             last_progress_at=m["last_progress_at"],
             transferred_bytes=int(m["transferred_bytes"]),
             finished=bool(m["finished"]),
+            run_started_at=float(m.get("run_started_at", 0.0)),
+            run_items=_items(m.get("run_items")),
         )
     return GuardState(
         volumes=volumes, migrations=migrations, incident_seq=int(data["incident_seq"])

@@ -247,6 +247,8 @@ class SystemdClient:
                 result=str(props.get("Result", "")),
                 exec_code=CLD_CODES.get(int(props.get("ExecMainCode", 0) or 0), ""),
                 exec_status=int(props.get("ExecMainStatus", 0) or 0),
+                started_at=int(props.get("InactiveExitTimestamp", 0) or 0) / 1_000_000,
+                service_type=str(props.get("Type", "")),
             ),
         )
 
@@ -373,7 +375,17 @@ class SystemdClient:
 
 
 _WATCHED = frozenset(
-    {"ActiveState", "SubState", "FreezerState", "Result", "ExecMainCode", "ExecMainStatus"}
+    {
+        "ActiveState",
+        "SubState",
+        "FreezerState",
+        "Result",
+        "ExecMainCode",
+        "ExecMainStatus",
+        # when the latest run began (only its log lines act), and whether it can be frozen
+        "InactiveExitTimestamp",
+        "Type",
+    }
 )
 
 

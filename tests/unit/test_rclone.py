@@ -8,6 +8,7 @@ be made to print here (OneDrive's 429/507, ENOSPC, token errors) are hand-writte
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -469,11 +470,17 @@ def test_destination_that_cannot_be_created(rclone_logs: RcloneLogs, name: str) 
     _, failures = parse(lines)
     assert classes(failures) == {U}
     assert {f.rule for f in failures} == {"local_permission"}
+    # rclone's summaries ("Attempt 1/3 failed with N errors and: ...", "Failed to copy
+    # with N errors: last error was ...") repeat the items' errors: they are not failures
+    summary = re.compile(r"Attempt \d+/\d+ failed with|Failed to \w+ with \d+ errors")
     error_lines = [
         i for i, line in enumerate(lines)
         if "not a directory" in line and '"level":"info"' not in line  # stats: lastError
+        and not summary.search(line)
     ]  # fmt: skip
     assert [f.line_number for f in failures] == error_lines
+    # every item failed for the same reason: the destination root cannot be created
+    assert {f.scope for f in failures} == {"item"}
 
 
 @pytest.mark.parametrize("name", ["unknown_remote", "dest_unknown_remote"])
