@@ -196,6 +196,19 @@ def run_sender_for(sender: AlertSender, seconds: float) -> None:
     run_sender_until(sender, lambda: time.monotonic() >= deadline, timeout_s=seconds + 5)
 
 
+def sent_everything(sender: AlertSender, probe: str = "probe") -> None:
+    """A positive sign that the sender has sent all it had to: fire one more alert (account
+    ``probe``) and run until every receiver has it. Each receiver sends what is pending
+    oldest first, so anything still owed went out before the probe, or with it."""
+    sender.fire(paused_alert(probe))
+    run_sender_until(sender, all_delivered(sender))
+
+
+def without_probe(bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Alert bodies (Alertmanager items or webhook bodies) other than the probes'."""
+    return [body for body in bodies if not body["labels"]["account"].startswith("probe")]
+
+
 def all_delivered(sender: AlertSender) -> Callable[[], bool]:
     """Condition: nothing undelivered. Waiting on the sender, not on the server, matters: a
     request the server has recorded may not have been answered to the sender yet."""
@@ -263,18 +276,30 @@ def test_resolve_sends_real_ends_at_then_forgets(server: RecordingServer, tmp_pa
     assert resolved["endsAt"] == rfc3339(START + 600)
     assert spool_document(tmp_path, "am")["alerts"] == []
 
-    # Forgotten: no more re-sends, and resolving again is a no-op.
+    # Forgotten: no more re-sends, and resolving again is a no-op. Shown while bob fires:
+    # once bob has been re-sent twice, a remembered alice would have been re-sent too.
     count = len(server.recorded())
     sender.resolve("paused/alice", ends_at=START + 700)
-    run_sender_for(sender, 4 * RESEND_S)
-    assert len(server.recorded()) == count
+    sender.fire(paused_alert("bob"))
+    run_sender_until(sender, lambda: len(server.recorded()) >= count + 3)
+    later = [alert for request in server.recorded()[count:] for alert in request.body]
+    assert {alert["labels"]["account"] for alert in later} == {"bob"}
 
 
 def test_firing_alert_is_resent_to_alertmanager_only(
     server: RecordingServer, tmp_path: Path
 ) -> None:
+    readings: list[float] = []
+
+    def clock() -> float:  # a wall clock that moves 1 s per reading, and remembers them
+        readings.append(START + len(readings))
+        return readings[-1]
+
     sender = make_sender(
-        [am_receiver(server), webhook_receiver(server)], tmp_path, resend_interval_s=RESEND_S
+        [am_receiver(server), webhook_receiver(server)],
+        tmp_path,
+        resend_interval_s=RESEND_S,
+        clock=clock,
     )
     sender.fire(paused_alert())
     run_sender_until(
@@ -284,10 +309,11 @@ def test_firing_alert_is_resent_to_alertmanager_only(
     am_sends = [r for r in server.recorded() if r.path == "/api/v2/alerts"]
     ends = [datetime.fromisoformat(r.body[0]["endsAt"]).timestamp() for r in am_sends]
     assert all(r.body[0]["startsAt"] == rfc3339(START) for r in am_sends)
-    # Each re-send pushes endsAt forward, and it is always 4 intervals ahead of the send.
+    # Each re-send pushes endsAt forward, and it is always 4 intervals ahead of the send
+    # (of the clock reading taken for it).
     assert ends == sorted(ends) and ends[-1] > ends[0]
     for end in ends:
-        assert time.time() - 1.0 < end - 4 * RESEND_S <= time.time()
+        assert any(abs(end - 4 * RESEND_S - reading) < 1e-5 for reading in readings), end
     webhook_sends = [r for r in server.recorded() if r.path == "/hook"]
     assert len(webhook_sends) == 1
 
@@ -337,8 +363,8 @@ def test_webhook_body_and_bearer_token(server: RecordingServer, tmp_path: Path) 
     # Fired and resolved before delivery: a webhook still gets both changes, in order.
     assert firing.body == {**common, "status": "firing", "endsAt": None}
     assert resolved.body == {**common, "status": "resolved", "endsAt": rfc3339(START + 60)}
-    run_sender_for(sender, 0.2)
-    assert len(server.recorded()) == 2
+    sent_everything(sender)
+    assert len(without_probe(server.alert_bodies())) == 2
 
 
 def test_alertmanager_basic_auth(server: RecordingServer, tmp_path: Path) -> None:
@@ -358,10 +384,10 @@ def test_alertmanager_gets_only_the_newest_state_of_an_undelivered_alert(
     assert sender.stats()["am"].spooled == 1
     down_server.start()
     run_sender_until(sender, all_delivered(sender))
-    run_sender_for(sender, 0.2)
+    sent_everything(sender)
 
-    (request,) = down_server.recorded()
-    assert [a["endsAt"] for a in request.body] == [rfc3339(START + 60)]
+    alice = without_probe(down_server.alert_bodies())
+    assert [a["endsAt"] for a in alice] == [rfc3339(START + 60)]
 
 
 def test_recording_the_same_state_twice_sends_it_once(
@@ -372,14 +398,14 @@ def test_recording_the_same_state_twice_sends_it_once(
     sender.fire(paused_alert())
     run_sender_until(sender, all_delivered(sender))
     sender.fire(paused_alert())  # e.g. the daemon re-firing what it knows after a restart
-    run_sender_for(sender, 0.2)
-    assert len(server.recorded()) == 1
 
-    # A changed firing state is a state change: sent once more.
+    # A changed firing state is a state change: sent once more. (Sent oldest first: a
+    # second send of the unchanged state would have come before it.)
     updated = GuardAlert(**{**paused_alert().__dict__, "annotations": {"summary": "still"}})
     sender.fire(updated)
     run_sender_until(sender, lambda: len(server.recorded()) >= 2)
     assert server.recorded()[1].body["annotations"] == {"summary": "still"}
+    assert len(server.recorded()) == 2
 
 
 def test_webhook_receives_state_changes_oldest_first(
@@ -523,19 +549,21 @@ def test_restart_delivers_the_spool_exactly_once(
     assert set(second_guard.firing_alerts()) == {"paused/alice"}
     down_server.start()
     run_sender_until(second_guard, all_delivered(second_guard))
-    run_sender_for(second_guard, 0.3)
+    sent_everything(second_guard)
 
-    hook_bodies = [r.body for r in down_server.recorded() if r.path == "/hook"]
+    hook_bodies = without_probe([r.body for r in down_server.recorded() if r.path == "/hook"])
     assert [(b["key"], b["status"]) for b in hook_bodies] == [("paused/alice", "firing")]
-    am_alerts = [a for r in down_server.recorded() if r.path == "/api/v2/alerts" for a in r.body]
+    am_alerts = without_probe(
+        [a for r in down_server.recorded() if r.path == "/api/v2/alerts" for a in r.body]
+    )
     assert [a["labels"]["account"] for a in am_alerts] == ["alice"]
 
     # A third start delivers nothing again; resolving after the restart still works.
     third_guard = make_sender(receivers, tmp_path, resend_interval_s=30.0)
     third_guard.resolve("paused/alice", ends_at=START + 99)
     run_sender_until(third_guard, all_delivered(third_guard))
-    run_sender_for(third_guard, 0.2)
-    bodies = down_server.alert_bodies()
+    sent_everything(third_guard, "probe-2")
+    bodies = without_probe(down_server.alert_bodies())
     assert len(bodies) == 4
     assert all(b["endsAt"] == rfc3339(START + 99) for b in bodies[2:])
 
@@ -614,10 +642,10 @@ def test_a_new_receiver_is_sent_what_is_firing(server: RecordingServer, tmp_path
     new_hook = webhook_receiver(server, name="new-hook", url=server.url + "/new")
     second = make_sender([old_hook, new_hook], tmp_path)
     run_sender_until(second, all_delivered(second))
-    run_sender_for(second, 0.2)
-    new_bodies = [r.body for r in server.recorded() if r.path == "/new"]
+    sent_everything(second)
+    new_bodies = without_probe([r.body for r in server.recorded() if r.path == "/new"])
     assert [(b["key"], b["status"]) for b in new_bodies] == [("paused/alice", "firing")]
-    assert len(server.recorded()) == 4
+    assert len(without_probe(server.alert_bodies())) == 4
 
 
 def test_orphan_spool_is_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
