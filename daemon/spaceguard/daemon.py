@@ -30,6 +30,7 @@ from .model import (
     Log,
     OperatorRequest,
     RaiseAlert,
+    ReadUnit,
     Reply,
     ResolveAlert,
     RunVerify,
@@ -53,7 +54,7 @@ from .quantities import format_size
 from .rclone import ClassifyRule, CompiledRules, FailureClass, compile_rules
 from .runtime import MigrationLog
 from .state import StateStore
-from .systemd import SystemdClient
+from .systemd import OutcomeUnknown, SystemdClient
 from .volumes import VolumeSampler
 from .watermarks import seconds_to_pause
 
@@ -368,6 +369,8 @@ class Guard:
                 future = self.replies.pop(action.request_id, None)
                 if future is not None and not future.done():
                     future.set_result((action.ok, action.message))
+            case ReadUnit():
+                self._spawn(self.systemd.reread(action.unit))
             case Log():
                 log.log(LOG_LEVELS[action.level], "%s", action.message)
 
@@ -381,6 +384,9 @@ class Guard:
         started = time.monotonic()
         try:
             await method(action.unit)
+        except OutcomeUnknown as error:  # it may have landed: the policy reads the unit
+            self.counters.actions[(action.kind, action.reason, "unknown")] += 1
+            self.handle(ActionDone(action, False, str(error), unknown=True))
         except Exception as error:  # any failure is reported back to the policy
             self.counters.actions[(action.kind, action.reason, "error")] += 1
             self.handle(ActionDone(action, False, str(error) or type(error).__name__))

@@ -75,7 +75,12 @@ NO_SUCH_UNIT = "org.freedesktop.systemd1.NoSuchUnit"
 
 
 class FreezerError(Exception):
-    """A request failed or was refused; the text says why."""
+    """A request failed or was refused; the text says why. `unknown`: the request went
+    out but no answer came, so it may have taken effect."""
+
+    def __init__(self, message: str, unknown: bool = False) -> None:
+        super().__init__(message)
+        self.unknown = unknown
 
 
 # --- the protocol (pure) --------------------------------------------------------------------
@@ -522,8 +527,10 @@ class FreezerClient:
             error = await asyncio.wait_for(future, self.timeout)
         except TimeoutError:
             raise FreezerError(
-                f"the freezer helper gave no answer in {self.timeout:.0f}s"
+                f"the freezer helper gave no answer in {self.timeout:.0f}s", unknown=True
             ) from None
+        except FreezerError as lost:  # the connection went while the request was out
+            raise FreezerError(str(lost), unknown=True) from None
         finally:
             self._pending.pop(request_id, None)
         if error is not None:

@@ -186,10 +186,18 @@ def _migrations(snap: Snapshot) -> Iterator[Metric]:
         "bytes transferred, from rclone's stats",
         labels=labels,
     )
+    unit_frozen = GaugeMetricFamily(
+        "spaceguard_unit_frozen",
+        "1 while systemd reports the unit's cgroup frozen (FreezerState), whoever froze it",
+        labels=["account", "unit"],
+    )
     for migration_config in snap.config.migrations:
         migration = snap.state.migrations.get(migration_config.account)
         if migration is None:
             continue
+        for unit, view in sorted(migration.units.items()):
+            if view.known:
+                unit_frozen.add_metric([migration_config.account, unit], int(view.frozen))
         key = [migration_config.account, migration_config.unit]
         current = migration_state(migration)
         for name in MIGRATION_STATES:
@@ -211,6 +219,7 @@ def _migrations(snap: Snapshot) -> Iterator[Metric]:
             progress.add_metric(key, migration.last_progress_at)
         transferred.add_metric(key, migration.transferred_bytes)
     yield from (
+        unit_frozen,
         state_family,
         paused,
         paused_seconds,

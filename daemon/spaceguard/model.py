@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
 
-HoldOwner = Literal["guard", "operator"]
+# "unknown": found frozen with no record of who froze it; only an operator resume ends it
+# (or the guard takes it over when its volume runs low)
+HoldOwner = Literal["guard", "operator", "unknown"]
 ACTIVE_STATES = frozenset({"active", "activating", "reloading", "deactivating"})
 RUNNING_STATES = frozenset({"active", "activating", "reloading"})
 
@@ -187,6 +189,8 @@ class MigrationState:
     # item errors of the current run in one-second buckets (start, count), for the breaker
     item_window: tuple[tuple[float, int], ...] = ()
     freeze_refused: frozenset[str] = frozenset()  # units systemd would not freeze (busy)
+    # units whose pending action's outcome is unknown: settled by the next reading of them
+    unsettled: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -234,6 +238,10 @@ class LogParsed:
     progressed: bool = False
     transferred_bytes: int | None = None
     items: ItemErrors | None = None  # the current run's item errors in this batch
+    # rclone began another attempt (--retries) in this batch: the item errors before it
+    # are superseded (the new attempt logs those that fail again); `items` follow it
+    new_attempt: bool = False
+    superseded_items: int = 0  # item errors before it, in this batch (for the breaker)
 
 
 @dataclass(frozen=True)
@@ -256,6 +264,9 @@ class ActionDone:
     action: UnitAction | RunVerify
     ok: bool
     error: str = ""
+    # the call went out but no answer came (timeout, connection lost mid-call): it may or
+    # may not have taken effect, and only reading the unit can tell
+    unknown: bool = False
 
 
 Event = (
@@ -322,12 +333,19 @@ class Reply:
 
 
 @dataclass(frozen=True)
+class ReadUnit:
+    """Read a unit's state from systemd again (to settle an action of unknown outcome)."""
+
+    unit: str
+
+
+@dataclass(frozen=True)
 class Log:
     level: Literal["debug", "info", "notice", "warning", "error"]
     message: str
 
 
-Action = UnitAction | RunVerify | WriteIncident | RaiseAlert | ResolveAlert | Reply | Log
+Action = UnitAction | RunVerify | WriteIncident | RaiseAlert | ResolveAlert | Reply | ReadUnit | Log
 
 
 MIGRATION_STATES = (

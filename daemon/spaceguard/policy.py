@@ -44,6 +44,7 @@ from .model import (
     MigrationState,
     OperatorRequest,
     RaiseAlert,
+    ReadUnit,
     Reply,
     ResolveAlert,
     RunVerify,
@@ -314,8 +315,10 @@ class _Decision:
         if migration is None:
             return  # never act on (or even track) a unit the config does not name
         state = self.migrations[migration.account]
-        if event.unit in state.pending and not state.units.get(event.unit, UnitView()).known:
-            self._restored_action(migration, event.unit, event.view)
+        if event.unit in state.pending and (
+            event.unit in state.unsettled or not state.units.get(event.unit, UnitView()).known
+        ):
+            self._settle(migration, event.unit, event.view)
             state = self.migrations[migration.account]
         old = state.units.get(event.unit, UnitView())
         new = event.view
@@ -401,11 +404,14 @@ class _Decision:
             state = self._unit_ended(migration, state, event.unit, new)
         self.migrations[migration.account] = state
 
-    def _restored_action(self, migration: MigrationConfig, unit: str, view: UnitView) -> None:
-        """First sight of a unit with an action in flight: only after a restart, when the
-        saved state had one pending whose reply died with the old process. Judge from the
-        unit whether it landed, and go on as if that reply had come."""
+    def _settle(self, migration: MigrationConfig, unit: str, view: UnitView) -> None:
+        """A unit read with an action of unknown outcome in flight: its reply was lost (a
+        timeout, the bus gone mid-call) or died with an earlier guard process (first sight
+        after a restart). systemd is the truth: judge from the unit whether the action
+        landed, and go on as if that reply had come; never assume either way."""
         state = self.migrations[migration.account]
+        state = replace(state, unsettled=state.unsettled - {unit})
+        self.migrations[migration.account] = state
         kind = state.pending[unit]
         landed = {
             "freeze": view.frozen,
@@ -588,20 +594,26 @@ class _Decision:
         )
 
     def _item_errors(
-        self, migration: MigrationConfig, state: MigrationState, items: ItemErrors
+        self,
+        migration: MigrationConfig,
+        state: MigrationState,
+        items: ItemErrors,
+        superseded: int = 0,
     ) -> MigrationState:
         """Count a batch of item errors; trip the circuit breaker when they come too fast
-        (a permission revoked on everything shows up as one item error per item)."""
+        (a permission revoked on everything shows up as one item error per item).
+        `superseded`: more of them, of an attempt rclone tried again (rate only)."""
         second = math.floor(self.now)
         window = [
             (at, n)
             for at, n in state.item_window
             if not migration.item_error_window or at > self.now - migration.item_error_window
         ]
-        if window and window[-1][0] == second:
-            window[-1] = (second, window[-1][1] + items.total)
+        count = items.total + superseded
+        if window and (window[-1][0] == second or not migration.item_error_window):
+            window[-1] = (window[-1][0], window[-1][1] + count)  # whole run: one bucket
         else:
-            window.append((second, items.total))
+            window.append((second, count))
         state = replace(state, run_items=state.run_items.plus(items), item_window=tuple(window))
         recent = sum(n for _at, n in window)
         if (
@@ -682,8 +694,12 @@ class _Decision:
             state = replace(state, last_progress_at=self.now)
         if event.transferred_bytes is not None:
             state = replace(state, transferred_bytes=event.transferred_bytes)
-        if event.items is not None:
-            state = self._item_errors(migration, state, event.items)
+        if event.new_attempt:
+            state = replace(state, run_items=ItemErrors())  # the breaker's window goes on
+        if event.items is not None or event.superseded_items:
+            state = self._item_errors(
+                migration, state, event.items or ItemErrors(), event.superseded_items
+            )
         for evidence in event.failures:
             state = replace(state, last_log_failure=evidence)
             if evidence.failure_class == FailureClass.DISK_FULL:
@@ -793,6 +809,20 @@ class _Decision:
                 )
             self.migrations[action.account] = replace(state, pending=pending, failure=failure)
             return
+        if not event.ok and event.unknown:
+            # it may have landed: keep it pending, read the unit, and let what systemd
+            # says settle it (a freeze that landed must be thawed; a thaw that lands late
+            # is ours, not someone else's)
+            self.log(
+                "warning",
+                f"{action.account}: {action.kind} {action.unit}: no answer ({event.error}); "
+                "reading the unit to see whether it took effect",
+            )
+            self.actions.append(ReadUnit(action.unit))
+            self.migrations[action.account] = replace(
+                state, unsettled=state.unsettled | {action.unit}
+            )
+            return
         pending = {k: v for k, v in state.pending.items() if k != action.unit}
         state = replace(state, pending=pending)
         failure = state.failure
@@ -824,7 +854,12 @@ class _Decision:
                         state,
                         units={
                             **state.units,
-                            action.unit: replace(view, active_state="inactive", sub_state="dead"),
+                            action.unit: replace(
+                                view,
+                                active_state="inactive",
+                                sub_state="dead",
+                                freezer_state="running",
+                            ),
                         },
                     )
                 taken_over = state.hold is None and any(
@@ -901,6 +936,7 @@ class _Decision:
         for migration in self.config.migrations:
             state = self.migrations[migration.account]
             state = self._holds(migration, state)
+            state = self._unexplained(migration, state)
             state = self._stall(migration, state)
             state = self._failure_steps(migration, state)
             state = self._drive_units(migration, state)
@@ -909,7 +945,10 @@ class _Decision:
 
     def _holds(self, migration: MigrationConfig, state: MigrationState) -> MigrationState:
         volume = self.volumes.get(migration.volume, VolumeState())
-        if volume.low and state.hold is None and not state.override:
+        unknown = state.hold is not None and state.hold.by == "unknown"
+        if volume.low and (state.hold is None or unknown) and not state.override:
+            # (a pause nobody explained is taken over: most likely the guard's own, from
+            # before a crash that lost the record; it is thawed at recovery)
             reason = volume.low_reason or "space"
             self.log(
                 "warning",
@@ -952,8 +991,55 @@ class _Decision:
                     f"{format_size(volume.avail_bytes)} free",
                 )
                 self.actions.append(ResolveAlert(f"paused/{migration.account}"))
-                state = replace(state, hold=None, last_progress_at=self.now)
+                state = replace(
+                    state, hold=None, last_progress_at=self.now, freeze_refused=frozenset()
+                )
         return state
+
+    def _unexplained(self, migration: MigrationConfig, state: MigrationState) -> MigrationState:
+        """No unexplained pause: a unit systemd shows frozen, that no hold of the guard's
+        record explains and no action in flight will change, is held as paused by
+        "unknown" (shown, alerted; an operator's resume thaws it). Under a hold, it joins
+        what that hold resumes."""
+        if not self.bus_connected:
+            return state
+        frozen = {
+            unit
+            for unit, view in state.units.items()
+            if view.frozen
+            and view.active_state in ACTIVE_STATES
+            and unit not in state.paused_units
+            and unit not in state.pending
+        }
+        if not frozen:
+            return state
+        state = replace(state, paused_units=state.paused_units | frozen)
+        if state.hold is not None:
+            return state
+        names = ", ".join(sorted(frozen))
+        note = (
+            f"{names} found frozen with no record of who froze it (systemctl freeze, or a "
+            "guard that crashed before recording its freeze); spaceguardctl resume "
+            f"{migration.account} thaws it"
+        )
+        self.log("warning", f"{migration.account}: {note}")
+        self.actions.append(
+            RaiseAlert(
+                key=f"paused/{migration.account}",
+                name="SpaceguardMigrationPausedUnknown",
+                severity="warning",
+                labels={
+                    "account": migration.account,
+                    "unit": migration.unit,
+                    "volume": migration.volume,
+                    "reason": "frozen",
+                    "by": "unknown",
+                },
+                summary=f"Migration {migration.account} is frozen and nobody knows why",
+                description=note,
+            )
+        )
+        return replace(state, hold=Hold("unknown", "frozen", self.now, note, alerted=True))
 
     def _announce_pause(self, migration: MigrationConfig, state: MigrationState) -> MigrationState:
         """Once per guard hold, when a running migration is actually being paused (a hold on

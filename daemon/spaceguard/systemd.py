@@ -48,6 +48,11 @@ class SystemdError(Exception):
     """A D-Bus call failed; the text is systemd's own error name and message."""
 
 
+class OutcomeUnknown(Exception):
+    """A call went out and no answer came (a timeout, the connection lost mid-call): it
+    may or may not have taken effect; only reading the unit can tell."""
+
+
 class SystemdClient:
     """One connection to the system bus, rebuilt after a loss, and the units' live view."""
 
@@ -116,6 +121,9 @@ class SystemdClient:
             except Exception as error:  # any failure to (re)connect: retry with backoff
                 log.error("D-Bus: %s; retrying in %.1fs", _describe(error), delay)
             self._set_connected(False)
+            for waiter in self.job_waiters.values():  # their JobRemoved will never come
+                if not waiter.done():
+                    waiter.set_exception(OutcomeUnknown("connection lost while the job ran"))
             self.bus = None
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
@@ -178,6 +186,13 @@ class SystemdClient:
             self.paths[path] = unit
             self.properties[unit] = {}
             await self._refresh(unit, path)
+
+    async def reread(self, unit: str) -> None:
+        """Read a unit's properties again and report them (as a change, even if none)."""
+        path = next((path for path, name in self.paths.items() if name == unit), None)
+        if path is None or not self.connected:
+            return  # the next connection reads every unit anyway
+        await self._refresh(unit, path)
 
     async def _refresh(self, unit: str, path: str) -> None:
         for interface in (UNIT, SERVICE):
@@ -274,7 +289,12 @@ class SystemdClient:
             signature=signature,
             body=body or [],
         )
-        reply = await asyncio.wait_for(bus.call(message), CALL_TIMEOUT)
+        try:
+            reply = await asyncio.wait_for(bus.call(message), CALL_TIMEOUT)
+        except TimeoutError:
+            raise OutcomeUnknown(f"{member}: no reply within {CALL_TIMEOUT:g}s") from None
+        except (OSError, EOFError, ConnectionError) as error:
+            raise OutcomeUnknown(f"{member}: connection lost mid-call ({error})") from None
         if reply is None:
             return []
         if reply.message_type == MessageType.ERROR:
@@ -305,6 +325,8 @@ class SystemdClient:
         try:
             await self.freezer.request(verb, unit)
         except FreezerError as error:
+            if error.unknown:
+                raise OutcomeUnknown(f"freezer helper: {error}") from None
             raise SystemdError(f"freezer helper: {error}") from None
 
     async def stop(self, unit: str) -> None:
@@ -313,6 +335,14 @@ class SystemdClient:
 
     async def start(self, unit: str) -> None:
         self._check(unit)
+        if self.properties.get(unit, {}).get("Type") == "oneshot":
+            # A oneshot's start job lasts as long as its ExecStart= (a wrapper: the whole
+            # migration). Waiting for it would keep this start in flight for days, and the
+            # guard, one action per unit, could neither pause nor stop the unit meanwhile.
+            # The job is queued; the unit's state changes tell the rest (a failed start
+            # ends the unit failed).
+            await self._call(SYSTEMD, MANAGER_PATH, MANAGER, "StartUnit", "ss", [unit, "replace"])
+            return
         await self._job("StartUnit", unit)
 
     async def _job(self, method: str, unit: str) -> None:
@@ -327,6 +357,8 @@ class SystemdClient:
             self.job_waiters[job] = waiter
             try:
                 result = await asyncio.wait_for(waiter, timeout)
+            except TimeoutError:
+                raise OutcomeUnknown(f"{what}: job not finished in {timeout:g}s") from None
             finally:
                 self.job_waiters.pop(job, None)
         if result != "done":

@@ -392,7 +392,12 @@ class World:
             self.advance(RESUME_AFTER + 60)
             self.feed(Tick())
             for account, m in self.state.migrations.items():
-                if m.hold is not None and m.hold.by == "operator":
+                # no unexplained pause: whatever is frozen is shown as held by someone
+                for unit, view in m.units.items():
+                    if view.frozen and view.running and unit not in m.pending:
+                        assert m.hold is not None, f"{unit} frozen, no hold shown"
+                # operators resume what they paused, and what nobody could explain
+                if m.hold is not None and m.hold.by in ("operator", "unknown"):
                     self.feed(OperatorRequest(f"calm{round_}", "resume", account, force=True))
         assert not self.inflight
         assert not self.guard_frozen, f"left frozen by the guard: {self.guard_frozen}"

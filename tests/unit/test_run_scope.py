@@ -10,12 +10,15 @@ import pytest
 from spaceguard.model import (
     ITEM_SAMPLES,
     ActionDone,
+    BusChanged,
     FailureClass,
     ItemError,
     ItemErrors,
     LogParsed,
     MigrationState,
+    OperatorRequest,
     RaiseAlert,
+    ReadUnit,
     Tick,
     UnitAction,
     UnitChanged,
@@ -303,6 +306,7 @@ def test_run_start_is_remembered_from_systemd(guard: Guard) -> None:
 # --- wrappers -------------------------------------------------------------------------------
 
 
+FROZEN_VIEW = UnitView("active", "running", freezer_state="frozen")
 ONESHOT = UnitView("activating", "start", service_type="oneshot", started_at=T0)
 
 
@@ -332,3 +336,75 @@ def test_a_refused_freeze_becomes_a_stop_not_a_retry_loop(guard: Guard) -> None:
     assert any("refused to freeze" in note for note in diagnostics(guard.config, guard.state))
     assert not any(isinstance(a, ActionDone) for a in actions)
     assert all(isinstance(a, UnitAction) is False or a.kind != "freeze" for a in actions)
+
+
+# --- systemd is the truth: actions of unknown outcome, unexplained pauses -------------------
+
+
+def lost_reply(guard: Guard, kind: str, unit: str) -> list:
+    for action in reversed(guard.issued):
+        if isinstance(action, UnitAction) and action.kind == kind and action.unit == unit:
+            return guard(ActionDone(action, False, "no reply within 30s", unknown=True))
+    raise AssertionError(f"no {kind} of {unit}")
+
+
+def test_a_freeze_that_landed_without_a_reply_is_thawed_at_recovery(guard: Guard) -> None:
+    guard(sample(4), after=1)
+    actions = lost_reply(guard, "freeze", ALICE)
+    assert [a for a in actions if isinstance(a, ReadUnit)] == [ReadUnit(ALICE)]
+    assert unit_actions(actions) == []  # not asked again while unsettled
+    guard(UnitChanged(ALICE, FROZEN_VIEW), after=0.01)  # systemd: it landed
+    assert ALICE in guard.m("alice").paused_units and not guard.m("alice").unsettled
+    guard(sample(50), after=1)
+    actions = guard(sample(50), after=121)
+    assert ("thaw", ALICE, "released") in unit_actions(actions)
+
+
+def test_a_freeze_that_did_not_land_is_asked_again(guard: Guard) -> None:
+    guard(sample(4), after=1)
+    lost_reply(guard, "freeze", ALICE)
+    actions = guard(UnitChanged(ALICE, RUNNING), after=0.01)
+    assert ("freeze", ALICE, "space") in unit_actions(actions)
+
+
+def test_a_late_thaw_is_the_guards_not_someone_elses(guard: Guard) -> None:
+    guard(sample(4), after=1)
+    guard.done("freeze", ALICE)
+    guard(UnitChanged(ALICE, FROZEN_VIEW))
+    guard(sample(50), after=1)
+    guard(sample(50), after=121)
+    lost_reply(guard, "thaw", ALICE)
+    guard(OperatorRequest("r1", "pause", "alice", "disk swap"), after=1)
+    guard(UnitChanged(ALICE, RUNNING), after=1)  # the thaw landed after all
+    alice = guard.m("alice")
+    assert alice.hold is not None and alice.hold.by == "operator"  # not taken for a takeover
+    assert ("freeze", ALICE, "operator") in [(a.kind, a.unit, a.reason) for a in guard.issued]
+
+
+def test_a_unit_found_frozen_without_record_is_held_as_unknown_and_alerted() -> None:
+    guard = Guard(make_config())
+    guard(BusChanged(True))
+    guard(sample(50))
+    actions = guard(UnitChanged(ALICE, FROZEN_VIEW))
+    hold = guard.m("alice").hold
+    assert hold is not None and hold.by == "unknown"
+    (alert,) = of_type(actions, RaiseAlert)
+    assert alert.name == "SpaceguardMigrationPausedUnknown" and alert.labels["by"] == "unknown"
+    assert migration_state(guard.m("alice")) == "paused"
+    # never resumed by the guard on its own
+    assert unit_actions(guard(sample(50), after=3600)) == []
+    # an operator resumes it: thawed
+    actions = guard(OperatorRequest("r", "resume", "alice"), after=1)
+    assert ("thaw", ALICE, "released") in unit_actions(actions)
+
+
+def test_an_unknown_pause_is_taken_over_when_the_volume_runs_low() -> None:
+    guard = Guard(make_config())
+    guard(BusChanged(True))
+    guard(sample(50))
+    guard(UnitChanged(ALICE, FROZEN_VIEW))
+    guard(sample(4), after=1)
+    assert guard.m("alice").hold.by == "guard"
+    guard(sample(50), after=1)
+    actions = guard(sample(50), after=121)
+    assert ("thaw", ALICE, "released") in unit_actions(actions)
