@@ -350,6 +350,9 @@ class ParseResult:
     lines: int
     # ERROR-or-worse lines that no rule classified (counted for metrics, not acted on)
     unclassified_errors: int = 0
+    # line numbers where rclone ended an attempt and will try again (--retries: "Attempt
+    # 1/3 failed with 4 errors"): the next attempt logs the items that fail again
+    attempts_ended: list[tuple[int, float | None]] = field(default_factory=list)
 
 
 # Longest part of a line that is examined: logwatch caps lines at 64 KiB anyway, and a
@@ -517,6 +520,13 @@ _RUN_MESSAGE = re.compile(
 _SUMMARY_MESSAGE = re.compile(
     r"Attempt \d+/\d+ failed with \d+ errors|Failed to \w+ with \d+ errors"
 )
+_ATTEMPT = re.compile(r"Attempt (\d+)/(\d+) failed with")
+
+
+def retries_after(summary: str) -> bool:
+    """Whether a summary line ends an attempt that rclone follows with another one."""
+    attempt = _ATTEMPT.match(summary)
+    return attempt is not None and int(attempt.group(1)) < int(attempt.group(2))
 
 
 def split_text(body: str) -> tuple[str, str, str]:
@@ -529,6 +539,16 @@ def split_text(body: str) -> tuple[str, str, str]:
     if item is not None and item.start() > 0:
         return ITEM, body[: item.start()], body[item.end() :]
     return RUN, "", body
+
+
+def split_object(body: str) -> tuple[str, str]:
+    """A level-marked line that no known message explains → (object, message): rclone
+    writes "<object>: <message>" whenever it names something (fs.Logf(o, ...)), and a
+    name is never classified ("NOTICE: 401 Unauthorized.lnk: Can't follow symlink")."""
+    name, sep, message = body.partition(": ")
+    if not sep or not name or not message:
+        return "", body
+    return name, message
 
 
 def structure_scope(message: str, obj: str) -> str:
@@ -607,6 +627,8 @@ class _BatchState:
     matches: list[_Match] = field(default_factory=list)  # in line order
     unclassified_errors: int = 0
     progressed: bool = False
+    # (offset, the line's time if JSON gave one), in line order
+    attempts_ended: list[tuple[int, float | None]] = field(default_factory=list)
 
 
 class RcloneLogParser:
@@ -696,7 +718,19 @@ class RcloneLogParser:
             progressed=batch.progressed,
             lines=count,
             unclassified_errors=batch.unclassified_errors,
+            attempts_ended=self._attempt_lines(text, lines, batch.attempts_ended),
         )
+
+    def _attempt_lines(
+        self, text: str, lines: Sequence[str], ended: list[tuple[int, float | None]]
+    ) -> list[tuple[int, float | None]]:
+        if not ended:
+            return []
+        numbers = _line_numbers(text, lines, [offset for offset, _ in ended])
+        return [
+            (number, at if at is not None else text_line_time(lines[number], self._utc))
+            for number, (_, at) in zip(numbers, ended, strict=True)
+        ]
 
     def _has_copied_line(self, text: str) -> bool:
         """Whether an INFO line says a file was copied: str.find at C speed, then a
@@ -759,14 +793,21 @@ class RcloneLogParser:
         obj = obj if isinstance(obj, str) else ""
         scope = structure_scope(message, obj)
         if scope == SUMMARY:
+            if retries_after(message):
+                batch.attempts_ended.append((start, json_time(record.get("time"))))
             return True
         self._apply_rules(start, scope, obj, message, level, batch, json_time(record.get("time")))
         return True
 
     def _apply_text(self, start: int, body: str, level: str | None, batch: _BatchState) -> None:
         scope, obj, message = split_text(body)
-        if scope != SUMMARY:
-            self._apply_rules(start, scope, obj, message, level, batch)
+        if scope == SUMMARY:
+            if retries_after(message):
+                batch.attempts_ended.append((start, None))
+            return
+        if scope == RUN and not obj and level is not None and not _RUN_MESSAGE.search(message):
+            obj, message = split_object(message)
+        self._apply_rules(start, scope, obj, message, level, batch)
 
     def _apply_rules(
         self,

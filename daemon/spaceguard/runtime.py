@@ -61,10 +61,21 @@ class MigrationLog:
         self._recent.extend(zip(range(first, first + len(lines)), lines, strict=True))
         self.lines_read += len(lines)
         result = self.parser.feed(lines)
+        # rclone --retries: an attempt that ended is followed by another one, which logs
+        # again the items that fail again; the run's item errors are its last attempt's
+        restart = max(
+            (
+                number
+                for number, logged_at in result.attempts_ended
+                if is_current is None or is_current(logged_at, backlog)
+            ),
+            default=-1,
+        )
         evidence: list[LogEvidence] = []
         first_items: list[ItemError] = []
         last_items: deque[ItemError] = deque(maxlen=ITEM_SAMPLES)
         counts: Counter[tuple[str, FailureClass]] = Counter()
+        superseded = 0
         window: list[str] = []
         for failure in result.failures:
             if is_current is not None and not is_current(failure.logged_at, backlog):
@@ -73,6 +84,9 @@ class MigrationLog:
             self.errors[failure.failure_class] += 1
             if failure.scope == ITEM and failure.failure_class != FailureClass.DISK_FULL:
                 self.item_errors[(failure.rule, failure.failure_class)] += 1
+                if failure.line_number < restart:
+                    superseded += 1  # an attempt rclone tried again: not the run's list
+                    continue
                 counts[(failure.rule, failure.failure_class)] += 1
                 item = ItemError(
                     failure.object, failure.failure_class, failure.rule, failure.message
@@ -104,9 +118,23 @@ class MigrationLog:
                 last=tuple(last_items),
             )
         transferred = result.progress.bytes_transferred if result.progress else None
-        if not evidence and batch_items is None and not result.progressed and transferred is None:
+        if (
+            not evidence
+            and batch_items is None
+            and restart < 0
+            and not result.progressed
+            and transferred is None
+        ):
             return None
-        return LogParsed(self.account, tuple(evidence), result.progressed, transferred, batch_items)
+        return LogParsed(
+            self.account,
+            tuple(evidence),
+            result.progressed,
+            transferred,
+            batch_items,
+            new_attempt=restart >= 0,
+            superseded_items=superseded,
+        )
 
     def context_for(self, evidence: LogEvidence | None) -> list[str]:
         """The lines an incident quotes: around the classified line, else the latest."""
