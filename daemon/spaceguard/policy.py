@@ -72,7 +72,11 @@ def initial_state(config: Config, saved: GuardState | None = None) -> GuardState
     migrations = {
         m.account: _fit_units(saved.migrations.get(m.account), m) for m in config.migrations
     }
-    volumes = {name: saved.volumes.get(name, VolumeState()) for name in config.volumes}
+    # a reload may raise resume_above: time above the old one does not count for the new
+    volumes = {
+        name: replace(saved.volumes.get(name, VolumeState()), recovered_since=None)
+        for name in config.volumes
+    }
     return replace(saved, migrations=migrations, volumes=volumes)
 
 
@@ -102,6 +106,29 @@ def reload_problem(old: Config, new: Config, state: GuardState) -> str:
             return (
                 f"migration {account!r} is removed but still paused; resume it first "
                 f"(spaceguardctl resume {account} --force), then reload"
+            )
+    for account, migration in state.migrations.items():
+        configured = new.migration(account)
+        if configured is None:
+            continue
+        busy = migration.paused_units | (set(migration.pending) - {"verify"})
+        dropped = sorted(busy - set(configured.units))
+        if dropped:
+            # it would stay frozen or stopped, or its action land, with nobody to see it
+            return (
+                f"migration {account!r}: {', '.join(dropped)} is paused or has an action in "
+                "flight and the new config no longer names it; resume it first "
+                f"(spaceguardctl resume {account} --force), then reload"
+            )
+        before = old.migration(account)
+        if (
+            before is not None
+            and before.pause != configured.pause
+            and (migration.paused_units or migration.hold is not None)
+        ):
+            return (
+                f"migration {account!r}: pause cannot change from {before.pause} to "
+                f"{configured.pause} while it is paused; resume it first, then reload"
             )
     for key in ("state_dir", "control_socket", "metrics_listen", "bus_address", "freezer_socket"):
         if getattr(old.guard, key) != getattr(new.guard, key):
@@ -397,10 +424,21 @@ class _Decision:
             and new.active_state == "failed"
             and state.failure is None
             and event.unit not in state.paused_units
-            and state.hold is None
             and not state.finished
         )
-        if ended_alone or found_failed:
+        # a run that started and ended while the guard could not see it (a bus outage):
+        # systemd's start time says it happened
+        missed_run = (
+            old.known
+            and new.started_at > old.started_at > 0
+            and new.active_state in ("inactive", "failed")
+            and not ended
+            and state.failure is None
+            and pending is None
+        )
+        if missed_run and event.unit in state.paused_units:
+            state = self._taken_over(migration, state, event.unit, "started (while unseen)")
+        if ended_alone or found_failed or missed_run:
             state = self._unit_ended(migration, state, event.unit, new)
         self.migrations[migration.account] = state
 
@@ -454,6 +492,10 @@ class _Decision:
             and new.running
             and pending != "start"
         ):
+            if state.hold is not None and 0 < new.started_at < state.hold.since:
+                # started before this hold was placed (seen late, after a bus outage):
+                # not a decision against it; the hold stands and stops it again
+                return state
             return self._taken_over(migration, state, unit, "started")
         if (
             old.active_state != new.active_state
@@ -502,7 +544,12 @@ class _Decision:
             state.paused_units - {unit} if pause_mode(migration, state) == "freeze" else frozenset()
         )
         return replace(
-            state, hold=None, paused_units=paused, restart_on_release=False, override=volume.low
+            state,
+            hold=None,
+            paused_units=paused,
+            restart_on_release=False,
+            override=volume.low,
+            last_progress_at=self.now,  # frozen or stopped time is no stall
         )
 
     def _unit_ended(
@@ -809,6 +856,17 @@ class _Decision:
                 )
             self.migrations[action.account] = replace(state, pending=pending, failure=failure)
             return
+        configured = self.config.migration(action.account)
+        if configured is None or action.unit not in configured.units:
+            self.log(
+                "notice",
+                f"{action.account}: {action.kind} {action.unit} ended "
+                f"({'ok' if event.ok else event.error}) after the unit left the config",
+            )
+            self.migrations[action.account] = replace(
+                state, pending={k: v for k, v in state.pending.items() if k != action.unit}
+            )
+            return
         if not event.ok and event.unknown:
             # it may have landed: keep it pending, read the unit, and let what systemd
             # says settle it (a freeze that landed must be thawed; a thaw that lands late
@@ -936,6 +994,7 @@ class _Decision:
         for migration in self.config.migrations:
             state = self.migrations[migration.account]
             state = self._holds(migration, state)
+            state = self._running_again(migration, state)
             state = self._unexplained(migration, state)
             state = self._stall(migration, state)
             state = self._failure_steps(migration, state)
@@ -994,6 +1053,19 @@ class _Decision:
                 state = replace(
                     state, hold=None, last_progress_at=self.now, freeze_refused=frozenset()
                 )
+        return state
+
+    def _running_again(self, migration: MigrationConfig, state: MigrationState) -> MigrationState:
+        """Stop mode, no hold, and the migration runs (through any of its units): nothing the
+        guard stopped is left to restart, whoever started it."""
+        if (
+            state.hold is None
+            and state.paused_units
+            and pause_mode(migration, state) == "stop"
+            and not state.pending
+            and any(view.running for view in state.units.values())
+        ):
+            return replace(state, paused_units=frozenset(), restart_on_release=False)
         return state
 
     def _unexplained(self, migration: MigrationConfig, state: MigrationState) -> MigrationState:

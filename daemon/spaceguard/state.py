@@ -66,6 +66,8 @@ def durable(state: GuardState) -> dict[str, Any]:
                 "finished": m.finished,
                 "run_started_at": m.run_started_at,
                 "run_items": _items_json(m.run_items),
+                # what the run's log said decides its exit's class, after a restart too
+                "last_log_failure": _evidence_json(m.last_log_failure),
             }
             for account, m in state.migrations.items()
         },
@@ -174,6 +176,7 @@ def _restore(data: Mapping[str, Any]) -> GuardState:
             finished=bool(m["finished"]),
             run_started_at=float(m.get("run_started_at", 0.0)),
             run_items=_items(m.get("run_items")),
+            last_log_failure=_evidence(m.get("last_log_failure")),
         )
     return GuardState(
         volumes=volumes, migrations=migrations, incident_seq=int(data["incident_seq"])

@@ -1,0 +1,215 @@
+"""The minimal sequences of the fault-matrix issue that broke the README's promises, each
+replayed against the pure policy, the way the daemon drives it (restarts included: the
+state goes through state.py's durable form and back, like a real restart)."""
+
+from __future__ import annotations
+
+import pytest
+from spaceguard.config import Config
+from spaceguard.model import (
+    ActionDone,
+    BusChanged,
+    FailureClass,
+    LogEvidence,
+    LogParsed,
+    OperatorRequest,
+    Tick,
+    UnitAction,
+    UnitChanged,
+    UnitView,
+    WriteIncident,
+)
+from spaceguard.policy import initial_state, reload_problem
+from spaceguard.state import _restore, durable
+from test_policy import (
+    ALICE,
+    ALICE_RESUME,
+    BOB,
+    BOB_RESUME,
+    CAROL,
+    DEAD,
+    FROZEN,
+    RUNNING,
+    T0,
+    Guard,
+    failed,
+    make_config,
+    of_type,
+    sample,
+    started_guard,
+    unit_actions,
+)
+
+
+def restart(guard: Guard, config: Config | None = None) -> Guard:
+    """A new guard process: durable state only, every unit unknown until it is read."""
+    saved = _restore(durable(guard.state))
+    new = Guard(config or guard.config, saved, now=guard.now + 1)
+    return new
+
+
+def read_all(guard: Guard, views: dict[str, UnitView]) -> list:
+    actions = guard(BusChanged(True))
+    for unit, view in views.items():
+        actions += guard(UnitChanged(unit, view))
+    return actions
+
+
+@pytest.fixture(name="guard")
+def started() -> Guard:
+    return started_guard()
+
+
+def test_2_a_failure_first_seen_under_a_hold_is_a_failure(guard: Guard) -> None:
+    guard(sample(4), after=1)  # freeze ALICE pending, stop BOB pending
+    guard(BusChanged(False), after=0.1)
+    new = restart(guard)
+    new(sample(4))
+    actions = read_all(
+        new, {ALICE: failed(5), ALICE_RESUME: DEAD, BOB: RUNNING, BOB_RESUME: DEAD, CAROL: RUNNING}
+    )
+    alice = new.m("alice")
+    assert alice.failure is not None, "the run that failed under the hold is a failure"
+    actions += new(Tick(), after=1)
+    assert [a for a in of_type(actions, WriteIncident) if a.record["account"] == "alice"]
+    # after recovery it is retried (transient), not forgotten
+    new(sample(50), after=1)
+    actions = []
+    for _ in range(10):
+        actions += new(sample(50), after=120)
+    assert ("start", ALICE_RESUME, "retry") in unit_actions(actions)
+
+
+def test_4_a_stall_does_not_count_frozen_time_after_a_takeover() -> None:
+    guard = started_guard(make_config(stall_after="60s"))
+    guard(sample(4), at=T0 + 1)
+    guard.done("freeze", ALICE)
+    guard(UnitChanged(ALICE, FROZEN))
+    guard(UnitChanged(ALICE, RUNNING), at=T0 + 31)  # a person thaws it
+    assert guard.m("alice").hold is None
+    actions = guard(Tick(), at=T0 + 62)  # 31 s of running: not a stall
+    assert guard.m("alice").failure is None, unit_actions(actions)
+    guard(Tick(), at=T0 + 92)
+    assert guard.m("alice").failure is not None  # 61 s of running without progress
+
+
+def test_5_a_reload_that_raises_resume_above_restarts_the_hold_down(guard: Guard) -> None:
+    guard(sample(4), after=1)
+    guard.done("freeze", ALICE)
+    guard(sample(11), after=1)  # above 10 %: the hold-down starts
+    config = make_config()
+    raised = config.volumes["space"]
+    raised = type(raised)(
+        **{**raised.__dict__, "resume_above": type(raised.resume_above)(percent=20.0)}
+    )
+    new_config = type(config)(**{**config.__dict__, "volumes": {**config.volumes, "space": raised}})
+    guard.config = new_config
+    guard.state = initial_state(new_config, guard.state)
+    actions = guard(sample(11), after=121)  # below the new resume_above: still held
+    assert ("thaw", ALICE, "released") not in unit_actions(actions)
+    assert guard.m("alice").hold is not None
+
+
+def test_6_a_reload_may_not_drop_a_unit_with_an_action_in_flight(guard: Guard) -> None:
+    guard(sample(4), after=1)  # freeze of ALICE in flight
+    # the resume unit has nothing in flight: renaming it is fine
+    other_resume = make_config(resume_unit="m365-migrate-other@alice.service")
+    assert reload_problem(guard.config, other_resume, guard.state) == ""
+    # the unit whose freeze is in flight may not be dropped
+    renamed = make_config(unit="m365-migrate-new@alice.service")
+    assert ALICE in reload_problem(guard.config, renamed, guard.state)
+    guard.done("freeze", ALICE)
+    guard(UnitChanged(ALICE, FROZEN))
+    renamed = make_config(unit="m365-migrate-new@alice.service")
+    assert ALICE in reload_problem(guard.config, renamed, guard.state)
+
+
+def test_6_an_action_completing_after_its_unit_left_the_config_is_dropped(guard: Guard) -> None:
+    guard(sample(4), after=1)
+    freeze = next(a for a in guard.issued if isinstance(a, UnitAction) and a.unit == ALICE)
+    renamed = make_config(unit="m365-migrate-new@alice.service")
+    guard.config = renamed
+    guard.state = initial_state(renamed, guard.state)
+    guard(ActionDone(freeze, True))
+    assert ALICE not in guard.m("alice").units
+    assert ALICE not in guard.m("alice").paused_units
+
+
+def test_7_a_reload_may_not_switch_freeze_to_stop_while_paused(guard: Guard) -> None:
+    guard(OperatorRequest("r", "pause", "alice", "swap"), after=1)
+    guard.done("freeze", ALICE)
+    assert "pause" in reload_problem(guard.config, make_config(pause="stop"), guard.state)
+
+
+def test_8_a_run_missed_during_a_bus_outage_is_a_failure(guard: Guard) -> None:
+    guard(sample(4), after=1)
+    guard.done("stop", BOB)
+    guard(UnitChanged(BOB, UnitView("inactive", "dead", result="success", started_at=T0)))
+    guard(BusChanged(False), after=1)
+    # meanwhile a person starts bob, and that run fails
+    guard(BusChanged(True), after=60)
+    guard(
+        UnitChanged(
+            BOB,
+            UnitView(
+                "failed",
+                "failed",
+                result="exit-code",
+                exec_code="exited",
+                exec_status=1,
+                started_at=T0 + 30,
+            ),
+        )
+    )
+    bob = guard.m("bob")
+    assert bob.failure is not None, "a run that failed while we could not see it is a failure"
+
+
+def test_9_log_evidence_survives_a_restart(guard: Guard) -> None:
+    line = "2025/01/01 10:00:00 ERROR : Failed to copy: 429 Too Many Requests"
+    guard(LogParsed("alice", (LogEvidence(FailureClass.TRANSIENT, "too_many_requests", line),)))
+    new = restart(guard)
+    new(sample(50))
+    read_all(
+        new, {ALICE: RUNNING, ALICE_RESUME: DEAD, BOB: RUNNING, BOB_RESUME: DEAD, CAROL: RUNNING}
+    )
+    new(UnitChanged(ALICE, failed(7)), after=1)  # 7 alone would be unrecoverable
+    failure = new.m("alice").failure
+    assert failure is not None and failure.failure_class == FailureClass.TRANSIENT
+
+
+def test_10_an_operator_pause_during_an_outage_stands_against_an_earlier_start(
+    guard: Guard,
+) -> None:
+    guard(sample(4), after=1)
+    guard.done("stop", BOB)
+    guard(UnitChanged(BOB, UnitView("inactive", "dead", result="success", started_at=T0)))
+    guard(BusChanged(False), at=T0 + 10)
+    # a person starts bob at T0+20; an operator pauses it at T0+30; the bus is back at T0+40
+    guard(OperatorRequest("r", "pause", "bob", "hands off"), at=T0 + 30)
+    guard(BusChanged(True), at=T0 + 40)
+    guard(UnitChanged(BOB, UnitView("active", "running", started_at=T0 + 20)))
+    bob = guard.m("bob")
+    assert bob.hold is not None and bob.hold.by == "operator"
+
+
+def test_stale_resume_unit_is_not_kept_paused_for_good() -> None:
+    """Volume unavailable → StopUnit times out → someone starts the resume unit → operator
+    force-resumes bob → guard restarts: nothing of bob stays 'paused'."""
+    from spaceguard.model import VolumeUnavailable
+
+    guard = started_guard()
+    guard(VolumeUnavailable("space", "not mounted"), after=1)
+    stop = next(a for a in guard.issued if isinstance(a, UnitAction) and a.unit == BOB)
+    guard(ActionDone(stop, False, "StopUnit: no reply within 30s", unknown=True))
+    guard(UnitChanged(BOB, DEAD))  # the stop landed
+    guard(UnitChanged(BOB_RESUME, RUNNING), after=1)  # someone starts the resume unit
+    guard(OperatorRequest("r", "resume", "bob", force=True), after=1)
+    new = restart(guard)
+    new(sample(50))
+    read_all(
+        new, {ALICE: RUNNING, ALICE_RESUME: DEAD, BOB: DEAD, BOB_RESUME: RUNNING, CAROL: RUNNING}
+    )
+    new(sample(50), after=300)
+    bob = new.m("bob")
+    assert bob.hold is None and not bob.paused_units, bob
