@@ -41,6 +41,15 @@ class VolumeConfig:
     max_write_speed: int = 2 * 1024**3
     poll_min: float = 0.001
     poll_max: float = 1.0
+    # What fills the volume (consumers.py): a scan every usage_interval (0: only when the
+    # volume runs low and on demand), entries down to usage_depth, the usage_top largest,
+    # cut after usage_budget seconds or usage_max_entries entries.
+    usage_interval: float = 3600.0
+    usage_depth: int = 1
+    usage_top: int = 10
+    usage_budget: float = 30.0
+    usage_max_entries: int = 5_000_000
+    usage_old_after: float = 30 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -308,6 +317,7 @@ def _read_volume(source: Path, name: str, raw: object) -> VolumeConfig:
         max_write_speed=section.get("max_write_speed", parse_size, 2 * 1024**3),
         poll_min=section.get("poll_min", parse_duration, 0.001),
         poll_max=section.get("poll_max", parse_duration, 1.0),
+        **_read_usage_keys(section),
     )
     _check_hysteresis(section, "resume_above", volume.pause_below, volume.resume_above)
     _check_hysteresis(
@@ -319,6 +329,34 @@ def _read_volume(source: Path, name: str, raw: object) -> VolumeConfig:
         raise section.error("poll_min", "must be above 0 and at most poll_max")
     section.finish()
     return volume
+
+
+def _read_usage_keys(section: _Section) -> dict[str, Any]:
+    """The usage_* keys of a volume table, each checked against what a scan can do."""
+    keys: dict[str, Any] = {
+        "usage_interval": section.get("usage_interval", parse_duration, 3600.0),
+        "usage_depth": section.get("usage_depth", _count, 1),
+        "usage_top": section.get("usage_top", _count, 10),
+        "usage_budget": section.get("usage_budget", parse_duration, 30.0),
+        "usage_max_entries": section.get("usage_max_entries", _count, 5_000_000),
+        "usage_old_after": section.get("usage_old_after", parse_duration, 30 * 86400.0),
+    }
+    if keys["usage_interval"] and keys["usage_interval"] < 60:
+        raise section.error(
+            "usage_interval",
+            "must be 0 (no scheduled scans) or at least 1m (a scan reads the whole tree)",
+        )
+    if not 1 <= keys["usage_depth"] <= 8:
+        raise section.error("usage_depth", "must be between 1 and 8")
+    if not 1 <= keys["usage_top"] <= 100:
+        raise section.error("usage_top", "must be between 1 and 100 (each is a metric series)")
+    if not 1 <= keys["usage_budget"] <= 600:
+        raise section.error("usage_budget", "must be between 1s and 10m")
+    if keys["usage_max_entries"] < 1000:
+        raise section.error("usage_max_entries", "must be at least 1000")
+    if keys["usage_old_after"] < 86400:
+        raise section.error("usage_old_after", "must be at least 1d")
+    return keys
 
 
 def _check_hysteresis(section: _Section, key: str, pause: Threshold, resume: Threshold) -> None:
