@@ -26,6 +26,7 @@ from .model import (
     Action,
     ActionDone,
     BusChanged,
+    ClockStepped,
     Event,
     Log,
     OperatorRequest,
@@ -70,6 +71,8 @@ TICK_INTERVAL = 1.0
 POSITION_SAVE_INTERVAL = 1.0
 STATUS_INTERVAL = 1.0
 DEFER_SECONDS = 0.002
+# NTP slews the clock by at most 0.5 ms/s; a change of the offset beyond this is a step
+CLOCK_STEP_TOLERANCE = 0.25
 
 
 class Guard:
@@ -104,6 +107,9 @@ class Guard:
         self.open_incidents = self.incident_store.open_counts()
         self.logs: dict[str, MigrationLog] = {}
         self.logs_started = False
+        # wall clock minus elapsed time: re-anchored at start (a step while the guard was
+        # down cannot be told from the saved state)
+        self._clock_offset = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
         self.samplers: dict[str, VolumeSampler] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
         self._durable_key: tuple[Any, ...] = ()
@@ -302,7 +308,8 @@ class Guard:
 
     def handle(self, event: Event) -> None:
         """The one place where events meet the policy (always on the loop thread)."""
-        self.state, actions = decide(self.config, self.state, event, time.time())
+        now = self._wall_now()
+        self.state, actions = decide(self.config, self.state, event, now)
         unit_actions = [action for action in actions if isinstance(action, UnitAction)]
         for unit_action in unit_actions:
             self._execute(unit_action)
@@ -321,6 +328,20 @@ class Guard:
                 self._execute(action)
         if self.ready:
             self._update_status()
+
+    def _wall_now(self) -> float:
+        """The wall clock, for the policy; a step of it (relative to elapsed time, which
+        CLOCK_BOOTTIME counts even across a suspend) is told to the policy first, so the
+        intervals it measures keep their lengths."""
+        wall = time.time()
+        offset = wall - time.clock_gettime(time.CLOCK_BOOTTIME)
+        step = offset - self._clock_offset
+        if abs(step) > CLOCK_STEP_TOLERANCE:
+            self._clock_offset = offset
+            self.state, actions = decide(self.config, self.state, ClockStepped(step), wall)
+            for action in actions:
+                self._execute(action)
+        return wall
 
     def _flush_deferred(self) -> None:
         self._flush_handle = None

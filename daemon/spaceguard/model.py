@@ -255,6 +255,14 @@ class OperatorRequest:
 
 
 @dataclass(frozen=True)
+class ClockStepped:
+    """The wall clock jumped by `delta` seconds (NTP step, an operator's date, a suspended
+    VM) relative to elapsed time: every interval the guard measures keeps its length."""
+
+    delta: float
+
+
+@dataclass(frozen=True)
 class Tick:
     """Time passes: hold-downs expire, retries come due, stalls show."""
 
@@ -276,6 +284,7 @@ Event = (
     | BusChanged
     | LogParsed
     | OperatorRequest
+    | ClockStepped
     | Tick
     | ActionDone
 )

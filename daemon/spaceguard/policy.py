@@ -32,6 +32,7 @@ from .model import (
     Action,
     ActionDone,
     BusChanged,
+    ClockStepped,
     Event,
     Failure,
     FailureClass,
@@ -259,8 +260,46 @@ class _Decision:
                 self._operator(event)
             case ActionDone():
                 self._action_done(event)
+            case ClockStepped(delta=delta):
+                self._clock_stepped(delta)
             case Tick():
                 pass
+
+    def _clock_stepped(self, delta: float) -> None:
+        """Move every instant the guard measures intervals from by the step, so that a hold-
+        down, a backoff, a retry delay or a stall keeps its length. (Times that systemd or
+        rclone stamped, like a unit's start, are the wall clock's own and do not move.)"""
+        self.log(
+            "warning",
+            f"the system clock stepped by {delta:+.1f}s: the guard's timers keep their lengths",
+        )
+
+        def shift(when: float | None) -> float | None:
+            return None if when is None else when + delta
+
+        for name, volume in self.volumes.items():
+            self.volumes[name] = replace(
+                volume,
+                sampled_at=volume.sampled_at + delta if volume.sampled_at else 0.0,
+                low_since=volume.low_since + delta if volume.low_since else 0.0,
+                recovered_since=shift(volume.recovered_since),
+            )
+        for account, state in self.migrations.items():
+            hold = state.hold
+            failure = state.failure
+            self.migrations[account] = replace(
+                state,
+                hold=replace(hold, since=hold.since + delta) if hold else None,
+                failure=replace(
+                    failure, since=failure.since + delta, next_retry_at=shift(failure.next_retry_at)
+                )
+                if failure
+                else None,
+                action_retry_at=state.action_retry_at + delta if state.action_retry_at else 0.0,
+                running_since=shift(state.running_since),
+                last_progress_at=shift(state.last_progress_at),
+                item_window=tuple((at + delta, n) for at, n in state.item_window),
+            )
 
     def _volume_sampled(self, event: VolumeSampled) -> None:
         volume = self.config.volumes.get(event.volume)

@@ -107,7 +107,7 @@ class VolumeSampler:
         config: VolumeConfig,
         emit: Callable[[VolumeSampled | VolumeUnavailable], None],
         is_low: Callable[[], bool],
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,  # for the fill rate: a wall step is no fill
     ) -> None:
         self.config = config
         self.emit = emit

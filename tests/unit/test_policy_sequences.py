@@ -9,6 +9,7 @@ from spaceguard.config import Config
 from spaceguard.model import (
     ActionDone,
     BusChanged,
+    ClockStepped,
     FailureClass,
     LogEvidence,
     LogParsed,
@@ -213,3 +214,35 @@ def test_stale_resume_unit_is_not_kept_paused_for_good() -> None:
     new(sample(50), after=300)
     bob = new.m("bob")
     assert bob.hold is None and not bob.paused_units, bob
+
+
+# --- the clock steps ------------------------------------------------------------------------
+
+
+def test_a_forward_step_beyond_stall_after_is_no_stall() -> None:
+    guard = started_guard(make_config(stall_after="30m"))
+    # the daemon tells the step at the first event after it, with the new wall time
+    actions = guard(ClockStepped(3600.0), after=3600 + 1)
+    actions += guard(Tick(), after=1)
+    assert unit_actions(actions) == [] and guard.m("alice").failure is None
+    guard(Tick(), after=31 * 60)
+    assert guard.m("alice").failure is not None  # a real 31 minutes without progress
+
+
+def test_a_backward_step_does_not_block_a_freeze_for_its_length(guard: Guard) -> None:
+    guard(sample(4), after=1)
+    guard.done("freeze", ALICE, ok=False, error="org.freedesktop.DBus.Error.Failed: oops")
+    actions = guard(ClockStepped(-3600.0), after=1 - 3600)  # 1 s later by elapsed time
+    actions += guard(sample(4), after=0.01)
+    assert ("freeze", ALICE, "space") in unit_actions(actions)
+
+
+def test_the_hold_down_keeps_its_length_across_a_step(guard: Guard) -> None:
+    guard(sample(4), after=1)
+    guard.done("freeze", ALICE)
+    guard(sample(50), after=1)  # recovery starts
+    actions = guard(ClockStepped(3600.0), after=3600 + 60)  # 60 s of a 120 s hold-down
+    actions += guard(sample(50), after=0.01)
+    assert ("thaw", ALICE, "released") not in unit_actions(actions)
+    actions = guard(sample(50), after=61)
+    assert ("thaw", ALICE, "released") in unit_actions(actions)
