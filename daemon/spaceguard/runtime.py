@@ -72,10 +72,7 @@ class MigrationLog:
             default=-1,
         )
         evidence: list[LogEvidence] = []
-        first_items: list[ItemError] = []
-        last_items: deque[ItemError] = deque(maxlen=ITEM_SAMPLES)
-        counts: Counter[tuple[str, FailureClass]] = Counter()
-        superseded = 0
+        current, superseded = _ItemBatch(), _ItemBatch()
         window: list[str] = []
         for failure in result.failures:
             if is_current is not None and not is_current(failure.logged_at, backlog):
@@ -84,17 +81,11 @@ class MigrationLog:
             self.errors[failure.failure_class] += 1
             if failure.scope == ITEM and failure.failure_class != FailureClass.DISK_FULL:
                 self.item_errors[(failure.rule, failure.failure_class)] += 1
-                if failure.line_number < restart:
-                    superseded += 1  # an attempt rclone tried again: not the run's list
-                    continue
-                counts[(failure.rule, failure.failure_class)] += 1
                 item = ItemError(
                     failure.object, failure.failure_class, failure.rule, failure.message
                 )
-                if len(first_items) < ITEM_SAMPLES:
-                    first_items.append(item)
-                else:
-                    last_items.append(item)  # a bounded deque: the batch's latest
+                # before the restart: an attempt rclone tries again
+                (superseded if failure.line_number < restart else current).add(item)
                 continue
             if not window:
                 window = [*tail, *lines]  # only built when a line acts
@@ -109,18 +100,12 @@ class MigrationLog:
                     failure.scope,
                 )
             )
-        batch_items = None
-        if counts:
-            batch_items = ItemErrors(
-                total=sum(counts.values()),
-                by_rule=tuple(sorted((rule, cls, n) for (rule, cls), n in counts.items())),
-                first=tuple(first_items),
-                last=tuple(last_items),
-            )
+        batch_items = current.errors()
         transferred = result.progress.bytes_transferred if result.progress else None
         if (
             not evidence
             and batch_items is None
+            and superseded.total == 0
             and restart < 0
             and not result.progressed
             and transferred is None
@@ -133,7 +118,7 @@ class MigrationLog:
             transferred,
             batch_items,
             new_attempt=restart >= 0,
-            superseded_items=superseded,
+            superseded=superseded.errors(),
         )
 
     def context_for(self, evidence: LogEvidence | None) -> list[str]:
@@ -144,3 +129,33 @@ class MigrationLog:
             line for seq, line in self._recent if evidence.seq < seq <= evidence.seq + CONTEXT_AFTER
         ]
         return [*evidence.before, evidence.line, *after]
+
+
+class _ItemBatch:
+    """A batch's item errors, bounded like ItemErrors: counts, the first and the latest."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[tuple[str, FailureClass]] = Counter()
+        self.first: list[ItemError] = []
+        self.last: deque[ItemError] = deque(maxlen=ITEM_SAMPLES)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def add(self, item: ItemError) -> None:
+        self.counts[(item.rule, item.failure_class)] += 1
+        if len(self.first) < ITEM_SAMPLES:
+            self.first.append(item)
+        else:
+            self.last.append(item)  # a bounded deque: the batch's latest
+
+    def errors(self) -> ItemErrors | None:
+        if not self.counts:
+            return None
+        return ItemErrors(
+            total=self.total,
+            by_rule=tuple(sorted((rule, cls, n) for (rule, cls), n in self.counts.items())),
+            first=tuple(self.first),
+            last=tuple(self.last),
+        )

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from spaceguard.model import (
     FailureClass,
+    ItemErrors,
     LogParsed,
     MigrationState,
     UnitChanged,
@@ -72,9 +73,11 @@ def test_the_runs_item_errors_are_its_last_attempts() -> None:
     events = [log.feed(attempt(1)), log.feed([*attempt(2), *attempt(3)[:2]])]
     first, second = events
     assert first is not None and second is not None
-    assert first.new_attempt and first.items is None and first.superseded_items == 3
+    assert first.new_attempt and first.items is None
+    assert first.superseded is not None and first.superseded.total == 3
     # the second batch: attempt 2's items are superseded by attempt 3's first two
-    assert second.new_attempt and second.superseded_items == 3
+    assert second.new_attempt
+    assert second.superseded is not None and second.superseded.total == 3
     assert second.items is not None
     assert [item.path for item in second.items.shown] == ["401 Unauthorized.txt", "locked"]
     # the metrics count every line rclone wrote
@@ -119,17 +122,30 @@ def test_items_that_a_later_attempt_copied_leave_a_successful_run() -> None:
 
 
 def test_the_breaker_counts_the_attempts_rclone_tried_again() -> None:
+    """300 items fail, rclone ends its first attempt and will try again, all in one batch:
+    the breaker trips on the attempt that ended, and the incident reports its items."""
     guard = started_guard(make_config(max_item_errors=5))
-    actions = guard(LogParsed("alice", new_attempt=True, superseded_items=6), after=1)
+    log = MigrationLog("alice", Path("/l"), compile_rules())
+    failing = [f"f{n}.bin: Failed to copy: permission denied" for n in range(300)]
+    event = log.feed(attempt(1, of=20, failing=failing))
+    assert event is not None and event.items is None
+    actions = guard(event, after=1)
     assert unit_actions(actions) == [("stop", ALICE, "failure")]
     failure = guard.m("alice").failure
     assert failure is not None and failure.trigger == "item-error-rate"
+    assert failure.failure_class == U  # permission denied is not worth a retry
+    assert guard.m("alice").run_items.total == 300  # what the incident will list
+    # the next attempt, logged before the stop lands, adds to it; it resets nothing
+    second = log.feed(attempt(2, of=20, failing=failing[:10]))
+    assert second is not None
+    guard(second, after=1)
+    assert guard.m("alice").run_items.total == 310
 
 
 def test_a_whole_run_breaker_window_is_one_bucket() -> None:
     guard = started_guard(make_config(max_item_errors=1000, item_error_window="0s"))
     for _ in range(50):
-        guard(LogParsed("alice", superseded_items=1), after=3600)
+        guard(LogParsed("alice", items=ItemErrors(total=1, by_rule=(("r", U, 1),))), after=3600)
     assert guard.m("alice").item_window[0][1] == 50
     assert len(guard.m("alice").item_window) == 1
 
