@@ -73,6 +73,7 @@ STATUS_INTERVAL = 1.0
 DEFER_SECONDS = 0.002
 # NTP slews the clock by at most 0.5 ms/s; a change of the offset beyond this is a step
 CLOCK_STEP_TOLERANCE = 0.25
+ALERT_SENDER_TASK = "alert-sender"  # the name of the one task that runs AlertSender.run()
 
 
 class Guard:
@@ -127,6 +128,10 @@ class Guard:
         )
         self.logwatch = LogWatcher()
         self.alerts = self._alert_sender(config)
+        self.alerts_task: asyncio.Task[Any] | None = None
+        self._reload_lock = asyncio.Lock()
+        self._reload_requested = self._reload_covered = 0
+        self._reload_result: tuple[bool, str] | None = None
         self.metrics: MetricsServer | None = None
         self.control = ControlServer(
             config.guard.control_socket, config.guard.reader_group, config.guard.admin_group, self
@@ -202,7 +207,7 @@ class Guard:
         self.systemd.launch()
         self._start_samplers()
         self._start_logs()
-        self.alerts_task = self._spawn(self.alerts.run())
+        self.alerts_task = self._spawn_named(self.alerts.run(), ALERT_SENDER_TASK)
         self._spawn(self._ticker())
         self._spawn(self._watchdog())
         self._spawn(self._become_ready())
@@ -546,6 +551,20 @@ class Guard:
     # -- reload -------------------------------------------------------------------------------
 
     async def reload(self) -> tuple[bool, str]:
+        """Reload the config file. One reload at a time (SIGHUP and `spaceguardctl reload`
+        may come together); requests that arrive while one runs are coalesced into the
+        next one, which reads the file after all of them were made."""
+        self._reload_requested += 1
+        requested = self._reload_requested
+        async with self._reload_lock:
+            if self._reload_covered >= requested and self._reload_result is not None:
+                return self._reload_result  # a reload begun after this request covered it
+            covers = self._reload_requested
+            result = await self._reload_once()
+            self._reload_covered, self._reload_result = covers, result
+            return result
+
+    async def _reload_once(self) -> tuple[bool, str]:
         self.notifier.reloading()
         try:
             config = await asyncio.to_thread(load, self.config_path)
@@ -572,11 +591,36 @@ class Guard:
         return True, f"reloaded {self.config_path}"
 
     async def _restart_alerts(self) -> None:
-        """New receivers: a new sender on the same spool (nothing undelivered is lost)."""
-        self.alerts_task.cancel()
-        await asyncio.gather(self.alerts_task, return_exceptions=True)
+        """New receivers: a new sender on the same spool (nothing undelivered is lost).
+
+        Only under the reload lock: the old sender's task has ended before the new one
+        reads the spool, so never two senders write it. The new sender also takes over
+        the old one's view of what fires, in case a spool write had failed meanwhile."""
+        old, task = self.alerts, self.alerts_task
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
         self.alerts = self._alert_sender(self.config)
-        self.alerts_task = self._spawn(self.alerts.run())
+        firing = old.firing_alerts()
+        for alert in firing.values():
+            self.alerts.fire(alert)
+        for key in set(self.alerts.firing_alerts()) - set(firing):
+            self.alerts.resolve(key)
+        if task is not None:  # else run() starts it
+            self.alerts_task = self._spawn_named(self.alerts.run(), ALERT_SENDER_TASK)
+
+    def _spawn_named(self, coroutine: Any, name: str) -> asyncio.Task[Any]:
+        task = self._spawn(coroutine)
+        task.set_name(name)
+        return task
+
+    def alert_sender_tasks(self) -> int:
+        """How many alert senders run on the loop (1 unless a restart went wrong)."""
+        return sum(
+            1
+            for task in asyncio.all_tasks()
+            if task.get_name() == ALERT_SENDER_TASK and not task.done()
+        )
 
     # -- reporting --------------------------------------------------------------------------
 
@@ -735,6 +779,7 @@ class Guard:
             "ready": self.ready,
             "bus_connected": self.state.bus_connected,
             "freeze_path": self.systemd.freeze_path,
+            "alert_sender_tasks": self.alert_sender_tasks(),
             "config": str(self.config_path),
             "config_problem": self.config_problem,
             "state_problem": self.store.problem,
