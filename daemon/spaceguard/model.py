@@ -241,7 +241,7 @@ class LogParsed:
     # rclone began another attempt (--retries) in this batch: the item errors before it
     # are superseded (the new attempt logs those that fail again); `items` follow it
     new_attempt: bool = False
-    superseded_items: int = 0  # item errors before it, in this batch (for the breaker)
+    superseded: ItemErrors | None = None  # item errors before it, in this batch
 
 
 @dataclass(frozen=True)

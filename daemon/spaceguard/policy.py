@@ -680,22 +680,17 @@ class _Decision:
         )
 
     def _item_errors(
-        self,
-        migration: MigrationConfig,
-        state: MigrationState,
-        items: ItemErrors,
-        superseded: int = 0,
+        self, migration: MigrationConfig, state: MigrationState, items: ItemErrors
     ) -> MigrationState:
         """Count a batch of item errors; trip the circuit breaker when they come too fast
-        (a permission revoked on everything shows up as one item error per item).
-        `superseded`: more of them, of an attempt rclone tried again (rate only)."""
+        (a permission revoked on everything shows up as one item error per item)."""
         second = math.floor(self.now)
         window = [
             (at, n)
             for at, n in state.item_window
             if not migration.item_error_window or at > self.now - migration.item_error_window
         ]
-        count = items.total + superseded
+        count = items.total
         if window and (window[-1][0] == second or not migration.item_error_window):
             window[-1] = (window[-1][0], window[-1][1] + count)  # whole run: one bucket
         else:
@@ -780,12 +775,14 @@ class _Decision:
             state = replace(state, last_progress_at=self.now)
         if event.transferred_bytes is not None:
             state = replace(state, transferred_bytes=event.transferred_bytes)
-        if event.new_attempt:
-            state = replace(state, run_items=ItemErrors())  # the breaker's window goes on
-        if event.items is not None or event.superseded_items:
-            state = self._item_errors(
-                migration, state, event.items or ItemErrors(), event.superseded_items
-            )
+        if event.superseded is not None:  # the end of the attempt that ended
+            state = self._item_errors(migration, state, event.superseded)
+        if event.new_attempt and state.failure is None:
+            # rclone tries again: the run's item errors are the new attempt's (the breaker's
+            # window goes on; a failure keeps what it will report)
+            state = replace(state, run_items=ItemErrors())
+        if event.items is not None:
+            state = self._item_errors(migration, state, event.items)
         for evidence in event.failures:
             state = replace(state, last_log_failure=evidence)
             if evidence.failure_class == FailureClass.DISK_FULL:
