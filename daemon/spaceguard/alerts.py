@@ -70,9 +70,13 @@ Spool
     state directory, not a network call. If the write fails (disk full, I/O error) the
     state is kept in memory, logged, and the write retried by run(). At start a spool that
     cannot be read is renamed to ``<receiver>.json.corrupt-<UTC timestamp>``, logged, and
-    the receiver starts empty. Receivers that disagree after a crash between two spool
-    writes are brought to the newest state, and a newly configured receiver is sent the
-    alerts that are firing. Format (times are unix seconds)::
+    the receiver starts empty. With a ``spool_writer`` (atomicfile.BackgroundWriter: the
+    guard passes one), fire()/resolve() only hand the new spool to that writer thread, so
+    an fsync never holds up the loop; the latest spool of a receiver wins, and failed writes
+    are retried with backoff there (the alert is spooled a moment after fire() returns: a
+    crash in between loses it like any state not yet saved). Receivers that disagree after
+    a crash between two spool writes are brought to the newest state, and a newly
+    configured receiver is sent the alerts that are firing. Format (times are unix seconds)::
 
         {"format": "spaceguard-alert-spool", "version": 1, "receiver": "am",
          "alerts": [{"key": "paused/alice",
@@ -91,6 +95,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import functools
 import http.client
 import json
 import logging
@@ -109,7 +114,7 @@ from types import MappingProxyType
 from typing import Any, Final, Literal, TypeVar
 
 from spaceguard import __version__
-from spaceguard.atomicfile import set_aside, write_atomic
+from spaceguard.atomicfile import BackgroundWriter, set_aside, write_atomic
 from spaceguard.names import is_receiver_name
 
 log = logging.getLogger(__name__)
@@ -293,6 +298,7 @@ class AlertSender:
         initial_backoff_s: float = 1.0,
         generator_url: str = "",
         rng: random.Random | None = None,
+        spool_writer: BackgroundWriter | None = None,
     ) -> None:
         receiver_list = list(receivers)
         names = [receiver.name for receiver in receiver_list]
@@ -309,8 +315,17 @@ class AlertSender:
         self._generator_url = generator_url
         self._rng = rng if rng is not None else random.Random()
         self._spool_dir = spool_dir
+        self._spool_writer = spool_writer
         self._running = False
-        spool_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+        try:
+            spool_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+        except OSError as error:  # full or read-only state dir: alerts go out from memory
+            log.error(
+                "alert spool directory %s cannot be made (%s): alerts are kept in memory "
+                "and delivered from there until it can",
+                spool_dir,
+                error.strerror or error,
+            )
         self._receivers: dict[str, _ReceiverState] = {}
         for receiver in receiver_list:
             state = _ReceiverState(receiver, spool_dir / f"{receiver.name}.json")
@@ -618,8 +633,16 @@ class AlertSender:
             ],
         }
         data = json.dumps(document, indent=1, sort_keys=True).encode()
+        if self._spool_writer is not None:
+            # off the loop: the writer thread keeps the latest spool of each receiver and
+            # retries it with backoff; delivery goes on from memory meanwhile
+            # (refused only when its queue is full: run() then tries again)
+            state.spool_dirty = not self._spool_writer.submit(
+                state.spool_path.name, functools.partial(_write_spool, state.spool_path, data)
+            )
+            return
         try:
-            write_atomic(state.spool_path, data)
+            _write_spool(state.spool_path, data)
         except OSError as error:
             if not state.spool_dirty:
                 log.error(
@@ -707,6 +730,11 @@ class AlertSender:
                     tracked = state.tracked[key] = _TrackedAlert()
                 self._enqueue(state, tracked, _StateChange(newest.alert, newest.enqueued_at))
                 self._persist(state)
+
+
+def _write_spool(path: Path, data: bytes) -> None:
+    path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+    write_atomic(path, data)
 
 
 def post_json(receiver: AlertReceiver, body: bytes) -> None:

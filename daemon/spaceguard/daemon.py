@@ -17,6 +17,7 @@ from typing import Any
 
 from . import __version__, journal
 from .alerts import AlertReceiver, AlertSender, GuardAlert
+from .atomicfile import BackgroundWriter
 from .config import Config, ConfigError, load
 from .control import ControlError, ControlServer
 from .incidents import IncidentStore, partial_report
@@ -55,6 +56,7 @@ from .quantities import format_size
 from .rclone import ClassifyRule, CompiledRules, FailureClass, compile_rules
 from .runtime import MigrationLog
 from .state import StateStore
+from .storehealth import Store, StoreWatch
 from .systemd import OutcomeUnknown, SystemdClient
 from .volumes import VolumeSampler
 from .watermarks import seconds_to_pause
@@ -127,6 +129,7 @@ class Guard:
             freezer_socket=config.guard.freezer_socket,
         )
         self.logwatch = LogWatcher()
+        self.alert_spool_writer = BackgroundWriter("alert spool writer", max_pending=256)
         self.alerts = self._alert_sender(config)
         self.alerts_task: asyncio.Task[Any] | None = None
         self._reload_lock = asyncio.Lock()
@@ -136,8 +139,36 @@ class Guard:
         self.control = ControlServer(
             config.guard.control_socket, config.guard.reader_group, config.guard.admin_group, self
         )
+        self.store_watch = self._store_watch(config)
 
     # -- wiring ---------------------------------------------------------------------------
+
+    def _store_watch(self, config: Config) -> StoreWatch:
+        """The guard's own files: an alert, STATUS= and metrics while one cannot be written."""
+        return StoreWatch(
+            [
+                Store(
+                    "state",
+                    "the state file",
+                    "SpaceguardStateUnwritable",
+                    "STATE NOT SAVED",
+                    self.store.health,
+                    str(self.store.path),
+                ),
+                Store(
+                    "alerts",
+                    "the alert spool",
+                    "SpaceguardAlertSpoolUnwritable",
+                    "ALERT SPOOL NOT SAVED",
+                    self.alert_spool_writer.health,
+                    str(config.guard.state_dir / "alerts"),
+                ),
+            ]
+        )
+
+    def _check_stores(self) -> None:
+        if self.store_watch.check(self.alerts) and self.ready:
+            self._update_status(force=True)
 
     @staticmethod
     def _units(config: Config) -> set[str]:
@@ -149,8 +180,7 @@ class Guard:
             if unit
         }
 
-    @staticmethod
-    def _alert_sender(config: Config) -> AlertSender:
+    def _alert_sender(self, config: Config) -> AlertSender:
         receivers = [
             AlertReceiver(
                 name=r.name,
@@ -169,6 +199,7 @@ class Guard:
             resend_interval_s=config.alerts.resend_interval,
             max_backoff_s=config.alerts.max_backoff,
             generator_url=config.alerts.generator_url,
+            spool_writer=self.alert_spool_writer,  # one writer thread, whichever sender
         )
 
     def _rules(self, config: Config) -> CompiledRules:
@@ -227,6 +258,7 @@ class Guard:
             self._flush_handle.cancel()
             self._flush_deferred()
         self._save(force=True)
+        self.store.close()
         self.logwatch.close()
         await self.control.close()
         if self.metrics is not None:
@@ -234,6 +266,7 @@ class Guard:
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.alert_spool_writer.close()  # after the senders: what they spooled last is written
         await self.systemd.close()
 
     def _spawn(self, coroutine: Any) -> asyncio.Task[Any]:
@@ -503,6 +536,7 @@ class Guard:
         while True:
             await asyncio.sleep(TICK_INTERVAL)
             self.handle(Tick())
+            self._check_stores()
             if time.monotonic() - last_recheck >= self.config.guard.log_recheck_interval:
                 last_recheck = time.monotonic()
                 self.logwatch.recheck()  # backs inotify up: a missed event cannot blind us
@@ -649,7 +683,7 @@ class Guard:
             line += "; D-Bus DISCONNECTED"
         if self.config_problem:
             line += "; RELOAD FAILED (old config kept, see journal)"
-        return line
+        return line + self.store_watch.status_words()
 
     def snapshot(self) -> Snapshot:
         stats = self.alerts.stats()
@@ -678,6 +712,7 @@ class Guard:
                 for (rule, c), n in m.item_errors.items()
             },
             past_errors={a: m.past_errors for a, m in self.logs.items()},
+            stores=self.store_watch.stats(),
         )
 
     def _alert_state_problem(self) -> None:
@@ -783,6 +818,10 @@ class Guard:
             "config": str(self.config_path),
             "config_problem": self.config_problem,
             "state_problem": self.store.problem,
+            "state_unwritable": {
+                name: {"error": h.last_error, "since": h.failing_since, "pending": h.pending}
+                for name, h in self.store_watch.failing().items()
+            },
             "volumes": volumes,
             "migrations": migrations,
             "diagnostics": diagnostics(self.config, self.state),

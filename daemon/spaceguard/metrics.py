@@ -18,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from . import __version__
+from .atomicfile import WriterHealth
 from .config import Config
 from .model import MIGRATION_STATES, FailureClass, GuardState, migration_state
 from .watermarks import seconds_to_pause
@@ -56,6 +57,8 @@ class Snapshot:
     # (account, class, rule) → item errors of current runs; account → lines of earlier runs
     item_errors: Mapping[tuple[str, str, str], int] = field(default_factory=dict)
     past_errors: Mapping[str, int] = field(default_factory=dict)
+    # store (state | incidents | alerts) → how its background writer fares
+    stores: Mapping[str, WriterHealth] = field(default_factory=dict)
 
 
 class GuardCollector(Collector):
@@ -69,6 +72,7 @@ class GuardCollector(Collector):
         yield from _migrations(snap)
         yield from _activity(snap)
         yield from _delivery(snap)
+        yield from _stores(snap)
 
 
 def _guard(snap: Snapshot) -> Iterator[Metric]:
@@ -269,6 +273,36 @@ def _activity(snap: Snapshot) -> Iterator[Metric]:
     for (action, reason, result), count in sorted(counters.actions.items()):
         actions.add_metric([action, reason, result], count)
     yield from (lines, errors, item_errors, past, incidents, open_incidents, actions)
+
+
+def _stores(snap: Snapshot) -> Iterator[Metric]:
+    """The guard's own files (state dir): 0 while a store cannot be written (it guards on
+    from memory and retries; see storehealth.py)."""
+    labels = ["store"]
+    writable = GaugeMetricFamily(
+        "spaceguard_state_writable",
+        "1 while the store's files in the state directory can be written",
+        labels=labels,
+    )
+    errors = CounterMetricFamily(
+        "spaceguard_state_write_errors", "failed write attempts", labels=labels
+    )
+    pending = GaugeMetricFamily(
+        "spaceguard_state_writes_pending",
+        "writes waiting in memory (coalesced: the latest content of each file)",
+        labels=labels,
+    )
+    dropped = CounterMetricFamily(
+        "spaceguard_state_writes_dropped",
+        "writes refused because the bounded queue was full",
+        labels=labels,
+    )
+    for name, health in sorted(snap.stores.items()):
+        writable.add_metric([name], int(health.writable))
+        errors.add_metric([name], health.errors_total)
+        pending.add_metric([name], health.pending)
+        dropped.add_metric([name], health.dropped_total)
+    yield from (writable, errors, pending, dropped)
 
 
 def _delivery(snap: Snapshot) -> Iterator[Metric]:

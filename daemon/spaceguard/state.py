@@ -2,21 +2,22 @@
 
 One JSON file in the state directory, written atomically (temp file, fsync, rename, fsync
 the directory), so a crash leaves either the old or the new file. A file that cannot be
-read back (corrupt, half-written by something else, from a future version) is renamed
-aside and reported, and the guard starts from a clean slate rather than crash-looping.
+read back (corrupt, half-written by something else, from a future version, unreadable,
+a directory) is renamed aside and reported, and the guard starts from a clean slate
+rather than crash-looping. Writes happen on one writer thread, latest state wins.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .atomicfile import set_aside, write_atomic
+from .atomicfile import BackgroundWriter, WriterHealth, set_aside, write_atomic
 from .model import (
     Failure,
     FailureClass,
@@ -184,17 +185,28 @@ def _restore(data: Mapping[str, Any]) -> GuardState:
 
 
 class StateStore:
-    def __init__(self, state_dir: Path) -> None:
+    """The state file. Encoding happens on the caller's thread (the loop); the writes go to
+    one writer thread (`BackgroundWriter`), which keeps only the latest state: behind a
+    slow disk the guard writes less often, never a backlog of stale copies, and never two
+    writes of this file at once. A state that cannot be written (disk full, read-only,
+    EACCES, a directory in the way) stays queued and is retried with backoff; the last good
+    file stays in place (atomic writes), and `health()` says what is wrong."""
+
+    KEY = "state.json"
+
+    def __init__(self, state_dir: Path, writer: BackgroundWriter | None = None) -> None:
         self.path = state_dir / "state.json"
         self.problem = ""  # set when the saved file had to be set aside: reported in status
-        self._last: bytes = b""
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-writer")
-        self._pending: list[Future[None]] = []
+        self._submitted: bytes = b""  # the newest state handed to the writer (caller's thread)
+        self.writer = writer or BackgroundWriter("state writer", max_pending=1)
 
     def load(self) -> Saved | None:
         try:
             raw = self.path.read_bytes()
         except FileNotFoundError:
+            return None
+        except OSError as error:  # a directory, EACCES, EIO: never a crash loop
+            self._set_aside(f"saved state cannot be read ({error.strerror or error})")
             return None
         try:
             data = json.loads(raw)
@@ -209,53 +221,68 @@ class StateStore:
                 log_positions={k: dict(v) for k, v in data["log_positions"].items()},
             )
         except (ValueError, KeyError, TypeError, AttributeError) as error:
-            why = f"saved state is unreadable ({type(error).__name__}: {error})"
-            aside = set_aside(self.path, why)
-            self.problem = f"{why}; set aside as {aside}"
+            self._set_aside(f"saved state is unreadable ({type(error).__name__}: {error})")
             return None
-        self._last = raw
+        self._submitted = raw
         return saved
 
-    def _encode(
+    def _set_aside(self, why: str) -> None:
+        """Keep the bad file for a person (never delete it) and start clean; if even the
+        rename fails (read-only), say so: the writer then reports every failed write."""
+        try:
+            aside = set_aside(self.path, why)
+        except OSError as error:
+            self.problem = f"{why}; could not set it aside either ({error.strerror or error})"
+            log.error("%s: %s", self.path, self.problem)
+            return
+        self.problem = f"{why}; set aside as {aside}"
+
+    def encode(
         self, state: GuardState, log_positions: Mapping[str, Mapping[str, int]]
     ) -> bytes | None:
+        """The file's content, or None when it is what was last handed to the writer."""
         data = json.dumps(
             {"version": STATE_VERSION, "state": durable(state), "log_positions": log_positions},
             sort_keys=True,
         ).encode()
-        return None if data == self._last else data
+        return None if data == self._submitted else data
 
-    def save(self, state: GuardState, log_positions: Mapping[str, Mapping[str, int]]) -> bool:
-        """Write now if anything durable changed; returns whether it wrote."""
-        self.flush()
-        data = self._encode(state, log_positions)
+    def save_soon(self, state: GuardState, log_positions: Mapping[str, Mapping[str, int]]) -> bool:
+        """Hand the state to the writer thread if anything durable changed (it replaces a
+        state still waiting there); returns whether it did. Never blocks on the disk: an
+        fsync must not delay the loop, nor a freeze that the same decision just sent."""
+        data = self.encode(state, log_positions)
         if data is None:
             return False
-        self._write(data)
+        self._submitted = data
+        self.writer.submit(self.KEY, functools.partial(self._write, data))
         return True
 
-    def save_soon(self, state: GuardState, log_positions: Mapping[str, Mapping[str, int]]) -> None:
-        """Write in the background (in order), so that an fsync never delays the loop, and
-        so never a freeze that the same decision just sent out."""
-        data = self._encode(state, log_positions)
-        if data is None:
-            return
-        self._last = data
-        self._pending.append(self._executor.submit(self._write, data))
-        self._pending = [future for future in self._pending if not future.done()]
+    def save(
+        self,
+        state: GuardState,
+        log_positions: Mapping[str, Mapping[str, int]],
+        timeout: float = 5.0,
+    ) -> bool:
+        """Write now (at shutdown, in tests): False when nothing changed; raises OSError
+        when it could not be written within `timeout` (it stays queued)."""
+        wrote = self.save_soon(state, log_positions)
+        if not self.writer.flush(timeout):
+            health = self.writer.health()
+            raise OSError(health.last_error or f"not written within {timeout:g}s")
+        return wrote
 
-    def flush(self) -> None:
-        """Wait for background writes (at shutdown)."""
-        for future in self._pending:
-            future.result()
-        self._pending.clear()
+    def flush(self, timeout: float | None = 5.0) -> bool:
+        """Wait for the writer; False when a write is still failing or waiting."""
+        return self.writer.flush(timeout)
+
+    def close(self, timeout: float = 5.0) -> bool:
+        return self.writer.close(timeout)
+
+    def health(self) -> WriterHealth:
+        return self.writer.health()
 
     def _write(self, data: bytes) -> None:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.path, data)
-        except OSError as error:
-            log.error("cannot save state to %s: %s", self.path, error)
-            self._last = b""  # try again with the next change
-            return
-        self._last = data
+        """On the writer thread only."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.path, data)

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from spaceguard import alerts
 from spaceguard.alerts import AlertReceiver, AlertSender, GuardAlert, ReceiverStats
+from spaceguard.atomicfile import BackgroundWriter
 
 START = 1_763_900_000.0
 RESEND_S = 0.1
@@ -754,3 +755,62 @@ def test_a_receiver_with_a_proxy_sends_through_it(server: RecordingServer, tmp_p
         assert server.recorded() == []
     finally:
         proxy.stop()
+
+
+# --- spool writes off the loop (the guard's BackgroundWriter) --------------------------------
+
+
+def test_with_a_spool_writer_fire_never_waits_for_the_disk(
+    server: RecordingServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow disk (here: a spool write that blocks until released) holds up neither fire()
+    nor delivery; the spool reaches the disk once the disk answers, with the latest state."""
+    release, entered = threading.Event(), threading.Event()
+    real_write = alerts.write_atomic
+
+    def slow_write(path: Path, data: bytes) -> None:
+        entered.set()
+        assert release.wait(WAIT_TIMEOUT_S)
+        real_write(path, data)
+
+    monkeypatch.setattr(alerts, "write_atomic", slow_write)
+    writer = BackgroundWriter("alert spool writer")
+    sender = make_sender([am_receiver(server)], tmp_path, spool_writer=writer)
+    sender.fire(paused_alert("alice"))
+    assert entered.wait(WAIT_TIMEOUT_S)  # the writer thread is stuck in the "fsync"
+    for account in ("bob", "carol"):
+        sender.fire(paused_alert(account))  # returns at once: handed over, coalesced
+    assert writer.health().pending == 1
+    run_sender_until(sender, all_delivered(sender))  # delivered from memory meanwhile
+    assert {b["labels"]["account"] for b in server.alert_bodies()} == {"alice", "bob", "carol"}
+    release.set()
+    assert writer.flush(WAIT_TIMEOUT_S)
+    document = spool_document(tmp_path, "am")
+    assert sorted(entry["key"] for entry in document["alerts"]) == [
+        "paused/alice",
+        "paused/bob",
+        "paused/carol",
+    ]
+    writer.close()
+
+
+def test_an_unwritable_spool_directory_still_delivers_from_memory(
+    server: RecordingServer, tmp_path: Path
+) -> None:
+    """The state dir cannot hold the spool (here a file sits where the directory goes:
+    every mkdir fails, for root too): the sender starts anyway, delivers, and the writer
+    reports the failure, which is what storehealth turns into an alert."""
+    (tmp_path / "alerts").write_text("not a directory")
+    writer = BackgroundWriter("alert spool writer", initial_backoff=0.01, max_backoff=0.01)
+    sender = make_sender([webhook_receiver(server)], tmp_path / "alerts", spool_writer=writer)
+    sender.fire(paused_alert())
+    run_sender_until(sender, all_delivered(sender))
+    assert [b["key"] for b in server.alert_bodies()] == ["paused/alice"]
+    assert not writer.flush(WAIT_TIMEOUT_S)
+    health = writer.health()
+    assert not health.writable and "File exists" in health.last_error
+    (tmp_path / "alerts").unlink()  # fixed: the next retry writes the latest spool
+    assert writer.flush(WAIT_TIMEOUT_S)
+    (entry,) = spool_document(tmp_path / "alerts", "hook")["alerts"]
+    assert entry["key"] == "paused/alice" and entry["pending"] == []  # delivered, remembered
+    writer.close()
