@@ -17,7 +17,7 @@ flock 9
 
 # -- 1. Debian packages --------------------------------------------------------------
 packages=(systemd dbus rclone prometheus prometheus-alertmanager e2fsprogs util-linux
-          procps python3 python3-venv python3-pip)
+          procps python3 python3-venv python3-pip libfaketime)
 missing=()
 for p in "${packages[@]}"; do
   status=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)
