@@ -68,6 +68,8 @@ class ControlBackend(Protocol):
     def ack(self, incident_id: str, who: str) -> tuple[bool, str]: ...
     async def reload(self) -> tuple[bool, str]: ...
     def check_config(self, path: str | None) -> tuple[bool, str]: ...
+    # what fills the volumes (all, or one); RequestError not-found / refused for bad ones
+    async def usage(self, volume: str | None, rescan: bool) -> dict[str, Any]: ...
 
 
 class ControlError(Exception):
@@ -189,6 +191,8 @@ async def _dispatch(verb: str, args: dict[str, Any], peer: Peer, backend: Contro
         return record
     if verb == "check-config":
         return outcome_result(verb, backend.check_config(args.get("path")))
+    if verb == "usage":
+        return await backend.usage(args.get("volume"), args.get("rescan", False))
     if verb in ("pause", "resume", "retry"):
         return outcome_result(
             verb,

@@ -28,6 +28,7 @@ from .quantities import format_size
 
 DEFAULT_SOCKET = "/run/spaceguard/control.sock"
 DEFAULT_TIMEOUT = 30.0  # operator verbs wait for the guard to act on the unit
+RESCAN_TIMEOUT = 700.0  # `usage --rescan` waits for a scan (usage_budget is at most 10m)
 MAX_REPLY_BYTES = 64 * 1024 * 1024
 
 EXIT_OK = 0
@@ -368,10 +369,134 @@ def render_incidents(incidents: Sequence[Any]) -> str:
     )
 
 
+def _growth(item: Mapping[str, Any]) -> str:
+    change, span = _number(item.get("growth_bytes")), _number(item.get("growth_seconds"))
+    if change is None or span is None:
+        return "-"
+    return f"{'+' if change >= 0 else '-'}{human_bytes(abs(change))} in {human_duration(span)}"
+
+
+def _usage_volume(report: Mapping[str, Any], now: float) -> list[str]:
+    head = f"{_cell(report.get('volume'))} ({_cell(report.get('path'))})"
+    scan = report.get("scan")
+    running = (
+        f"; a scan is running (since {relative_time(report.get('scanning_since'), now)})"
+        if report.get("scanning")
+        else ""
+    )
+    lines = []
+    if report.get("error"):
+        lines.append(f"  last scan failed: {_cell(report['error'])}")
+    if not isinstance(scan, dict):
+        return [f"{head}: no scan yet{running}", *lines]
+    age = _number(scan.get("age_seconds"))
+    state = "complete" if scan.get("complete") else f"PARTIAL: {_cell(scan.get('cut'))}"
+    lines.insert(
+        0,
+        f"{head}: figures {human_duration(age)} old (scan by {_cell(scan.get('trigger'))}, "
+        f"{_number(scan.get('duration_seconds')) or 0:.1f}s, "
+        f"{int(_number(scan.get('entries')) or 0):,} entries, {state}){running}",
+    )
+    depth = report.get("depth", 1)
+    rows = [
+        [
+            human_bytes(item.get("bytes")) + ("" if item.get("complete", True) else "+"),
+            _growth(item),
+            _cell(item.get("path"), 120) + ("/" if item.get("is_dir") else ""),
+        ]
+        for item in scan.get("consumers") or []
+        if isinstance(item, dict)
+    ]
+    unexplained = _number(scan.get("unexplained_bytes"))
+    rows.append(
+        [
+            human_bytes(max(0.0, unexplained)) if unexplained is not None else "?",
+            "-",
+            "(not explained by any directory: deleted-but-open files, other mounts' shadows, "
+            f"metadata; {human_bytes(scan.get('reserved_bytes'))} more reserved for root)",
+        ]
+    )
+    lines += ["", f"  LARGEST (depth {depth})", _indent(table(["SIZE", "GROWTH", "PATH"], rows))]
+    destinations = [d for d in scan.get("destinations") or [] if isinstance(d, dict)]
+    if destinations:
+        lines += ["", "  MIGRATION DESTINATIONS"]
+        lines.append(
+            _indent(
+                table(
+                    ["ACCOUNT", "SIZE", "GROWTH", "PATH"],
+                    [
+                        [
+                            _cell(d.get("account")),
+                            human_bytes(d.get("bytes"))
+                            if d.get("bytes") is not None
+                            else _cell(d.get("note"), 60),
+                            _growth(d),
+                            _cell(d.get("path"), 120),
+                        ]
+                        for d in destinations
+                    ],
+                )
+            )
+        )
+    candidates = [c for c in scan.get("candidates") or [] if isinstance(c, dict)]
+    lines += ["", "  RECLAIM CANDIDATES (listed only: the guard deletes nothing)"]
+    if candidates:
+        lines.append(
+            _indent(
+                table(
+                    ["KIND", "FREES", "MODIFIED", "PATH"],
+                    [
+                        [
+                            _cell(c.get("kind")),
+                            human_bytes(c.get("bytes")),
+                            relative_time(c.get("mtime"), now),
+                            _cell(c.get("path"), 120),
+                        ]
+                        for c in candidates
+                    ],
+                )
+            )
+        )
+    else:
+        lines.append("    (none found)")
+    notes = []
+    if scan.get("other_mounts"):
+        notes.append(
+            "not crossed (other file systems): " + ", ".join(map(_cell, scan["other_mounts"]))
+        )
+    for key, label in (
+        ("unreadable", "unreadable directories"),
+        ("vanished", "removed during the scan"),
+    ):
+        if scan.get(key):
+            notes.append(f"{label}: {scan[key]}")
+    if scan.get("hardlinks"):
+        notes.append(f"hard links counted once: {scan['hardlinks']} further links")
+    notes += [f"error: {_cell(error)}" for error in scan.get("errors") or []]
+    if notes:
+        lines += ["", *(f"  {note}" for note in notes)]
+    return lines
+
+
+def _indent(text: str) -> str:
+    return "\n".join("    " + line for line in text.splitlines())
+
+
+def render_usage(result: Mapping[str, Any], now: float) -> str:
+    blocks = [
+        "\n".join(_usage_volume(report, now))
+        for report in result.get("volumes") or []
+        if isinstance(report, dict)
+    ]
+    return "\n\n".join(blocks or ["no volumes"]) + "\n"
+
+
 def render(verb: str, result: Any, now: float) -> str:
     """The human rendering of a verb's result."""
     if verb == "status" and isinstance(result, dict):
         return render_status(result, now)
+    if verb == "usage" and isinstance(result, dict):
+        return render_usage(result, now)
     if verb == "incidents" and isinstance(result, list):
         return render_incidents(result)
     if verb == "show" and isinstance(result, dict) and isinstance(result.get("text"), str):
@@ -449,6 +574,11 @@ def build_parser() -> argparse.ArgumentParser:
     check = verb("check-config", "validate the configuration (or FILE) without applying it")
     check.add_argument("file", nargs="?", default=None, metavar="FILE")
     verb("version", "versions of spaceguardctl and of the running guard")
+    usage = verb("usage", "what fills the volumes: largest entries, growth, reclaim candidates")
+    usage.add_argument("volume", nargs="?", default=None, metavar="VOLUME")
+    usage.add_argument(
+        "--rescan", action="store_true", help="scan now and wait for it (else: the latest figures)"
+    )
     return parser
 
 
@@ -468,6 +598,9 @@ def request_args(options: argparse.Namespace) -> dict[str, Any]:
         return {"incident": options.incident}
     if verb == "check-config" and options.file:
         return {"path": os.path.abspath(options.file)}
+    if verb == "usage":
+        args = {"volume": options.volume} if options.volume is not None else {}
+        return {**args, "rescan": True} if options.rescan else args
     return {}
 
 
@@ -477,7 +610,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         getattr(options, "socket", None) or os.environ.get("SPACEGUARD_SOCKET") or DEFAULT_SOCKET
     )
     options.json = getattr(options, "json", False)
-    options.timeout = getattr(options, "timeout", DEFAULT_TIMEOUT)
+    rescan = options.verb == "usage" and options.rescan
+    options.timeout = getattr(options, "timeout", RESCAN_TIMEOUT if rescan else DEFAULT_TIMEOUT)
     return options
 
 

@@ -19,6 +19,7 @@ from . import __version__, journal
 from .alerts import AlertReceiver, AlertSender, GuardAlert
 from .atomicfile import BackgroundWriter
 from .config import Config, ConfigError, load
+from .consumers import ScanFailed, UnknownVolume, UsageMonitor
 from .control import ControlError, ControlServer
 from .incidents import IncidentStore, partial_report
 from .logwatch import LogPosition, LogWatcher
@@ -52,6 +53,7 @@ from .policy import (
     pause_mode,
     reload_problem,
 )
+from .protocol import RequestError
 from .quantities import format_size
 from .rclone import ClassifyRule, CompiledRules, FailureClass, compile_rules
 from .runtime import MigrationLog
@@ -75,6 +77,8 @@ STATUS_INTERVAL = 1.0
 DEFER_SECONDS = 0.002
 # NTP slews the clock by at most 0.5 ms/s; a change of the offset beyond this is a step
 CLOCK_STEP_TOLERANCE = 0.25
+PAUSE_ALERT = "SpaceguardMigrationPaused"  # policy's pause alert: gets what fills the volume
+FRESH_RESCAN_SECONDS = 10.0  # `usage --rescan` within this long of a scan returns that one
 ALERT_SENDER_TASK = "alert-sender"  # the name of the one task that runs AlertSender.run()
 
 
@@ -139,6 +143,7 @@ class Guard:
         self.control = ControlServer(
             config.guard.control_socket, config.guard.reader_group, config.guard.admin_group, self
         )
+        self.consumers = UsageMonitor(config, lambda: self.state)
         self.store_watch = self._store_watch(config)
 
     # -- wiring ---------------------------------------------------------------------------
@@ -242,6 +247,7 @@ class Guard:
         self._spawn(self._ticker())
         self._spawn(self._watchdog())
         self._spawn(self._become_ready())
+        self._spawn(self.consumers.run())
         await self.stopping.wait()
         log.info(
             "stopping: paused migrations stay paused (state saved in %s)",
@@ -267,6 +273,7 @@ class Guard:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         self.alert_spool_writer.close()  # after the senders: what they spooled last is written
+        await self.consumers.close()
         await self.systemd.close()
 
     def _spawn(self, coroutine: Any) -> asyncio.Task[Any]:
@@ -412,12 +419,19 @@ class Guard:
             case WriteIncident():
                 self._spawn(self._write_incident(action))
             case RaiseAlert():
+                description = action.description
+                volume = action.labels.get("volume", "")
+                if action.name == PAUSE_ALERT and volume in self.consumers.volumes:
+                    # the facts of the moment: what fills the volume (latest scan, its age)
+                    description += " " + self.consumers.alert_text(volume)
+                    if action.labels.get("reason") == "disk_full":
+                        self._spawn(self._disk_full_incident(action))
                 self.alerts.fire(
                     GuardAlert(
                         key=action.key,
                         name=action.name,
                         labels={**action.labels, "severity": action.severity},
-                        annotations={"summary": action.summary, "description": action.description},
+                        annotations={"summary": action.summary, "description": description},
                         starts_at=time.time(),
                         ends_at=None,
                     )
@@ -502,6 +516,62 @@ class Guard:
         self.counters.incidents[account] += 1
         self.open_incidents = self.incident_store.open_counts()
         log.warning("%s: incident written: %s", account, path)
+
+    async def _disk_full_incident(self, action: RaiseAlert) -> None:
+        """A migration hit ENOSPC and is paused: the incident records what filled the volume,
+        from a scan started now (written once the scan is done, within its budget)."""
+        account, volume = action.labels["account"], action.labels["volume"]
+        migration = self.state.migrations.get(account)
+        migration_config = self.config.migration(account)
+        if migration is None or migration_config is None:
+            return
+        paused_at = time.time()
+        evidence = migration.last_log_failure
+        try:
+            await self.consumers.scan(volume, "disk-full")
+            usage = self.consumers.report(volume)
+        except (ScanFailed, UnknownVolume) as error:
+            usage = {"volume": volume, "error": str(error), "scan": None}
+        migration_log = self.logs.get(account)
+        context = migration_log.context_for(evidence) if migration_log and evidence else []
+        volume_state = self.state.volumes.get(volume)
+        record: dict[str, Any] = {
+            "id": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(paused_at)) + f"-{account}-disk-full",
+            "account": account,
+            "unit": migration_config.unit,
+            "units": list(migration_config.units),
+            "time": paused_at,
+            "trigger": "disk-full",
+            "class": FailureClass.DISK_FULL.value,
+            "detail": action.summary,
+            "matched_lines": [evidence.line] if evidence else [],
+            "exit_status": "",
+            "verify": "",
+            "retries": migration.retries,
+            "max_retries": migration_config.max_retries,
+            "next_retry_at": None,
+            "outcome": "paused: resumes by itself once space is back (runbook scenario 3)",
+            "steps": [action.description],
+            "free_bytes": volume_state.avail_bytes if volume_state else 0,
+            "free_files": volume_state.avail_files if volume_state else 0,
+            "volume": volume,
+            "progress": {
+                "transferred_bytes": migration.transferred_bytes,
+                "last_progress_at": migration.last_progress_at,
+            },
+            "log": str(migration_config.log) if migration_config.log else "",
+            "destination": str(migration_config.destination or ""),
+            "usage": usage,
+        }
+        partial = {"destination": "", "note": "a pause: nothing was stopped half-way"}
+        try:
+            path = await asyncio.to_thread(self.incident_store.write_new, record, context, partial)
+        except OSError as error:
+            log.error("%s: cannot write incident %s: %s", account, record["id"], error)
+            return
+        self.counters.incidents[account] += 1
+        self.open_incidents = self.incident_store.open_counts()
+        log.warning("%s: disk-full incident written: %s", account, path)
 
     # -- persistence ------------------------------------------------------------------------
 
@@ -612,6 +682,7 @@ class Guard:
             return False, str(error)
         old_config, self.config = self.config, config
         self.config_problem = ""
+        self.consumers.reconfigure(config)
         self.state = initial_state(config, self.state)
         journal.set_level(config.guard.log_level)
         self.systemd.set_units(self._units(config))
@@ -712,6 +783,7 @@ class Guard:
                 for (rule, c), n in m.item_errors.items()
             },
             past_errors={a: m.past_errors for a, m in self.logs.items()},
+            usage=self.consumers.stats(),
             stores=self.store_watch.stats(),
         )
 
@@ -855,6 +927,23 @@ class Guard:
         result = self.incident_store.ack(incident_id, who, time.time())
         self.open_incidents = self.incident_store.open_counts()
         return result
+
+    async def usage(self, volume: str | None, rescan: bool) -> dict[str, Any]:
+        """`spaceguardctl usage [VOLUME] [--rescan]`: the latest figures, with their age."""
+        names = [volume] if volume is not None else list(self.config.volumes)
+        reports = []
+        for name in names:
+            try:
+                if rescan:
+                    await self.consumers.scan(name, "demand", fresh=FRESH_RESCAN_SECONDS)
+                reports.append(self.consumers.report(name))
+            except UnknownVolume as error:
+                raise RequestError("not-found", str(error)) from None
+            except ScanFailed as error:
+                if volume is not None:
+                    raise RequestError("refused", f"usage {name}: {error}") from None
+                reports.append({**self.consumers.report(name), "error": str(error)})
+        return {"volumes": reports, "now": time.time()}
 
     def check_config(self, path: str | None) -> tuple[bool, str]:
         target = Path(path) if path else self.config_path

@@ -17,6 +17,7 @@ from typing import Any
 
 from .atomicfile import set_aside, write_atomic
 from .names import is_incident_id
+from .quantities import format_size
 
 log = logging.getLogger(__name__)
 PARTIAL_SCAN_LIMIT = 200_000  # entries: a report, not an inventory
@@ -118,19 +119,74 @@ def render_text(record: Mapping[str, Any]) -> str:
         ]
     else:
         lines.append(f"  {partial.get('note', 'no destination configured')}")
-    lines += [
-        "",
-        "Runbook (scenario 1): check the source with `rclone lsd` / `rclone check`,",
-        "read the log, fix the cause, then `spaceguardctl retry ACCOUNT` and "
-        f"`spaceguardctl ack {record['id']}`.",
-        "",
-    ]
+    if isinstance(record.get("usage"), dict):
+        lines += ["", *usage_lines(record["usage"])]
+    if record.get("class") == "disk_full":
+        lines += [
+            "",
+            "Runbook (scenario 3): the migration is paused, not failed; free space (see what",
+            "fills the volume above), and it resumes by itself once space is back. Then",
+            f"`spaceguardctl ack {record['id']}`.",
+            "",
+        ]
+    else:
+        lines += [
+            "",
+            "Runbook (scenario 1): check the source with `rclone lsd` / `rclone check`,",
+            "read the log, fix the cause, then `spaceguardctl retry ACCOUNT` and "
+            f"`spaceguardctl ack {record['id']}`.",
+            "",
+        ]
     if record.get("acked_by"):
         lines.append(
             f"Acknowledged by {record['acked_by']} at "
             f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(record['acked_at']))}"
         )
     return "\n".join(lines) + "\n"
+
+
+def usage_lines(usage: Mapping[str, Any]) -> list[str]:
+    """What filled the volume (consumers.UsageMonitor.report), for the incident's text."""
+    volume = usage.get("volume", "")
+    scan = usage.get("scan")
+    if not isinstance(scan, dict):
+        return [f"What fills volume {volume}: no scan ({usage.get('error') or 'none ran'})"]
+    state = "complete" if scan.get("complete") else f"partial: {scan.get('cut')}"
+    lines = [
+        f"What fills volume {volume} ({usage.get('path', '')}), scan of "
+        f"{scan.get('entries', 0):,} entries in {scan.get('duration_seconds', 0):.1f}s, {state}:"
+    ]
+    for item in scan.get("consumers", []):
+        growth = item.get("growth_bytes")
+        grown = (
+            f", {'+' if growth >= 0 else '-'}{format_size(abs(growth))} in "
+            f"{item.get('growth_seconds', 0) / 60:.0f}m"
+            if isinstance(growth, int)
+            else ""
+        )
+        lower = "" if item.get("complete", True) else " (at least)"
+        lines.append(f"  {format_size(item['bytes']):>10}  {item['path']}{lower}{grown}")
+    unexplained = scan.get("unexplained_bytes")
+    lines.append(
+        "  not explained by any directory: "
+        + (
+            f"{format_size(max(0, unexplained))} (deleted but open files, other mounts' "
+            f"shadows, metadata; {format_size(scan.get('reserved_bytes', 0))} reserved)"
+            if isinstance(unexplained, int)
+            else "not known (the scan was cut)"
+        )
+    )
+    for item in scan.get("destinations", []):
+        size = item.get("bytes")
+        shown = format_size(size) if isinstance(size, int) else item.get("note", "")
+        lines.append(f"  destination of {item.get('account')}: {item.get('path')} {shown}")
+    candidates = scan.get("candidates", [])
+    if candidates:
+        lines.append("  reclaim candidates (listed for a person; the guard deletes nothing):")
+        lines += [
+            f"    {c['kind']:<12} {format_size(c['bytes']):>10}  {c['path']}" for c in candidates
+        ]
+    return lines
 
 
 class IncidentStore:
@@ -153,6 +209,17 @@ class IncidentStore:
         write_atomic(self.directory / f"{record['id']}.txt", render_text(full).encode())
         write_atomic(path, json.dumps(full, indent=2, sort_keys=True).encode())
         return path
+
+    def write_new(
+        self, record: Mapping[str, Any], context: Sequence[str], partial: Mapping[str, Any]
+    ) -> Path:
+        """Write under the record's id, or the first of id-2, id-3... that is free."""
+        incident_id = str(record["id"])
+        for number in range(2, 1000):
+            if not (self.directory / f"{incident_id}.json").exists():
+                break
+            incident_id = f"{record['id']}-{number}"
+        return self.write({**record, "id": incident_id}, context, partial)
 
     def get(self, incident_id: str) -> dict[str, Any] | None:
         if not is_incident_id(incident_id):

@@ -44,6 +44,22 @@ class DeliveryStats:
 
 
 @dataclass(frozen=True)
+class UsageStats:
+    """One volume's latest usage scan (consumers.py), as the metrics show it."""
+
+    scanned_at: float = 0.0  # 0: no scan yet
+    duration: float = 0.0
+    partial: bool = False
+    entries: int = 0
+    unexplained: int | None = None
+    # path → (bytes, growth in bytes per second or None): the destinations and the top N
+    paths: Mapping[str, tuple[int, float | None]] = field(default_factory=dict)
+    reclaimable: Mapping[str, int] = field(default_factory=dict)  # candidate kind → bytes
+    scans: Mapping[str, int] = field(default_factory=dict)  # complete | partial | error
+    scanning: bool = False
+
+
+@dataclass(frozen=True)
 class Snapshot:
     config: Config
     state: GuardState
@@ -54,6 +70,7 @@ class Snapshot:
     delivery: Mapping[str, DeliveryStats] = field(default_factory=dict)
     log_lines: Mapping[str, int] = field(default_factory=dict)  # account → lines read
     log_errors: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (account, class)
+    usage: Mapping[str, UsageStats] = field(default_factory=dict)  # volume → its latest scan
     # (account, class, rule) → item errors of current runs; account → lines of earlier runs
     item_errors: Mapping[tuple[str, str, str], int] = field(default_factory=dict)
     past_errors: Mapping[str, int] = field(default_factory=dict)
@@ -73,6 +90,7 @@ class GuardCollector(Collector):
         yield from _activity(snap)
         yield from _delivery(snap)
         yield from _stores(snap)
+        yield from _usage(snap)
 
 
 def _guard(snap: Snapshot) -> Iterator[Metric]:
@@ -323,6 +341,74 @@ def _delivery(snap: Snapshot) -> Iterator[Metric]:
         spooled.add_metric([receiver], stats.spooled)
         oldest.add_metric([receiver], stats.oldest_spooled_age)
     yield from (sent, spooled, oldest)
+
+
+def _usage(snap: Snapshot) -> Iterator[Metric]:
+    volume = ["volume"]
+    size = GaugeMetricFamily(
+        "spaceguard_usage_bytes",
+        "disk usage (st_blocks, hard links once) of the destinations and the largest entries",
+        labels=["volume", "path"],
+    )
+    grown = GaugeMetricFamily(
+        "spaceguard_usage_growth_bytes_per_second",
+        "growth of each path in spaceguard_usage_bytes, over about the last hour of scans",
+        labels=["volume", "path"],
+    )
+    unexplained = GaugeMetricFamily(
+        "spaceguard_usage_unexplained_bytes",
+        "used space no scanned entry accounts for (deleted but open files, shadowed mounts)",
+        labels=volume,
+    )
+    reclaimable = GaugeMetricFamily(
+        "spaceguard_usage_reclaimable_bytes",
+        "space held by reclaim candidates, listed for a person (the guard deletes nothing)",
+        labels=["volume", "kind"],
+    )
+    scanned = GaugeMetricFamily(
+        "spaceguard_usage_scan_timestamp_seconds",
+        "when the latest usage scan finished",
+        labels=volume,
+    )
+    duration = GaugeMetricFamily(
+        "spaceguard_usage_scan_duration_seconds",
+        "how long the latest usage scan took",
+        labels=volume,
+    )
+    partial = GaugeMetricFamily(
+        "spaceguard_usage_scan_partial",
+        "1 when the latest usage scan was cut by its time or entry budget",
+        labels=volume,
+    )
+    entries = GaugeMetricFamily(
+        "spaceguard_usage_scan_entries", "entries the latest usage scan read", labels=volume
+    )
+    running = GaugeMetricFamily(
+        "spaceguard_usage_scan_running", "1 while a usage scan of the volume runs", labels=volume
+    )
+    scans = CounterMetricFamily(
+        "spaceguard_usage_scans", "usage scans by result", labels=["volume", "result"]
+    )
+    for name, stats in sorted(snap.usage.items()):
+        running.add_metric([name], int(stats.scanning))
+        for result in ("complete", "partial", "error"):
+            scans.add_metric([name, result], stats.scans.get(result, 0))
+        if not stats.scanned_at:
+            continue
+        scanned.add_metric([name], stats.scanned_at)
+        duration.add_metric([name], stats.duration)
+        partial.add_metric([name], int(stats.partial))
+        entries.add_metric([name], stats.entries)
+        if stats.unexplained is not None:
+            unexplained.add_metric([name], max(0, stats.unexplained))
+        for kind, total in sorted(stats.reclaimable.items()):
+            reclaimable.add_metric([name, kind], total)
+        for path, (nbytes, rate) in sorted(stats.paths.items()):
+            size.add_metric([name, path], nbytes)
+            if rate is not None:
+                grown.add_metric([name, path], rate)
+    yield from (size, grown, unexplained, reclaimable, scanned, duration, partial, entries)
+    yield from (running, scans)
 
 
 class MetricsServer:

@@ -24,9 +24,10 @@ MAX_LINE_BYTES = 64 * 1024  # a request line, without its newline
 MAX_REASON_CHARS = 500
 MAX_PATH_CHARS = 4096
 MAX_REQUEST_ID_CHARS = 200
+MAX_VOLUME_CHARS = 200
 MAX_REQUEST_ID_INT = 2**53  # what a JSON number can hold exactly in every client
 
-READ_VERBS = frozenset({"status", "incidents", "show", "check-config", "version"})
+READ_VERBS = frozenset({"status", "incidents", "show", "check-config", "version", "usage"})
 CHANGE_VERBS = frozenset({"pause", "resume", "retry", "ack", "reload"})
 VERBS = READ_VERBS | CHANGE_VERBS
 
@@ -89,6 +90,18 @@ def check_flag(name: str, value: object) -> bool:
     return value
 
 
+def check_volume(name: str, value: object) -> str:
+    """A volume's name as the config spells it (a TOML key: any one line of text)."""
+    if not isinstance(value, str):
+        raise RequestError("bad-request", f"{name} must be a string, got {kind(value)}")
+    if not value or len(value) > MAX_VOLUME_CHARS or not value.isprintable():
+        raise RequestError(
+            "bad-request",
+            f"{name} must be a volume name: printable text of 1 to {MAX_VOLUME_CHARS} characters",
+        )
+    return value
+
+
 def check_config_path(name: str, value: object) -> str:
     if not isinstance(value, str):
         raise RequestError("bad-request", f"{name} must be a string, got {kind(value)}")
@@ -108,6 +121,7 @@ ARGUMENTS: Mapping[str, Mapping[str, tuple[ArgCheck, bool]]] = {
     "incidents": {"account": (check_account, False)},
     "show": {"incident": (check_incident_id, True)},
     "check-config": {"path": (check_config_path, False)},
+    "usage": {"volume": (check_volume, False), "rescan": (check_flag, False)},
     "pause": {"account": (check_account, True), "reason": (check_reason, False)},
     "resume": {"account": (check_account, True), "force": (check_flag, False)},
     "retry": {"account": (check_account, True)},

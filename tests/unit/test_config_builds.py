@@ -161,6 +161,7 @@ def build_everything(document: dict[str, Any], tmp: Path) -> None:
         for volume in config.volumes.values():
             VolumeSampler(volume, lambda event: None, lambda: False)
             poll_interval(volume, _usage(), 0.0, False)
+            guard.consumers.request(volume)
         guard.store.close()
 
     asyncio.run(build())

@@ -202,6 +202,17 @@ class FuzzBackend:
         result: dict[str, Any] = self._answer({"version": "x", "volumes": [], "migrations": []})
         return result
 
+    async def usage(self, volume: str | None, rescan: bool) -> dict[str, Any]:
+        await asyncio.sleep(0)
+        if volume is not None and (
+            not isinstance(volume, str) or not 0 < len(volume) <= 200 or not volume.isprintable()
+        ):
+            self.violations.append(f"volume {volume!r}")
+        if not isinstance(rescan, bool):
+            self.violations.append(f"rescan {rescan!r}")
+        result: dict[str, Any] = self._answer({"volumes": [], "now": 0.0})
+        return result
+
     async def operator(
         self, verb: str, account: str, reason: str, force: bool, who: str
     ) -> tuple[bool, str]:
@@ -320,8 +331,10 @@ def valid_values(name: str) -> st.SearchStrategy[Any]:
         return oracle_incident_ids
     if name == "reason":
         return st.text(PRINTABLE, max_size=30)
-    if name == "force":
+    if name in ("force", "rescan"):
         return st.booleans()
+    if name == "volume":
+        return st.text(PRINTABLE, min_size=1, max_size=30)
     return st.text(PRINTABLE, max_size=30).map(lambda text: "/" + text)  # path
 
 
