@@ -51,6 +51,16 @@ GUARD_METRICS = frozenset(
         "spaceguard_alerts_sent_total",
         "spaceguard_alerts_spooled",
         "spaceguard_alerts_oldest_spooled_age_seconds",
+        "spaceguard_usage_bytes",
+        "spaceguard_usage_growth_bytes_per_second",
+        "spaceguard_usage_unexplained_bytes",
+        "spaceguard_usage_reclaimable_bytes",
+        "spaceguard_usage_scan_timestamp_seconds",
+        "spaceguard_usage_scan_duration_seconds",
+        "spaceguard_usage_scan_partial",
+        "spaceguard_usage_scan_entries",
+        "spaceguard_usage_scan_running",
+        "spaceguard_usage_scans_total",
     }
 )
 PROMQL_KEYWORDS = frozenset({"and", "or", "unless", "bool", "offset", "inf", "nan"})
@@ -134,7 +144,14 @@ def test_dashboard_is_an_importable_grafana_dashboard() -> None:
 
 def test_dashboard_has_the_promised_rows() -> None:
     rows = [p["title"] for p in load_dashboard()["panels"] if p["type"] == "row"]
-    assert rows == ["Volumes", "Migrations", "Actions on units", "Alert delivery", "Guard"]
+    assert rows == [
+        "Volumes",
+        "Migrations",
+        "Actions on units",
+        "Alert delivery",
+        "Guard",
+        "What fills the volumes",
+    ]
 
 
 def test_every_expression_names_only_guard_metrics() -> None:
