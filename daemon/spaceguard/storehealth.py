@@ -50,9 +50,11 @@ class StoreWatch:
             health = store.health()
             failing = self._failing.get(store.name)
             if not health.writable:
-                if failing is None or failing.last_error != health.last_error:
+                if failing is None:  # once per streak: a changing errno is no news
                     alerts.fire(self._alert(store, health, now))
                     changed = True
+                elif failing.last_error != health.last_error:
+                    changed = True  # STATUS= shows the current error
                 self._failing[store.name] = health
             elif failing is not None:
                 del self._failing[store.name]

@@ -17,7 +17,6 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from spaceguard.atomicfile import BackgroundWriter
 from spaceguard.model import GuardState, Hold, MigrationState
 from spaceguard.state import StateStore
