@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -27,6 +28,29 @@ MAX_FILE_CREATE_RATE = 200_000
 # comparison on every sample catches an unmount in between).
 MOUNT_CHECK_INTERVAL = 1.0
 RATE_WINDOW = 1.0
+# A statvfs (or mount check) that has not returned within this makes the volume
+# unavailable; a local file system answers in microseconds, a hung network one never.
+ANSWER_DEADLINE = 2.0
+HANG_CHECK_INTERVAL = 0.5  # how often the loop looks for a call in flight too long
+HUNG_RETRY_INTERVAL = 0.05  # a sampler waiting for another one's call on its path
+
+_calls_lock = threading.Lock()
+_calls_in_flight: dict[str, float] = {}  # path → when its statvfs/mount check began
+
+
+def _begin_call(path: str) -> float | None:
+    """Claim the path for one file-system call: None, or when the call in flight began."""
+    with _calls_lock:
+        since = _calls_in_flight.get(path)
+        if since is not None:
+            return since
+        _calls_in_flight[path] = time.monotonic()
+        return None
+
+
+def _end_call(path: str) -> None:
+    with _calls_lock:
+        _calls_in_flight.pop(path, None)
 
 
 @dataclass(frozen=True)
@@ -100,7 +124,19 @@ def is_mount_point(path: str) -> bool:
 
 
 class VolumeSampler:
-    """Samples one volume on the asyncio loop and hands each result to `emit`."""
+    """Samples one volume on a thread of its own and hands each result to `emit`, on the
+    loop.
+
+    `statvfs` of a local file system takes microseconds, but on a network or FUSE mount
+    whose server stopped answering it blocks in the kernel, for good: the loop must never
+    make that call. The thread does (the mount check too) and hands over the newest
+    sample; the loop delivers it. A call that has not returned within `deadline` makes the
+    volume unavailable, reported by the loop every HANG_CHECK_INTERVAL while it lasts, so
+    its migrations are paused, the others guarded as before and the watchdog still earned.
+    When the call returns, sampling simply goes on. At most one call per path is in
+    flight, across samplers too (a reload replaces samplers; a hung one cannot be
+    joined), so a hung mount costs one blocked thread, not one per reload.
+    """
 
     def __init__(
         self,
@@ -108,61 +144,172 @@ class VolumeSampler:
         emit: Callable[[VolumeSampled | VolumeUnavailable], None],
         is_low: Callable[[], bool],
         clock: Callable[[], float] = time.monotonic,  # for the fill rate: a wall step is no fill
+        deadline: float = ANSWER_DEADLINE,
     ) -> None:
         self.config = config
         self.emit = emit
-        self.is_low = is_low
+        self.is_low = is_low  # called on the sampler thread: it only reads the guard's state
         self.clock = clock
+        self.deadline = deadline
         self.rate = FillRate()
-        self.last_report = time.monotonic()
-        self.samples = 0
-        self._handle: asyncio.Handle | None = None
+        self.last_report = time.monotonic()  # loop: when a sample or a hang was reported
+        self.samples = 0  # samples delivered
+        self.hung_since: float | None = None  # loop: the hang it reported (monotonic)
         self._mount_checked_at = 0.0
         self._fsid: int | None = None
         self._path = str(config.path)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
+        self._wake = threading.Event()  # stop() cuts the thread's wait short
+        self._taken = threading.Event()  # the loop took the sample handed over
+        self._slot_lock = threading.Lock()
+        self._slot: VolumeSampled | VolumeUnavailable | None = None
+        self._delivery_scheduled = False
+        self._waiting_since: float | None = None  # thread: a file-system call in flight
+        self._check_handle: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
-        self._handle = asyncio.get_running_loop().call_soon(self._run)
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(
+            target=self._sample_forever, name=f"sampler {self.config.name}", daemon=True
+        )
+        self._thread.start()
+        self._check_handle = self._loop.call_later(HANG_CHECK_INTERVAL, self._check)
 
     def stop(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
+        """Stop sampling. Not joined: a thread blocked in the kernel ends once its call
+        returns."""
+        self._stopped.set()
+        self._wake.set()
+        self._taken.set()
+        if self._check_handle is not None:
+            self._check_handle.cancel()
+            self._check_handle = None
 
-    def _run(self) -> None:
-        interval = self.sample()
-        loop = asyncio.get_running_loop()
-        self._handle = (
-            loop.call_later(interval, self._run) if interval > 0 else loop.call_soon(self._run)
-        )
+    # -- the sampler thread ------------------------------------------------------------
 
-    def sample(self) -> float:
-        """Take one sample, emit it, and return the interval until the next one."""
-        now = self.clock()
-        self.last_report = time.monotonic()
-        self.samples += 1
+    def _sample_forever(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                event, interval = self.sample()
+            except Exception:  # a bug must not end sampling (the watchdog would go)
+                log.exception("%s: sampling failed", self.config.name)
+                event, interval = None, min(self.config.poll_max, 0.25)
+            if self._stopped.is_set():
+                return
+            if event is not None:
+                self._taken.clear()
+                self._hand_over(event)
+            if interval > 0:
+                self._wake.wait(interval)
+            elif event is not None:
+                # The crossing is less than a timer tick away: look again as soon as the
+                # loop has taken this sample (the old "every loop turn"), not faster, which
+                # would only fight the loop for the interpreter.
+                self._taken.wait(0.01)
+
+    def sample(self) -> tuple[VolumeSampled | VolumeUnavailable | None, float]:
+        """Take one sample (blocking: on the sampler thread); return it and the interval
+        until the next one. None while another sampler's call on the path is in flight."""
+        other = _begin_call(self._path)
+        if other is not None:
+            self._waiting_since = other
+            return None, HUNG_RETRY_INTERVAL
+        self._waiting_since = time.monotonic()
         try:
-            usage = read_usage(self._path)
-            problem = self._mount_problem(usage)
-        except OSError as error:
-            usage, problem = None, f"cannot read {self._path}: {error.strerror or error}"
+            now = self.clock()
+            usage: Usage | None = None
+            try:
+                usage = read = read_usage(self._path)
+                problem = self._mount_problem(read)
+            except OSError as error:
+                usage, problem = None, f"cannot read {self._path}: {error.strerror or error}"
+        finally:
+            self._waiting_since = None
+            _end_call(self._path)
         if problem or usage is None:
             self.rate.reset()
             self._fsid = None
-            self.emit(VolumeUnavailable(self.config.name, problem))
-            return min(self.config.poll_max, 0.25)
+            return VolumeUnavailable(self.config.name, problem), min(self.config.poll_max, 0.25)
         rate = self.rate.add(now, usage.avail_bytes)
-        self.emit(
-            VolumeSampled(
+        sampled = VolumeSampled(
+            self.config.name,
+            usage.avail_bytes,
+            usage.size_bytes,
+            usage.avail_files,
+            usage.files,
+            rate,
+        )
+        return sampled, poll_interval(self.config, usage, rate, self.is_low())
+
+    def _hand_over(self, event: VolumeSampled | VolumeUnavailable) -> None:
+        """The newest sample waits in one slot; the loop is woken once for however many
+        arrive before it takes them."""
+        loop = self._loop
+        assert loop is not None
+        with self._slot_lock:
+            self._slot = event
+            if self._delivery_scheduled:
+                return
+            self._delivery_scheduled = True
+        try:
+            loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the loop is closed: the guard is stopping
+            self._stopped.set()
+
+    # -- on the loop ---------------------------------------------------------------------
+
+    def _deliver(self) -> None:
+        with self._slot_lock:
+            event, self._slot = self._slot, None
+            self._delivery_scheduled = False
+        self._taken.set()
+        if event is None or self._stopped.is_set():
+            return
+        self.last_report = time.monotonic()
+        self.samples += 1
+        if self.hung_since is not None:
+            log.warning(
+                "%s: %s answers again after %.1f s",
                 self.config.name,
-                usage.avail_bytes,
-                usage.size_bytes,
-                usage.avail_files,
-                usage.files,
-                rate,
+                self._path,
+                self.last_report - self.hung_since,
+            )
+            self.hung_since = None
+        self.emit(event)
+
+    def _check(self) -> None:
+        """Runs on the loop every HANG_CHECK_INTERVAL: a call in flight for longer than
+        the deadline makes the volume unavailable (and counts as this sampler's report:
+        the loop turns and the guard knows what it cannot see)."""
+        loop = self._loop
+        assert loop is not None
+        self._check_handle = loop.call_later(HANG_CHECK_INTERVAL, self._check)
+        since = self._waiting_since
+        now = time.monotonic()
+        if since is None or now - since <= self.deadline:
+            return
+        if self._thread is not None and not self._thread.is_alive():
+            return  # no thread: no report, and the watchdog goes
+        if self.hung_since is None:
+            self.hung_since = since
+            log.error(
+                "%s: %s does not answer (statvfs waiting for %.1f s): a hung network or "
+                "FUSE mount? Its migrations are paused as unavailable; the other volumes "
+                "are still guarded",
+                self.config.name,
+                self._path,
+                now - since,
+            )
+        self.last_report = now
+        self.emit(
+            VolumeUnavailable(
+                self.config.name,
+                f"{self._path} does not answer: statvfs has not returned within "
+                f"{self.deadline:g} s (a hung network or FUSE mount?)",
             )
         )
-        return poll_interval(self.config, usage, rate, self.is_low())
 
     def _mount_problem(self, usage: Usage) -> str:
         if not self.config.require_mount:
