@@ -117,7 +117,10 @@ def format_reply(request_id: str, error: str | None = None) -> bytes:
     if error is None:
         return f"{request_id} ok\n".encode()
     text = " ".join(error.split())  # one line, whatever systemd said
-    return f"{request_id} error {text}\n".encode("ascii", "replace")
+    line = f"{request_id} error {text}".encode("ascii", "replace")
+    if len(line) >= MAX_LINE:  # bus errors can be long: the reader takes MAX_LINE at most
+        line = line[: MAX_LINE - 4] + b"..."
+    return line + b"\n"
 
 
 def parse_reply(line: bytes) -> tuple[str, str | None]:
@@ -332,20 +335,19 @@ class FreezerServer:
             return f"refused: {request.unit} is not a migration unit in {self.config.path}{why}"
         return None
 
-    async def answer(self, request: Request) -> bytes:
+    async def answer(self, request: Request) -> tuple[bytes, int, str]:
+        """The reply, and what to log once it is sent (the guard must not wait for a log
+        line: a freeze is on its reaction path)."""
         refusal = self.check(request)
         if refusal is not None:
-            log.warning("freezer: %s %s %s", request.verb, request.unit, refusal)
-            return format_reply(request.id, refusal)
+            return format_reply(request.id, refusal), logging.WARNING, refusal
         started = time.monotonic()
         error = await self.call(request.verb, request.unit)
         took = (time.monotonic() - started) * 1000
         self.served += 1
         if error is None:
-            log.info("freezer: %s %s: done in %.1f ms", request.verb, request.unit, took)
-        else:
-            log.warning("freezer: %s %s: %s", request.verb, request.unit, error)
-        return format_reply(request.id, error)
+            return format_reply(request.id), logging.INFO, f"done in {took:.1f} ms"
+        return format_reply(request.id, error), logging.WARNING, error
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -411,11 +413,16 @@ class FreezerServer:
     ) -> None:
         try:
             try:
-                reply = await self.answer(request)
+                reply, level, note = await self.answer(request)
             except Exception as error:  # a bug here must still answer the guard
                 log.exception("freezer: %s %s failed", request.verb, request.unit)
-                reply = format_reply(request.id, f"internal error: {error!r}")
+                reply, level, note = (
+                    format_reply(request.id, f"internal error: {error!r}"),
+                    logging.ERROR,
+                    "internal error",
+                )
             writer.write(reply)
+            log.log(level, "freezer: %s %s: %s", request.verb, request.unit, note)
             await writer.drain()
         finally:
             slots.release()

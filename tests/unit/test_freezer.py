@@ -78,6 +78,8 @@ def test_bad_requests_say_why(line: bytes, why: str) -> None:
 def test_replies_are_one_line() -> None:
     assert format_reply("7") == b"7 ok\n"
     assert format_reply("7", "Name: two\nlines") == b"7 error Name: two lines\n"
+    long = format_reply("7", "org.freedesktop.DBus.Error.AccessDenied: " + "x" * 2000)
+    assert len(long) == MAX_LINE and long.endswith(b"...\n")
     assert parse_reply(b"7 ok\n") == ("7", None)
     assert parse_reply(b"7 error Name: text\n") == ("7", "Name: text")
     with pytest.raises(FreezerError, match="unreadable reply"):
