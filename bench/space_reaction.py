@@ -2,7 +2,11 @@
 """Scenario 3 figures: how fast the guard freezes a writer at full disk speed, whether the
 writer ever hits ENOSPC, and what the guard costs when idle.
 
-    sudo .venv/bin/python bench/space_reaction.py [--trials 20] [--idle-seconds 30]
+    sudo .venv/bin/python bench/space_reaction.py [--trials 20] [--idle-seconds 30] [--as-shipped]
+
+--as-shipped runs the guard as the package ships it: User=spaceguard with every hardening
+line, freezing through spaceguard-freezer (systemd 252 lets only root freeze); without it
+the guard runs as root and freezes directly (tests/guardrig.py).
 
 Real parts only: a sandboxed systemd, the guard as a Type=notify unit, a 1 GiB ext4 loop
 volume mounted with nodelalloc (a small ext4 with delayed allocation throttles a fast
@@ -29,9 +33,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.guardrig import GuardRig, read_status, wait_until, writer_unit
+from tests.installed import FREEZER, ShippedRig, shipped_workdir
 from tests.sandbox import LoopVolume, SystemdSandbox
 
 MIB = 1024 * 1024
+RIG: type[GuardRig] = GuardRig  # ShippedRig with --as-shipped
 HEADROOM = 32 * MIB
 
 
@@ -87,6 +93,7 @@ def run_trials(
     calls: list[float],
     before_trials: Callable[[GuardRig], None] | None = None,
     after_trials: Callable[[], None] | None = None,
+    helper_calls: list[float] | None = None,
 ) -> tuple[list[float], int, int, list[int]]:
     """Returns (reaction times in ms, trials that hit ENOSPC, predictive pauses, min avail);
     appends the guard's own FreezeUnit call durations (ms) to `calls`."""
@@ -102,7 +109,7 @@ def run_trials(
         sandbox.up(
             {"writer@bench.service": writer_unit(python, volume.mountpoint / "data", "2G", status)}
         )
-        rig = GuardRig(sandbox, work, python, watchdog_sec=10, log_level="info")
+        rig = RIG(sandbox, work, python, watchdog_sec=10, log_level="info")
         rig.write_config(f"""
             [volumes.bench]
             path = "{volume.mountpoint}"
@@ -152,7 +159,17 @@ def run_trials(
             for line in rig.journal().splitlines()
             if line.startswith("freeze ") and "D-Bus call took" in line
         )
+        helper = "freezing through the helper" in rig.journal()
+        print("  (freezes went through the helper)" if helper else "  (the guard froze directly)")
+        if isinstance(rig, ShippedRig):
+            (helper_calls if helper_calls is not None else []).extend(
+                float(line.rsplit("done in ", 1)[1].split()[0])
+                for line in sandbox.journal(FREEZER).splitlines()
+                if line.startswith("freezer: freeze ") and "done in" in line
+            )
         rig.stop()
+        if isinstance(rig, ShippedRig):
+            rig.cleanup()
     finally:
         sandbox.down()
         volume.umount()
@@ -170,7 +187,7 @@ def idle_cost(python: str, seconds: float, work: Path) -> tuple[float, float]:
             f"sleeper@m{i}.service": "[Service]\nExecStart=/bin/sleep infinity\n" for i in range(10)
         }
         sandbox.up(units)
-        rig = GuardRig(sandbox, work / "idle-rig", python, watchdog_sec=10, log_level="info")
+        rig = RIG(sandbox, work / "idle-rig", python, watchdog_sec=10, log_level="info")
         rig.workdir.mkdir()
         migrations = "".join(
             f"""
@@ -203,6 +220,8 @@ def idle_cost(python: str, seconds: float, work: Path) -> tuple[float, float]:
         elapsed = time.monotonic() - started
         rss = rss_mib(pid)
         rig.stop()
+        if isinstance(rig, ShippedRig):
+            rig.cleanup()
         return 100 * used / elapsed, rss
     finally:
         sandbox.down()
@@ -214,10 +233,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--idle-seconds", type=float, default=30)
+    parser.add_argument("--as-shipped", action="store_true", help="unprivileged, via the helper")
     args = parser.parse_args()
     python = sys.executable
-    with tempfile.TemporaryDirectory(prefix="spaceguard-bench-") as tmp:
+    global RIG
+    base = None
+    if args.as_shipped:
+        RIG, base = ShippedRig, shipped_workdir("bench-")
+    with tempfile.TemporaryDirectory(prefix="spaceguard-bench-", dir=base) as tmp:
         work = Path(tmp)
+        work.chmod(0o755)  # the shipped guard (user spaceguard) must reach the volume
         (work / "a").mkdir()
         (work / "b").mkdir()
         (work / "c").mkdir()
@@ -226,7 +251,10 @@ def main() -> int:
             f"pause_below = 32 MiB, predict off"
         )
         calls: list[float] = []
-        reactions, enospc, early, avails = run_trials(python, args.trials, "0s", work / "a", calls)
+        helper_calls: list[float] = []  # the helper's own FreezeUnit calls, --as-shipped
+        reactions, enospc, early, avails = run_trials(
+            python, args.trials, "0s", work / "a", calls, helper_calls=helper_calls
+        )
         if reactions:
             print(
                 f"  threshold crossing -> unit frozen: median {statistics.median(reactions):.1f} "
@@ -242,6 +270,17 @@ def main() -> int:
                 f"  of which the FreezeUnit call (guard's decision -> systemd replies frozen):"
                 f" median {statistics.median(calls):.1f} ms, worst {max(calls):.1f} ms"
             )
+        if helper_calls:
+            print(
+                f"  of which the helper's own FreezeUnit call: median "
+                f"{statistics.median(helper_calls):.1f} ms, worst {max(helper_calls):.1f} ms"
+            )
+            if len(helper_calls) == len(calls):  # the same freezes, in the same order
+                hops = [guard - helper for guard, helper in zip(calls, helper_calls, strict=True)]
+                print(
+                    f"  the hop guard -> helper -> guard (per freeze): median "
+                    f"{statistics.median(hops):.2f} ms, worst {max(hops):.2f} ms"
+                )
         print(f"ENOSPC check: {args.trials} trials with predict = 10m (the default)")
         calls_p: list[float] = []
         reactions_p, enospc_p, early_p, avails_p = run_trials(
@@ -262,6 +301,8 @@ def main() -> int:
             f"idle guard (2 volumes, 10 migrations, {args.idle_seconds:.0f} s): "
             f"CPU {cpu:.3f} % of one core, RSS {rss:.1f} MiB"
         )
+    if base is not None:
+        base.rmdir()
     return 0
 
 

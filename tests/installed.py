@@ -22,17 +22,23 @@ from __future__ import annotations
 
 import contextlib
 import grp
+import itertools
 import os
 import pwd
 import shutil
 import subprocess
+import tempfile
+import textwrap
 from pathlib import Path
 
+from tests.guardrig import GuardRig
 from tests.sandbox import SYSTEM_UNIT_DIR, SandboxError, SystemdSandbox
 
 REPO = Path(__file__).resolve().parents[1]
 GUARD = "spaceguard.service"
 FREEZER = "spaceguard-freezer.service"
+# where tests and benches keep what the shipped guard must see (not /tmp, not /home)
+BASE = Path("/var/lib/spaceguard-test")
 POLKIT_RULE = Path("/usr/share/polkit-1/rules.d/50-spaceguard.rules")
 PYTHON = "/usr/bin/python3"  # what the package's /usr/bin/spaceguard runs
 DEBIAN_LIBRARIES = ("dbus_next", "sdnotify", "pyinotify", "prometheus_client")
@@ -206,3 +212,49 @@ class Installation:
                 f"{' '.join(command)} failed ({result.returncode}): "
                 f"{result.stderr.strip() or result.stdout.strip()}"
             )
+
+
+class ShippedRig(GuardRig):
+    """GuardRig's interface (benches, tests) for the guard as shipped: the package's units
+    unchanged, unprivileged, freezing through its helper. `workdir` must be readable by the
+    spaceguard user and outside /tmp and /home (the guard's PrivateTmp= and ProtectHome=
+    hide those): under BASE, for instance."""
+
+    _seq = itertools.count(1)
+
+    def __init__(
+        self,
+        sandbox: SystemdSandbox,
+        workdir: Path,
+        python: str,
+        watchdog_sec: int = 10,
+        log_level: str = "info",
+    ) -> None:
+        super().__init__(sandbox, workdir, python, watchdog_sec, log_level)
+        self.installation = Installation(workdir, f"{os.getpid()}-{next(self._seq)}")
+        self.state_dir = self.installation.state_dir
+        self.config_path = self.installation.config_path
+        self._host_files = False
+
+    def write_config(self, body: str) -> None:
+        if not self._host_files:  # the spaceguard group must exist before the config
+            self.installation.install_host_files()
+            self._host_files = True
+        self.installation.write_config(self.guard_section() + "\n" + textwrap.dedent(body))
+
+    def install(self) -> None:
+        self.installation.install_units(self.sandbox)
+        if self.sandbox.is_up:
+            self.sandbox.daemon_reload()
+
+    def cleanup(self) -> None:
+        self.installation.cleanup()
+
+
+def shipped_workdir(prefix: str) -> Path:
+    """A fresh directory under BASE that the spaceguard user can traverse."""
+    BASE.mkdir(parents=True, exist_ok=True)
+    BASE.chmod(0o755)
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=BASE))
+    path.chmod(0o755)
+    return path
