@@ -18,6 +18,7 @@ peer; a rule made by `spaceguard polkit-rule` grants exactly its config; and
 
 from __future__ import annotations
 
+import grp
 import itertools
 import json
 import os
@@ -33,7 +34,7 @@ from pathlib import Path
 import pytest
 
 from tests.guardrig import free_port, read_status, wait_until, writer_unit
-from tests.installed import FREEZER, GUARD, PYTHON, Installation
+from tests.installed import BASE, FREEZER, GUARD, PYTHON, Installation
 from tests.installed import missing as missing_for_install
 from tests.sandbox import (
     LoopVolume,
@@ -45,7 +46,6 @@ from tests.sandbox import (
 )
 
 MIB = 1024 * 1024
-BASE = Path("/var/lib/spaceguard-test")
 _SEQ = itertools.count(1)
 
 DBUS_TRY = """\
@@ -213,6 +213,7 @@ def _guard_config(install: Installation, volume: LoopVolume, workdir: Path, port
         verify_unit = "m365-verify@carol.service"
         max_retries = 1
         retry_backoff = "1s"
+        log = "{workdir}/logs/carol.log"
         """)
 
 
@@ -260,6 +261,14 @@ def shipped() -> Iterator[Shipped]:
         volume.mount()
         (volume.mountpoint / "alice").mkdir()
         status = workdir / "alice.status"
+        # the migrations' logs as README "Migration logs" says: a setgid directory of group
+        # spaceguard-logs (2750), files 0640: the guard reads them without adm
+        logs = workdir / "logs"
+        logs.mkdir()
+        log_group = grp.getgrnam("spaceguard-logs").gr_gid
+        os.chown(logs, 0, log_group)
+        logs.chmod(0o2750)
+        (logs / "carol.log").touch(mode=0o640)
         port = free_port()
         install.write_config(_guard_config(install, volume, workdir, port))
         for name, text in (("dbus_try.py", DBUS_TRY), ("freezer_try.py", FREEZER_TRY)):
@@ -275,9 +284,12 @@ def shipped() -> Iterator[Shipped]:
                 "m365-migrate@bob.service": sleeper,
                 "m365-migrate-resume@bob.service": sleeper,
                 "m365-migrate@carol.service": (
-                    "[Service]\nExecStart=/bin/sh -c 'sleep 0.5; exit 5'\n"
+                    "[Service]\nUMask=0027\nExecStart=/bin/sh -c 'echo \"2024/05/01 10:00:00 "
+                    f"INFO  : carol: starting\" >> {logs}/carol.log; sleep 0.5; exit 5'\n"
                 ),
-                "m365-verify@carol.service": "[Service]\nType=oneshot\nExecStart=/bin/echo carol verified\n",
+                "m365-verify@carol.service": (
+                    "[Service]\nType=oneshot\nExecStart=/bin/echo carol verified\n"
+                ),
                 "other.service": sleeper,
                 generated_unit: sleeper,
                 "sgother.service": sleeper,
@@ -316,8 +328,6 @@ def test_the_units_run_as_shipped(shipped: Shipped) -> None:
     assert int(guard["CapEff"], 16) == 0 and int(guard["CapBnd"], 16) == 0
     assert guard["NoNewPrivs"] == "1" and guard["Seccomp"] == "2"
     groups = {int(g) for g in guard["Groups"].split()}
-    import grp
-
     assert grp.getgrnam("spaceguard-logs").gr_gid in groups
     assert grp.getgrnam("adm").gr_gid not in groups  # the host's logs stay unreadable
     # only paths are changed: the drop-ins hold nothing else
@@ -383,6 +393,13 @@ def test_the_unprivileged_guard_freezes_thaws_stops_starts_and_verifies(shipped:
         on_timeout=lambda: shipped.journal()[-3000:],
     )
     wait_until(lambda: shipped.action("verify") >= 1, 30, "a verification")
+    # it read carol's log through the spaceguard-logs group (the directory is 2750)
+    wait_until(
+        lambda: shipped.metrics().get('spaceguard_log_lines_total{account="carol"}', 0) >= 1,
+        30,
+        "the guard to read carol's log",
+        on_timeout=lambda: shipped.journal()[-3000:],
+    )
     assert "carol verified" in sandbox.journal("m365-verify@carol.service")
     for action in ("freeze", "thaw", "stop", "start", "verify"):
         assert shipped.action(action) >= 1, action
@@ -448,7 +465,7 @@ def test_the_helper_refuses_other_units_and_other_peers(shipped: Shipped) -> Non
         f"3 error refused: spaceguard.service is not a migration unit in {config}",
         "- error bad request: unknown verb 'stop' (only freeze, thaw)",
     ]
-    spaceguard_gid = str(__import__("grp").getgrnam("spaceguard").gr_gid)
+    spaceguard_gid = str(grp.getgrnam("spaceguard").gr_gid)
     nobody = shipped.freezer_as("nobody", "1 freeze m365-migrate@alice.service", spaceguard_gid)
     root = shipped.freezer_as("root", "1 freeze m365-migrate@alice.service")
     for reply in (nobody, root):
