@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, Literal, cast
 
@@ -93,10 +94,40 @@ def _fit_units(saved: MigrationState | None, migration: MigrationConfig) -> Migr
 def decide(
     config: Config, state: GuardState, event: Event, now: float
 ) -> tuple[GuardState, list[Action]]:
+    """The event, then the reconciliation of what it concerns: one migration for what
+    happens to one (a unit change, an action's result, a log batch, an operator's request),
+    every migration on a volume whose low/up state changed, every migration on a Tick, a
+    bus change or a clock step. So a burst of replies for 200 migrations costs 200 small
+    steps, not 200 x 200; what only time changes (hold-downs, retries, backoffs, stalls)
+    is reconciled by the Tick that the daemon sends every second."""
     decision = _Decision(config, state, now)
     decision.apply(event)
     decision.reconcile()
     return decision.result()
+
+
+class _Index:
+    """Lookups over one Config (built once per Config object, kept for the last one)."""
+
+    def __init__(self, config: Config) -> None:
+        self.by_account = {m.account: m for m in config.migrations}
+        self.by_unit: dict[str, MigrationConfig] = {}
+        self.by_volume: dict[str, set[str]] = {}
+        for migration in config.migrations:
+            for unit in migration.units:
+                self.by_unit.setdefault(unit, migration)
+            self.by_volume.setdefault(migration.volume, set()).add(migration.account)
+
+
+_INDEX: list[tuple[Config, _Index]] = []  # a memo of the last Config's index (pure)
+
+
+def _index(config: Config) -> _Index:
+    if _INDEX and _INDEX[0][0] is config:
+        return _INDEX[0][1]
+    index = _Index(config)
+    _INDEX[:] = [(config, index)]
+    return index
 
 
 def reload_problem(old: Config, new: Config, state: GuardState) -> str:
@@ -190,10 +221,7 @@ def diagnostics(config: Config, state: GuardState) -> list[str]:
 
 
 def unit_owner(config: Config, unit: str) -> MigrationConfig | None:
-    for migration in config.migrations:
-        if unit in migration.units:
-            return migration
-    return None
+    return _index(config).by_unit.get(unit)
 
 
 def retry_delay(migration: MigrationConfig, retries: int) -> float:
@@ -214,6 +242,8 @@ class _Decision:
         self.bus_connected = state.bus_connected
         self.incident_seq = state.incident_seq
         self.actions: list[Action] = []
+        # the accounts this decision must reconcile (None: all of them)
+        self.touched: set[str] | None = set()
 
     def result(self) -> tuple[GuardState, list[Action]]:
         new = GuardState(
@@ -238,7 +268,37 @@ class _Decision:
 
     # -- events ---------------------------------------------------------------------------
 
+    def touch(self, account: str) -> None:
+        if self.touched is not None:
+            self.touched.add(account)
+
+    def _touch_changed_volumes(self, before: Mapping[str, VolumeState]) -> None:
+        """Every migration on a volume that turned low or recovered, vanished or came back."""
+        for name, volume in self.volumes.items():
+            old = before.get(name, VolumeState())
+            if (volume.low, volume.low_reason, volume.up) != (old.low, old.low_reason, old.up):
+                for account in _index(self.config).by_volume.get(name, ()):
+                    self.touch(account)
+
     def apply(self, event: Event) -> None:
+        before = dict(self.volumes)
+        match event:
+            case UnitChanged(unit=unit):
+                owner = unit_owner(self.config, unit)
+                if owner is not None:
+                    self.touch(owner.account)
+            case ActionDone(action=action):
+                self.touch(action.account)
+            case LogParsed(account=account) | OperatorRequest(account=account):
+                self.touch(account)
+            case VolumeSampled() | VolumeUnavailable():
+                pass  # only what changes the volume's low/up state (below)
+            case _:  # Tick, BusChanged, ClockStepped: everything
+                self.touched = None
+        self._apply(event)
+        self._touch_changed_volumes(before)
+
+    def _apply(self, event: Event) -> None:
         match event:
             case VolumeSampled():
                 self._volume_sampled(event)
@@ -1014,6 +1074,7 @@ class _Decision:
     # -- reconciliation ---------------------------------------------------------------------
 
     def reconcile(self) -> None:
+        before = dict(self.volumes)
         for name, volume_config in self.config.volumes.items():
             volume = self.volumes.get(name, VolumeState())
             if (
@@ -1027,7 +1088,13 @@ class _Decision:
                     f"volume {name} recovered: {format_size(volume.avail_bytes)} "
                     f"free for {volume_config.resume_after:g}s",
                 )
+        self._touch_changed_volumes(before)
+        touched = self.touched
+        if touched is not None:  # and whatever a timer of its own has made due by now
+            touched |= {account for account, state in self.migrations.items() if self._due(state)}
         for migration in self.config.migrations:
+            if touched is not None and migration.account not in touched:
+                continue
             state = self.migrations[migration.account]
             state = self._holds(migration, state)
             state = self._running_again(migration, state)
@@ -1037,6 +1104,16 @@ class _Decision:
             state = self._drive_units(migration, state)
             state = self._announce_pause(migration, state)
             self.migrations[migration.account] = state
+
+    def _due(self, state: MigrationState) -> bool:
+        """A backoff after a failed action, or a retry of a failure, has come due."""
+        failure = state.failure
+        return (0 < state.action_retry_at <= self.now) or (
+            failure is not None
+            and failure.phase == "waiting-retry"
+            and failure.next_retry_at is not None
+            and failure.next_retry_at <= self.now
+        )
 
     def _holds(self, migration: MigrationConfig, state: MigrationState) -> MigrationState:
         volume = self.volumes.get(migration.volume, VolumeState())
