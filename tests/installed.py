@@ -1,20 +1,20 @@
 """Install spaceguard the way its Debian package does, for tests that run the shipped units.
 
-Two ways, chosen with ``SPACEGUARD_TEST_INSTALL``:
+Three ways, chosen with ``SPACEGUARD_TEST_INSTALL``:
 
-* ``files`` (the default): the package's files from this checkout, put where the package
-  puts them: the units (``systemd/*.service``, ``systemd/*.socket``) into the sandbox's
-  unit directory (its /lib/systemd/system), the polkit rule into
-  /usr/share/polkit-1/rules.d, the user and groups with ``systemd-sysusers
-  packaging/sysusers/spaceguard.conf``, and the Python package into a directory any user
-  can read (the checkout may sit under a 0700 directory), run by Debian's
-  /usr/bin/python3 with Debian's python3-* libraries, as the package's /usr/bin/spaceguard
-  does.
-* ``deb``: ``dpkg -i`` of the package built by ``scripts/build-deb.sh`` (or of the .deb
-  that ``SPACEGUARD_TEST_DEB`` names); the units are then copied from /lib/systemd/system.
+* ``deb`` (the default): the files of the package ``scripts/build-deb.sh`` builds
+  (``tests.debpackage``: one build, reused while the sources are the same), unpacked with
+  ``dpkg-deb -x`` and put where installing it puts them: its units into the sandbox's unit
+  directory (the sandbox's /lib/systemd/system), its polkit rule into
+  /usr/share/polkit-1/rules.d, its user and groups made by ``systemd-sysusers`` from its
+  sysusers file; its /usr/bin/spaceguard runs from the unpacked tree on Debian's
+  /usr/bin/python3 and python3-* libraries.
+* ``files``: the same from this checkout, without building (quicker while editing).
+* ``dpkg``: ``dpkg -i`` of the built package (or of the .deb ``SPACEGUARD_TEST_DEB`` names)
+  on this host: the real maintainer scripts, but it changes the host's /usr and /etc.
 
 Either way the units are the shipped ones, unchanged; a drop-in only points paths at the
-test: the config file, the state directory, and (``files``) the program's location.
+test: the config file, the state directory, and (``deb``, ``files``) where the program is.
 ``DropIn`` refuses any other key, so no test can switch off the user or the hardening.
 """
 
@@ -44,12 +44,15 @@ PYTHON = "/usr/bin/python3"  # what the package's /usr/bin/spaceguard runs
 DEBIAN_LIBRARIES = ("dbus_next", "sdnotify", "pyinotify", "prometheus_client")
 # What a test drop-in may set: paths only (README, "Tests").
 ALLOWED_KEYS = frozenset({"ExecStartPre", "ExecStart", "Environment", "StateDirectory"})
+MODES = ("deb", "files", "dpkg")
 
 
 def mode() -> str:
-    chosen = os.environ.get("SPACEGUARD_TEST_INSTALL", "files").strip() or "files"
-    if chosen not in ("files", "deb"):
-        raise SandboxError(f"SPACEGUARD_TEST_INSTALL={chosen!r}: expected files or deb")
+    chosen = os.environ.get("SPACEGUARD_TEST_INSTALL", "").strip() or "deb"
+    if chosen not in MODES:
+        raise SandboxError(
+            f"SPACEGUARD_TEST_INSTALL={chosen!r}: expected one of {', '.join(MODES)}"
+        )
     return chosen
 
 
@@ -63,20 +66,36 @@ def missing() -> list[str]:
         problems.append("no polkitd (apt-get install polkitd)")
     if shutil.which("systemd-sysusers") is None:
         problems.append("no systemd-sysusers (apt-get install systemd)")
-    if mode() == "files":
-        probe = subprocess.run(
-            [PYTHON, "-c", "import " + ", ".join(DEBIAN_LIBRARIES)],
-            capture_output=True,
-            text=True,
-            check=False,
+    if mode() in ("deb", "dpkg") and not os.environ.get("SPACEGUARD_TEST_DEB"):
+        from tests.debpackage import missing_for_build
+
+        problems += missing_for_build()
+    probe = subprocess.run(
+        [PYTHON, "-c", "import " + ", ".join(DEBIAN_LIBRARIES)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if probe.returncode != 0:
+        problems.append(
+            f"{PYTHON} lacks Debian's libraries (apt-get install python3-dbus-next "
+            f"python3-sdnotify python3-pyinotify python3-prometheus-client): "
+            f"{probe.stderr.strip().splitlines()[-1:]}"
         )
-        if probe.returncode != 0:
-            problems.append(
-                f"{PYTHON} lacks Debian's libraries (apt-get install python3-dbus-next "
-                f"python3-sdnotify python3-pyinotify python3-prometheus-client): "
-                f"{probe.stderr.strip().splitlines()[-1:]}"
-            )
     return problems
+
+
+def built_deb() -> Path:
+    """The .deb to install: SPACEGUARD_TEST_DEB, or scripts/build-deb.sh's."""
+    named = os.environ.get("SPACEGUARD_TEST_DEB", "")
+    if named:
+        return Path(named)
+    from tests.debpackage import PackageError, build_package
+
+    try:
+        return build_package().deb
+    except PackageError as error:
+        raise SandboxError(str(error)) from None
 
 
 class DropIn:
@@ -111,16 +130,31 @@ class Installation:
         # StateDirectory= is relative to /var/lib; the config's state_dir must match it
         self.state_name = f"spaceguard-test/{tag}/state"
         self.state_dir = Path("/var/lib") / self.state_name
-        self.package_dir = workdir / "python"
+        # where the files come from: / (dpkg), the unpacked .deb (deb), the checkout (files)
+        self.root = Path("/")
+        self.deb: Path | None = None
+        self.package_dir = workdir / "python"  # PYTHONPATH of the program (not for dpkg)
 
     # -- on the host (before the sandbox boots)
 
     def install_host_files(self) -> None:
-        if self.mode == "deb":
-            self._install_deb()
+        if self.mode == "dpkg":
+            self.deb = built_deb()
+            self._run(["dpkg", "-i", str(self.deb)])
             return
-        self._run(["systemd-sysusers", str(REPO / "packaging" / "sysusers" / "spaceguard.conf")])
-        rule = (REPO / "packaging" / "polkit" / "50-spaceguard.rules").read_bytes()
+        if self.mode == "deb":
+            self.deb = built_deb()
+            self.root = self.workdir / "package"
+            self.root.mkdir()
+            self._run(["dpkg-deb", "-x", str(self.deb), str(self.root)])
+            self.package_dir = self.root / "usr" / "lib" / "python3" / "dist-packages"
+            sysusers = self.root / "usr" / "lib" / "sysusers.d" / "spaceguard.conf"
+            rule = (self.root / POLKIT_RULE.relative_to("/")).read_bytes()
+        else:
+            self._copy_package()
+            sysusers = REPO / "packaging" / "sysusers" / "spaceguard.conf"
+            rule = (REPO / "packaging" / "polkit" / "50-spaceguard.rules").read_bytes()
+        self._run(["systemd-sysusers", str(sysusers)])
         current = b""
         with contextlib.suppress(FileNotFoundError):
             current = POLKIT_RULE.read_bytes()
@@ -130,7 +164,6 @@ class Installation:
             partial.write_bytes(rule)
             partial.chmod(0o644)
             partial.replace(POLKIT_RULE)  # atomic: a polkitd reading it sees all or nothing
-        self._copy_package()
 
     def _copy_package(self) -> None:
         target = self.package_dir / "spaceguard"
@@ -139,20 +172,6 @@ class Installation:
         )
         for path in [self.package_dir, *self.package_dir.rglob("*")]:
             path.chmod(0o755 if path.is_dir() else 0o644)
-
-    def _install_deb(self) -> None:
-        deb = os.environ.get("SPACEGUARD_TEST_DEB", "")
-        if not deb:
-            build = subprocess.run(
-                ["bash", str(REPO / "scripts" / "build-deb.sh"), "--no-lint"],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            if build.returncode != 0:
-                raise SandboxError(f"scripts/build-deb.sh failed:\n{build.stderr[-3000:]}")
-            deb = build.stdout.strip().splitlines()[-1]
-        self._run(["dpkg", "-i", deb])
 
     def write_config(self, text: str) -> None:
         """The config as the package installs it: 0640 root:spaceguard."""
@@ -163,25 +182,33 @@ class Installation:
     # -- in the sandbox
 
     def unit_files(self) -> list[Path]:
-        if self.mode == "deb":
-            return sorted(
-                p
-                for p in SYSTEM_UNIT_DIR.glob("spaceguard*")
-                if p.suffix in (".service", ".socket")
-            )
-        return sorted([*(REPO / "systemd").glob("*.service"), *(REPO / "systemd").glob("*.socket")])
+        if self.mode == "files":
+            directory = REPO / "systemd"
+        else:
+            directory = self.root / "lib" / "systemd" / "system"
+            if not directory.is_dir():
+                directory = self.root / "usr" / "lib" / "systemd" / "system"
+        return sorted(
+            p
+            for p in directory.iterdir()
+            if p.suffix in (".service", ".socket") and p.name.startswith("spaceguard")
+        )
+
+    def program(self) -> list[str]:
+        if self.mode == "files":
+            return [PYTHON, "-m", "spaceguard"]
+        return [str(self.root / "usr" / "bin" / "spaceguard")]
 
     def install_units(self, sandbox: SystemdSandbox) -> None:
         """The shipped units, unchanged, plus polkitd's own unit and the path drop-ins."""
-        for path in self.unit_files():
+        units = self.unit_files()
+        if not any(p.name == GUARD for p in units):
+            raise SandboxError(f"no {GUARD} among the installed units {units}")
+        for path in units:
             shutil.copy(path, sandbox.units_dir / path.name)
         shutil.copy(SYSTEM_UNIT_DIR / "polkit.service", sandbox.units_dir / "polkit.service")
-        if self.mode == "deb":
-            program = ["/usr/bin/spaceguard"]
-            environment: list[str] = []
-        else:
-            program = [PYTHON, "-m", "spaceguard"]
-            environment = [f"PYTHONPATH={self.package_dir}"]
+        program = self.program()
+        environment = [] if self.mode == "dpkg" else [f"PYTHONPATH={self.package_dir}"]
         config = str(self.config_path)
         guard = DropIn(GUARD).set("ExecStartPre", "", " ".join([*program, "check-config", config]))
         guard.set("ExecStart", "", " ".join([*program, "run", "--config", config]))

@@ -338,6 +338,9 @@ def test_the_units_run_as_shipped(shipped: Shipped) -> None:
             }
             assert keys <= {"ExecStartPre", "ExecStart", "Environment", "StateDirectory"}, keys
     assert sandbox.show(GUARD, "User") == "spaceguard"
+    if shipped.install.mode != "files":  # the package's own program, not the checkout's
+        assert shipped.install.program()[0] in sandbox.show(GUARD, "ExecStart")
+        assert (shipped.install.root / "usr/bin/spaceguard").exists()
     assert sandbox.show(GUARD, "ProtectSystem") == "strict"
     assert sandbox.show(GUARD, "PrivateTmp") == "yes"
     # the guard found it may not freeze, and connected to the helper at start-up
