@@ -17,7 +17,11 @@ flock 9
 
 # -- 1. Debian packages --------------------------------------------------------------
 packages=(systemd dbus rclone prometheus prometheus-alertmanager e2fsprogs util-linux
-          procps python3 python3-venv python3-pip libfaketime)
+          procps python3 python3-venv python3-pip libfaketime
+          # the shipped units' test (tests/integration/test_privilege.py): a real polkitd,
+          # and the libraries the package runs on with Debian's /usr/bin/python3
+          polkitd python3-dbus-next python3-sdnotify python3-pyinotify
+          python3-prometheus-client)
 missing=()
 for p in "${packages[@]}"; do
   status=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)
