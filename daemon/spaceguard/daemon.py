@@ -19,7 +19,7 @@ from . import __version__, journal
 from .alerts import AlertReceiver, AlertSender, GuardAlert
 from .atomicfile import BackgroundWriter
 from .config import Config, ConfigError, load
-from .consumers import ScanFailed, UnknownVolume, UsageMonitor
+from .consumers import FRESH_SECONDS, ScanFailed, UnknownVolume, UsageMonitor
 from .control import ControlError, ControlServer
 from .incidents import IncidentStore, partial_report
 from .logwatch import LogPosition, LogWatcher
@@ -78,7 +78,6 @@ DEFER_SECONDS = 0.002
 # NTP slews the clock by at most 0.5 ms/s; a change of the offset beyond this is a step
 CLOCK_STEP_TOLERANCE = 0.25
 PAUSE_ALERT = "SpaceguardMigrationPaused"  # policy's pause alert: gets what fills the volume
-FRESH_RESCAN_SECONDS = 10.0  # `usage --rescan` within this long of a scan returns that one
 ALERT_SENDER_TASK = "alert-sender"  # the name of the one task that runs AlertSender.run()
 
 
@@ -935,7 +934,7 @@ class Guard:
         for name in names:
             try:
                 if rescan:
-                    await self.consumers.scan(name, "demand", fresh=FRESH_RESCAN_SECONDS)
+                    await self.consumers.scan(name, "demand", fresh=FRESH_SECONDS)
                 reports.append(self.consumers.report(name))
             except UnknownVolume as error:
                 raise RequestError("not-found", str(error)) from None
