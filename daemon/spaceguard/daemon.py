@@ -751,6 +751,9 @@ class Guard:
             line += "; failed: " + ", ".join(failed)
         if not self.state.bus_connected:
             line += "; D-Bus DISCONNECTED"
+        polled = self.logwatch.polled()
+        if polled:
+            line += "; logs followed by stat (no inotify watch): " + ", ".join(sorted(polled))
         if self.config_problem:
             line += "; RELOAD FAILED (old config kept, see journal)"
         return line + self.store_watch.status_words()
@@ -782,6 +785,8 @@ class Guard:
                 for (rule, c), n in m.item_errors.items()
             },
             past_errors={a: m.past_errors for a, m in self.logs.items()},
+            log_polled=self.logwatch.polled(),
+            inotify_overflows=self.logwatch.overflows,
             usage=self.consumers.stats(),
             stores=self.store_watch.stats(),
         )
@@ -876,6 +881,7 @@ class Guard:
                     else None,
                     "retries": migration.retries,
                     "max_retries": migration_config.max_retries,
+                    "log_polled": self.logwatch.polled().get(migration.account, ""),
                     "transferred_bytes": migration.transferred_bytes,
                     "last_progress_at": migration.last_progress_at,
                 }

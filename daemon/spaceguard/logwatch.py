@@ -69,6 +69,9 @@ MAX_LINE_BYTES: Final = 64 << 10
 # (watchdog pings, other migrations' events) between them.
 MAX_BYTES_PER_TURN: Final = 8 << 20
 HEAD_CHECK_BYTES: Final = 256
+# A log inotify cannot watch (no watch left, no inotify instance) is examined this often.
+POLL_INTERVAL: Final = 0.25
+OVERFLOW_LOG_INTERVAL: Final = 60.0  # a storm of overflows is told once a minute
 
 _DIR_MASK: Final = (
     pyinotify.IN_CREATE
@@ -170,6 +173,7 @@ class _OpenLog:
         self.partial = bytearray()
         self.discarding = False  # the partial line hit the cap: drop bytes up to "\n"
         self.watch: int | None = None
+        self.watch_problem = ""  # why it has no watch (see _Watches)
         self.writer_closed = False
         self.read_pos_at_last_recheck = -1
         self._head_crc: tuple[int, int] | None = None  # (length, crc) of the first bytes
@@ -249,10 +253,14 @@ def _split_lines(block: bytes, max_line: int) -> list[str]:
 class _Watches:
     """inotify watches shared between followers (same directory, same inode)."""
 
-    def __init__(self, manager: Any) -> None:
-        self._manager = manager
+    def __init__(self, manager: Any, unavailable: str = "") -> None:
+        self._manager = manager  # None: no inotify instance (`unavailable` says why)
+        self.unavailable = unavailable
         self.dir_keys: dict[int, set[str]] = {}
         self.inode_keys: dict[int, set[str]] = {}
+        # why the latest add failed ("" if it worked, or if the path does not exist:
+        # that is no inotify problem, the path is watched once it appears)
+        self.last_problem = ""
 
     def watch_dir(self, directory: Path, key: str) -> int | None:
         return self._add(str(directory), _DIR_MASK, self.dir_keys, key)
@@ -273,13 +281,23 @@ class _Watches:
         return self.dir_keys.pop(wd, set()) | self.inode_keys.pop(wd, set())
 
     def _add(self, path: str, mask: int, table: dict[int, set[str]], key: str) -> int | None:
+        self.last_problem = ""
+        if self._manager is None:
+            self.last_problem = self.unavailable
+            return None
         try:
             result = self._manager.add_watch(path, mask, quiet=False)
         except pyinotify.WatchManagerError as exc:
             log.debug("cannot watch %s for %s: %s", path, key, exc)
+            if "(ENOENT)" not in str(exc):
+                # ENOSPC: fs.inotify.max_user_watches (or the user namespace's
+                # user.max_inotify_watches) is used up; or EACCES and the like
+                reason = str(exc).rpartition("Errno=")[2] or str(exc)
+                self.last_problem = f"cannot add an inotify watch on {path}: {reason}"
             return None
         wd = result.get(path, -1)
         if not isinstance(wd, int) or wd < 0:
+            self.last_problem = f"cannot add an inotify watch on {path}"
             return None
         table.setdefault(wd, set()).add(key)
         return wd
@@ -293,8 +311,9 @@ class _Watches:
             return
         del table[wd]
         # It may already be gone with its file or directory.
-        with contextlib.suppress(pyinotify.WatchManagerError):
-            self._manager.rm_watch(wd, quiet=False)
+        if self._manager is not None:
+            with contextlib.suppress(pyinotify.WatchManagerError):
+                self._manager.rm_watch(wd, quiet=False)
 
 
 class _Follower:
@@ -322,6 +341,7 @@ class _Follower:
         self.current: _OpenLog | None = None
         self.draining: list[_OpenLog] = []
         self.dir_watch: int | None = None
+        self.dir_watch_problem = ""  # why the directory has no watch (see _Watches)
         self.closed = False
         self.continuation_scheduled = False
         self._watches = watches
@@ -341,6 +361,27 @@ class _Follower:
     def ensure_dir_watch(self) -> None:
         if self.dir_watch is None:
             self.dir_watch = self._watches.watch_dir(self.path.parent, self.key)
+            self.dir_watch_problem = self._watches.last_problem
+
+    def ensure_inode_watches(self) -> None:
+        for reader in self._readers():
+            if reader.watch is None:
+                reader.watch = self._watches.watch_inode(reader.fd, self.key)
+                reader.watch_problem = self._watches.last_problem
+
+    def _readers(self) -> list[_OpenLog]:
+        return [*self.draining, *([self.current] if self.current is not None else [])]
+
+    def blind(self) -> str:
+        """Why inotify cannot tell us when this log changes ("" when it can)."""
+        if self.closed:
+            return ""
+        if self.dir_watch is None and self.dir_watch_problem:
+            return self.dir_watch_problem
+        for reader in self._readers():
+            if reader.watch is None and reader.watch_problem:
+                return reader.watch_problem
+        return ""
 
     def poll(self, budget: int, at_recheck: bool = False) -> bool:
         """Read whatever is new; True if the budget ran out with data left to read."""
@@ -455,6 +496,7 @@ class _Follower:
         if backlog:
             reader.backlog_end = st.st_size
         reader.watch = self._watches.watch_inode(fd, self.key)
+        reader.watch_problem = self._watches.last_problem
         self.current = reader
         self._last_problem = None
 
@@ -585,6 +627,12 @@ class LogWatcher:
 
     Callbacks ``on_lines(key, lines)`` run on the loop thread with complete lines (no
     trailing newline), in file order, in batches of up to one read chunk.
+
+    Where inotify cannot help, the watcher falls back to stat and says so: a log whose
+    directory or open file cannot be watched (fs.inotify.max_user_watches used up, no
+    inotify instance at all: max_user_instances) is examined every POLL_INTERVAL until a
+    watch can be added again (:meth:`polled` names them, with the reason); a queue
+    overflow (events lost) has every log examined at once (:attr:`overflows` counts them).
     """
 
     def __init__(
@@ -600,12 +648,29 @@ class LogWatcher:
         self._max_line = max_line_bytes
         self._max_bytes_per_turn = max_bytes_per_turn
         self._followers: dict[str, _Follower] = {}
-        self._manager = pyinotify.WatchManager()
-        self._watches = _Watches(self._manager)
-        self._notifier = pyinotify.Notifier(self._manager, default_proc_fun=self._on_event)
-        self._fd: int | None = self._manager.get_fd()
-        os.set_inheritable(self._fd, False)  # pyinotify's inotify_init() sets no CLOEXEC
-        self._loop.add_reader(self._fd, self._on_readable)
+        self._closed = False
+        self.overflows = 0  # inotify queue overflows (or unreadable event batches)
+        self._overflow_logged_at = -OVERFLOW_LOG_INTERVAL
+        self._polled: dict[str, str] = {}  # key → why it is followed by stat
+        self._poll_handle: asyncio.TimerHandle | None = None
+        self._fd: int | None = None
+        self._notifier: Any = None
+        try:
+            self._manager: Any = pyinotify.WatchManager()
+        except OSError as error:  # EMFILE: fs.inotify.max_user_instances used up
+            self._manager = None
+            self.inotify_problem = f"no inotify instance ({error})"
+            log.warning(
+                "%s: following every log by stat every %g s", self.inotify_problem, POLL_INTERVAL
+            )
+        else:
+            self.inotify_problem = ""
+        self._watches = _Watches(self._manager, self.inotify_problem)
+        if self._manager is not None:
+            self._notifier = pyinotify.Notifier(self._manager, default_proc_fun=self._on_event)
+            self._fd = self._manager.get_fd()
+            os.set_inheritable(self._fd, False)  # pyinotify's inotify_init() sets no CLOEXEC
+            self._loop.add_reader(self._fd, self._on_readable)
 
     # -- public API ------------------------------------------------------------------
 
@@ -624,7 +689,7 @@ class LogWatcher:
         were in the file before it was first read without a usable position (its past)
         go to ``on_backlog`` when given; lines of a file that appears later are new.
         """
-        if self._fd is None:
+        if self._closed:
             raise RuntimeError("LogWatcher is closed")
         if key in self._followers:
             raise ValueError(f"log {key!r} is already followed")
@@ -644,8 +709,13 @@ class LogWatcher:
 
     def remove(self, key: str) -> None:
         follower = self._followers.pop(key, None)
+        self._polled.pop(key, None)
         if follower is not None:
             follower.close()
+
+    def polled(self) -> dict[str, str]:
+        """The logs followed by stat because inotify cannot watch them: key → why."""
+        return dict(self._polled)
 
     def positions(self) -> dict[str, LogPosition]:
         result: dict[str, LogPosition] = {}
@@ -660,22 +730,37 @@ class LogWatcher:
         up: the daemon calls this every few seconds)."""
         for follower in list(self._followers.values()):
             follower.ensure_dir_watch()
+            follower.ensure_inode_watches()
             self._poll(follower, at_recheck=True)
 
     def on_queue_overflow(self) -> None:
         """inotify dropped events: every file may have changed."""
-        log.warning("inotify event queue overflowed; rechecking every log")
+        self.overflows += 1
+        now = self._loop.time()
+        if now - self._overflow_logged_at >= OVERFLOW_LOG_INTERVAL:
+            self._overflow_logged_at = now
+            log.warning(
+                "inotify event queue overflowed (%d times so far; fs.inotify."
+                "max_queued_events): events were lost, rechecking every log by stat",
+                self.overflows,
+            )
         self.recheck()
 
     def close(self) -> None:
-        if self._fd is None:
+        if self._closed:
             return
+        self._closed = True
+        if self._poll_handle is not None:
+            self._poll_handle.cancel()
+            self._poll_handle = None
         for follower in self._followers.values():
             follower.close()
         self._followers.clear()
-        self._loop.remove_reader(self._fd)
-        self._notifier.stop()  # closes the inotify fd (and with it every watch)
-        self._fd = None
+        self._polled.clear()
+        if self._fd is not None:
+            self._loop.remove_reader(self._fd)
+            self._notifier.stop()  # closes the inotify fd (and with it every watch)
+            self._fd = None
 
     # -- inotify ---------------------------------------------------------------------
 
@@ -740,3 +825,37 @@ class LogWatcher:
     def _poll(self, follower: _Follower, at_recheck: bool = False) -> None:
         if follower.poll(self._max_bytes_per_turn, at_recheck):
             self._schedule(follower)  # more to read: continue after other callbacks
+        self._track_blindness(follower)
+
+    # -- stat polling where inotify cannot watch ---------------------------------------
+
+    def _track_blindness(self, follower: _Follower) -> None:
+        key = follower.key
+        why = follower.blind() if self._followers.get(key) is follower else ""
+        if why and key not in self._polled:
+            self._polled[key] = why
+            log.warning(
+                "%s: %s: following %s by stat every %g s until it can be watched",
+                key,
+                why,
+                follower.path,
+                POLL_INTERVAL,
+            )
+        elif not why and key in self._polled:
+            del self._polled[key]
+            log.info("%s: inotify watches %s again", key, follower.path)
+        if self._polled and self._poll_handle is None and not self._closed:
+            self._poll_handle = self._loop.call_later(POLL_INTERVAL, self._poll_blind)
+
+    def _poll_blind(self) -> None:
+        self._poll_handle = None
+        for key in list(self._polled):
+            follower = self._followers.get(key)
+            if follower is None:
+                self._polled.pop(key, None)
+                continue
+            follower.ensure_dir_watch()  # the limit may have been raised, watches freed
+            follower.ensure_inode_watches()
+            self._poll(follower)
+        if self._polled and self._poll_handle is None and not self._closed:
+            self._poll_handle = self._loop.call_later(POLL_INTERVAL, self._poll_blind)

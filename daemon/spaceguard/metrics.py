@@ -74,6 +74,9 @@ class Snapshot:
     # (account, class, rule) → item errors of current runs; account → lines of earlier runs
     item_errors: Mapping[tuple[str, str, str], int] = field(default_factory=dict)
     past_errors: Mapping[str, int] = field(default_factory=dict)
+    # account → why its log is followed by stat (inotify cannot watch it); overflows
+    log_polled: Mapping[str, str] = field(default_factory=dict)
+    inotify_overflows: int = 0
     # store (state | incidents | alerts) → how its background writer fares
     stores: Mapping[str, WriterHealth] = field(default_factory=dict)
 
@@ -290,7 +293,20 @@ def _activity(snap: Snapshot) -> Iterator[Metric]:
     )
     for (action, reason, result), count in sorted(counters.actions.items()):
         actions.add_metric([action, reason, result], count)
-    yield from (lines, errors, item_errors, past, incidents, open_incidents, actions)
+    polled = GaugeMetricFamily(
+        "spaceguard_log_polled",
+        "1 while the log is followed by stat every 0.25 s: inotify cannot watch it",
+        labels=["account"],
+    )
+    for account in accounts:
+        polled.add_metric([account], 1 if account in snap.log_polled else 0)
+    overflows = CounterMetricFamily(
+        "spaceguard_log_inotify_overflows",
+        "inotify event queue overflows (every log was rechecked by stat)",
+    )
+    overflows.add_metric([], snap.inotify_overflows)
+    yield from (lines, errors, item_errors, past, polled, overflows, incidents, open_incidents)
+    yield actions
 
 
 def _stores(snap: Snapshot) -> Iterator[Metric]:
