@@ -218,7 +218,8 @@ def _guard_config(install: Installation, volume: LoopVolume, workdir: Path, port
 
 
 def _generated_rule(workdir: Path, unit: str) -> str:
-    """`spaceguard polkit-rule` for a config naming one unit the shipped rule does not."""
+    """`spaceguard polkit-rule` for a config naming one unit the shipped rule does not. It is
+    made for user nobody: a rule for spaceguard would refuse the guard its real units."""
     config = workdir / "generated.toml"
     config.write_text(
         textwrap.dedent(f"""\
@@ -231,7 +232,7 @@ def _generated_rule(workdir: Path, unit: str) -> str:
         """)
     )
     result = subprocess.run(
-        [sys.executable, "-m", "spaceguard", "polkit-rule", "--any-unit", str(config)],
+        [sys.executable, "-m", "spaceguard", "polkit-rule", "--any-unit", "--user=nobody", config],
         capture_output=True,
         text=True,
         check=True,
@@ -251,13 +252,26 @@ def shipped() -> Iterator[Shipped]:
         path.chmod(0o755)  # the spaceguard user reaches its config and the volume
     generated_unit = f"sggen{tag.replace('-', 'x')}.service"
     rule_path = Path(f"/etc/polkit-1/rules.d/49-spaceguard-test-{tag}.rules")
+    # a later, looser rule: the generated one must have the last word all the same
+    looser_path = Path(f"/etc/polkit-1/rules.d/51-spaceguard-test-{tag}.rules")
+    looser_units = [generated_unit, f"sgnot{tag.replace('-', 'x')}.service"]
     install = Installation(workdir, tag)
     volume = LoopVolume(workdir / "vol", 256, options=["nodelalloc"])
     sandbox = SystemdSandbox(workdir / "sandbox")
     try:
         install.install_host_files()
         rule_path.write_text(_generated_rule(workdir, generated_unit))
-        rule_path.chmod(0o644)
+        looser_path.write_text(
+            "polkit.addRule(function (action, subject) {\n"
+            f"    var units = {json.dumps(looser_units)};\n"
+            '    if (subject.user === "nobody" && units.indexOf(action.lookup("unit")) >= 0) {\n'
+            "        return polkit.Result.YES;\n"
+            "    }\n"
+            "    return polkit.Result.NOT_HANDLED;\n"
+            "});\n"
+        )
+        for path in (rule_path, looser_path):
+            path.chmod(0o644)
         volume.mount()
         (volume.mountpoint / "alice").mkdir()
         status = workdir / "alice.status"
@@ -292,6 +306,7 @@ def shipped() -> Iterator[Shipped]:
                 ),
                 "other.service": sleeper,
                 generated_unit: sleeper,
+                looser_units[1]: sleeper,
                 "sgother.service": sleeper,
             }
         )
@@ -316,6 +331,7 @@ def shipped() -> Iterator[Shipped]:
         sandbox.down()
         volume.umount()
         rule_path.unlink(missing_ok=True)
+        looser_path.unlink(missing_ok=True)
         install.cleanup()
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -481,23 +497,29 @@ def test_the_helper_refuses_other_units_and_other_peers(shipped: Shipped) -> Non
 
 
 def test_a_generated_rule_grants_exactly_its_config(shipped: Shipped) -> None:
+    """The rule `spaceguard polkit-rule` made (here for user nobody) grants start and stop of
+    its one unit, and refuses the rest even where a later rule would grant it."""
     sandbox = shipped.sandbox
     unit = shipped.generated_unit
-    sandbox.systemctl("start", unit, "sgother.service")
-    interactive = "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"
+    other = unit.replace("sggen", "sgnot")
+    sandbox.systemctl("start", unit, other, "sgother.service")
     results = shipped.dbus_as(
-        "spaceguard",
-        ["RestartUnit", unit, "replace"],
+        "nobody",
+        ["RestartUnit", unit, "replace"],  # the later rule would grant it
+        ["StopUnit", other, "replace"],  # the later rule would grant it
         ["StopUnit", "sgother.service", "replace"],
         ["StopUnit", unit, "replace"],
         ["StartUnit", unit, "replace"],
     )
+    denied = "org.freedesktop.DBus.Error.AccessDenied"
     assert results == {
-        f"RestartUnit {unit} replace": interactive,
-        "StopUnit sgother.service replace": interactive,
+        f"RestartUnit {unit} replace": denied,
+        f"StopUnit {other} replace": denied,
+        "StopUnit sgother.service replace": denied,
         f"StopUnit {unit} replace": None,
         f"StartUnit {unit} replace": None,
     }, results
+    assert sandbox.show(other, "ActiveState") == "active"
 
 
 def test_security_exposure(shipped: Shipped) -> None:

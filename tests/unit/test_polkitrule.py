@@ -54,8 +54,14 @@ def test_the_rule_text_holds_the_table_and_the_user() -> None:
     table = json.loads(text.split("var grants = ", 1)[1].split(";\n", 1)[0])
     assert table["m365-verify@alice.service"] == ["start"]
     assert 'subject.user !== "guard"' in text
-    assert 'action.id !== "org.freedesktop.systemd1.manage-units"' in text
+    # both actions systemd 252 asks about a unit (the second when the first is not granted)
+    assert 'action.id === "org.freedesktop.systemd1.manage-units"' in text
+    assert 'action.id === "org.freedesktop.systemd1.manage-unit-files"' in text
     assert "freeze" not in table.values().__repr__()
+    # the last word on the user's unit requests: the shipped rule after it is never asked
+    body = text.split("polkit.addRule(", 1)[1]
+    assert body.count("return polkit.Result.NO;") == 1
+    assert body.index("return polkit.Result.YES;") < body.index("return polkit.Result.NO;")
 
 
 def test_never_looser_than_the_shipped_rule_unless_asked() -> None:
