@@ -7,8 +7,10 @@ One request per line, one reply per line, several per connection::
     ← {"v": 1, "ok": false, "error": {"code": "forbidden", "message": "..."}}
 
 Requests are parsed with `json` only (never pickle, never eval) and every argument is
-checked before the backend sees it. Who may do what comes from the kernel (SO_PEERCRED),
-not from anything the client says. Every client is its own task with a deadline for each
+checked before the backend sees it. Who may do what comes from the kernel (SO_PEERCRED
+and SO_PEERGROUPS: the caller's uid and the groups its process holds), not from anything
+the client says, nor from the group database: a process that dropped a group has dropped
+what it grants. Every client is its own task with a deadline for each
 line and each reply, and their number is capped, so a bad or slow client costs the loop
 nothing: the guard's decisions and watchdog keep their timing.
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import grp
 import logging
 import os
@@ -56,6 +59,10 @@ log = logging.getLogger(__name__)
 REQUEST_BURST = 50
 SD_LISTEN_FDS_START = 3  # the first fd systemd passes (sd_listen_fds(3))
 IDENTITY_CACHE_SECONDS = 10.0  # group changes show up within this long
+# SO_PEERGROUPS (Linux >= 4.13): the peer's supplementary groups at connect(); Python's
+# socket module may lack the name (3.11 does), the value is the kernel's
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+NGROUPS_MAX = 65536
 
 
 class ControlBackend(Protocol):
@@ -87,11 +94,18 @@ class Peer:
     gid: int
     pid: int
     user: str = ""  # "" when the uid has no passwd entry
-    gids: frozenset[int] = frozenset()  # primary and supplementary groups
+    gids: frozenset[int] = frozenset()  # primary and supplementary groups its process holds
+    groups_known: bool = True  # False: the kernel could not tell the supplementary groups
 
     @property
     def who(self) -> str:
         return f"uid {self.uid} ({self.user or 'no passwd entry'})"
+
+    def in_group(self, gid: int | None) -> bool:
+        """Whether the process holds `gid` (as its group or a supplementary one). Without
+        SO_PEERGROUPS only its group counts: a right from a supplementary group is refused
+        rather than guessed from the group database."""
+        return gid is not None and gid in self.gids
 
 
 @dataclass(frozen=True)
@@ -105,12 +119,10 @@ class Access:
     admin_gid: int | None = None
 
     def may_change(self, peer: Peer) -> bool:
-        return peer.uid == 0 or (self.admin_gid is not None and self.admin_gid in peer.gids)
+        return peer.uid == 0 or peer.in_group(self.admin_gid)
 
     def may_read(self, peer: Peer) -> bool:
-        return self.may_change(peer) or (
-            self.reader_gid is not None and self.reader_gid in peer.gids
-        )
+        return self.may_change(peer) or peer.in_group(self.reader_gid)
 
     def allows(self, peer: Peer, verb: str) -> bool:
         return self.may_read(peer) if verb in READ_VERBS else self.may_change(peer)
@@ -127,33 +139,31 @@ class Access:
 
 
 class IdentityCache:
-    """uid → (user name, groups) and group name → gid, kept briefly: the lookups read
-    /etc/passwd and /etc/group, and a burst of clients should not repeat them."""
+    """uid → user name and group name → gid, kept briefly: the lookups read /etc/passwd
+    and /etc/group, and a burst of clients should not repeat them. (Which groups a caller
+    is in comes from the kernel, never from here: see peer_groups.)"""
 
     def __init__(
         self, ttl: float = IDENTITY_CACHE_SECONDS, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.ttl, self.clock = ttl, clock
-        self._users: dict[tuple[int, int], tuple[float, str, frozenset[int]]] = {}
+        self._users: dict[int, tuple[float, str]] = {}
         self._groups: dict[str, tuple[float, int | None]] = {}
 
-    def user(self, uid: int, gid: int) -> tuple[str, frozenset[int]]:
+    def user(self, uid: int) -> str:
+        """The user name of `uid` ("" when it has no passwd entry)."""
         now = self.clock()
-        cached = self._users.get((uid, gid))
+        cached = self._users.get(uid)
         if cached is not None and now - cached[0] < self.ttl:
-            return cached[1], cached[2]
+            return cached[1]
         try:
             name = pwd.getpwuid(uid).pw_name
         except KeyError:
             name = ""
-        gids = {gid}
-        if name:
-            with contextlib.suppress(OSError):
-                gids.update(os.getgrouplist(name, gid))
         if len(self._users) > 1024:  # bounded: uids are few, but never trust that
             self._users.clear()
-        self._users[(uid, gid)] = (now, name, frozenset(gids))
-        return name, frozenset(gids)
+        self._users[uid] = (now, name)
+        return name
 
     def group(self, name: str) -> int | None:
         if not name:
@@ -175,6 +185,24 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
     return pid, uid, gid
+
+
+def peer_groups(sock: socket.socket) -> frozenset[int] | None:
+    """The supplementary groups the connecting process held when it connected
+    (SO_PEERGROUPS), or None when the kernel cannot tell (before Linux 4.13)."""
+    size = 256 * 4
+    while True:
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
+        except OSError as error:
+            if error.errno == errno.ERANGE and size < NGROUPS_MAX * 4:
+                size = NGROUPS_MAX * 4  # more groups than the first guess: ask for all
+                continue
+            if error.errno in (errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.EINVAL):
+                return None
+            raise
+        count = len(raw) // 4
+        return frozenset(struct.unpack(f"{count}I", raw[: count * 4]))
 
 
 async def _dispatch(verb: str, args: dict[str, Any], peer: Peer, backend: ControlBackend) -> object:
@@ -234,8 +262,14 @@ async def handle_line(
                 f"{peer.who}",
             )
         if not access.allows(peer, verb):
+            unknown = (
+                ""
+                if peer.groups_known
+                else " (this kernel cannot tell the groups of your process: SO_PEERGROUPS)"
+            )
             raise RequestError(
-                "forbidden", f"{verb} needs {access.requirement(verb)}; you are {peer.who}"
+                "forbidden",
+                f"{verb} needs {access.requirement(verb)}; you are {peer.who}{unknown}",
             )
         args = check_args(verb, request.get("args"))
         result = jsonable(await _dispatch(verb, args, peer, backend))
@@ -470,8 +504,15 @@ class ControlServer:
     def _peer(self, writer: asyncio.StreamWriter) -> Peer:
         sock = writer.get_extra_info("socket")
         pid, uid, gid = peer_credentials(sock)
-        user, gids = self.identities.user(uid, gid)
-        return Peer(uid=uid, gid=gid, pid=pid, user=user, gids=gids)
+        groups = peer_groups(sock)
+        return Peer(
+            uid=uid,
+            gid=gid,
+            pid=pid,
+            user=self.identities.user(uid),
+            gids=frozenset({gid, *(groups or ())}),
+            groups_known=groups is not None,
+        )
 
     async def _client_connected(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter

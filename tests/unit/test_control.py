@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import errno
 import functools
 import grp
 import json
@@ -37,7 +38,14 @@ if str(DAEMON_DIR) not in sys.path:
     sys.path.insert(0, str(DAEMON_DIR))
 
 from spaceguard import __version__  # noqa: E402
-from spaceguard.control import ControlError, ControlServer  # noqa: E402
+from spaceguard.control import (  # noqa: E402
+    Access,
+    ControlError,
+    ControlServer,
+    Peer,
+    handle_line,
+    peer_groups,
+)
 from spaceguard.protocol import MAX_LINE_BYTES  # noqa: E402
 
 NOBODY_UID = 65534
@@ -303,7 +311,10 @@ async def ctl(
     *argv: str,
     as_uid: int | None = None,
     env: dict[str, str] | None = None,
+    groups: str | None = None,
 ) -> tuple[int, str, str]:
+    """Run spaceguardctl (as `as_uid`, holding the supplementary `groups`, comma-separated
+    names or gids, or none)."""
     command = [_python_for(as_uid), "-m", "spaceguard.ctl"]
     if socket_path is not None:
         command += ["--socket", str(socket_path)]
@@ -315,7 +326,7 @@ async def ctl(
             str(as_uid),
             "--regid",
             str(as_uid),
-            "--clear-groups",
+            *(["--groups", groups] if groups else ["--clear-groups"]),
             *command,
         ]
     environment = {
@@ -982,7 +993,7 @@ def test_reader_group_reads_but_does_not_change(socket_dir: Path) -> None:
     backend = RecordingBackend()
     path = socket_dir / "control.sock"
 
-    async def body(reader_group: str) -> None:
+    async def body(reader_group: str, groups: str | None = None) -> None:
         async with serving(
             path, backend, reader_group=reader_group, admin_group="sg-admins-absent"
         ):
@@ -994,7 +1005,7 @@ def test_reader_group_reads_but_does_not_change(socket_dir: Path) -> None:
                 ["version"],
                 ["check-config"],
             ):
-                code, _, err = await ctl(path, *argv, as_uid=NOBODY_UID)
+                code, _, err = await ctl(path, *argv, as_uid=NOBODY_UID, groups=groups)
                 assert code == 0, (argv, err)
             for argv in (
                 ["pause", "alice"],
@@ -1004,17 +1015,16 @@ def test_reader_group_reads_but_does_not_change(socket_dir: Path) -> None:
                 ["reload"],
                 ["check-config", "/etc/shadow"],
             ):
-                code, _, err = await ctl(path, *argv, as_uid=NOBODY_UID)
+                code, _, err = await ctl(path, *argv, as_uid=NOBODY_UID, groups=groups)
                 assert code == 4 and "sg-admins-absent" in err, (argv, err)
         assert not any(call[0] in ("operator", "ack", "reload") for call in backend.calls)
         assert ("check_config", "/etc/shadow") not in backend.calls
 
     # membership by primary group (nobody's gid is nogroup)
     run(lambda: body("nogroup"))
-    # membership listed in /etc/group only: found with getgrouplist(), even though the
-    # caller's process dropped its supplementary groups
+    # a supplementary group the caller's process holds (SO_PEERGROUPS)
     with _group_with_nobody() as group:
-        run(lambda: body(group))
+        run(lambda: body(group, groups=group))
 
 
 def test_admin_group_may_change(socket_dir: Path) -> None:
@@ -1022,7 +1032,7 @@ def test_admin_group_may_change(socket_dir: Path) -> None:
     backend = RecordingBackend()
     path = socket_dir / "control.sock"
 
-    async def body(admin_group: str) -> None:
+    async def body(admin_group: str, groups: str | None = None) -> None:
         backend.calls.clear()
         async with serving(path, backend, admin_group=admin_group):
             path.chmod(0o666)
@@ -1032,11 +1042,75 @@ def test_admin_group_may_change(socket_dir: Path) -> None:
                 ["ack", "x-1"],
                 ["check-config", "/etc/x.toml"],
             ):
-                code, _, err = await ctl(path, *argv, as_uid=NOBODY_UID)
+                code, _, err = await ctl(path, *argv, as_uid=NOBODY_UID, groups=groups)
                 assert code == 0, (argv, err)
         assert ("operator", "pause", "alice", "swap", False, "uid 65534 (nobody)") in backend.calls
         assert ("ack", "x-1", "uid 65534 (nobody)") in backend.calls
 
     with _group_with_nobody() as group:
-        run(lambda: body(group))
+        run(lambda: body(group, groups=group))
     run(lambda: body("nogroup"))
+
+
+def test_a_client_that_dropped_a_supplementary_group_has_dropped_its_rights(
+    socket_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """nobody is a member of the admin group in /etc/group. A spaceguardctl whose process
+    holds that group may change; the same user's process that dropped it (setgroups,
+    here through setpriv) may not, although the group database still lists it: rights
+    come from the groups the process holds (SO_PEERGROUPS), not from the database."""
+    _require_setpriv()
+    backend = RecordingBackend()
+    path = socket_dir / "control.sock"
+
+    async def body(admin: str, reader: str) -> None:
+        async with serving(path, backend, reader_group=reader, admin_group=admin):
+            path.chmod(0o666)
+            # holds both: reads and changes
+            code, _, err = await ctl(
+                path, "pause", "alice", as_uid=NOBODY_UID, groups=f"{admin},{reader}"
+            )
+            assert code == 0, err
+            # dropped the admin group, kept the readers': reads, may not change
+            code, _, err = await ctl(path, "status", as_uid=NOBODY_UID, groups=reader)
+            assert code == 0, err
+            code, out, err = await ctl(path, "resume", "alice", as_uid=NOBODY_UID, groups=reader)
+            assert (code, out) == (4, "") and f"group {admin!r}" in err, err
+            # dropped every supplementary group: not even a reader any more
+            code, _, err = await ctl(path, "status", as_uid=NOBODY_UID)
+            assert code == 4 and "you are uid 65534 (nobody)" in err, err
+        operator_calls = [call for call in backend.calls if call[0] == "operator"]
+        assert [call[1] for call in operator_calls] == ["pause"]
+
+    with (
+        _group_with_nobody() as admin,
+        _group_with_nobody() as reader,
+        caplog.at_level(logging.WARNING, logger="spaceguard.control"),
+    ):
+        run(lambda: body(admin, reader))
+    refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert [message.split()[2] for message in refused] == ["resume", "status"]
+
+
+def test_peer_groups_come_from_the_kernel(socket_dir: Path) -> None:
+    """SO_PEERGROUPS on a real socket pair: this process's own supplementary groups; and
+    a kernel without it means None (then only a process's own group counts)."""
+    left, right = socket.socketpair()
+    with left, right:
+        assert peer_groups(left) == frozenset(os.getgroups())
+
+    class Old:
+        def getsockopt(self, *args: object) -> bytes:
+            raise OSError(errno.ENOPROTOOPT, "Protocol not available")
+
+    assert peer_groups(Old()) is None  # type: ignore[arg-type]
+    access = Access("readers", "admins", 100, 200)
+    unknown = Peer(uid=1000, gid=1000, pid=1, user="x", gids=frozenset({1000}), groups_known=False)
+    assert not access.may_read(unknown) and not access.may_change(unknown)
+    primary = Peer(uid=1000, gid=100, pid=1, user="x", gids=frozenset({100}), groups_known=False)
+    assert access.may_read(primary) and not access.may_change(primary)
+    reply = asyncio.run(
+        handle_line(request("status").rstrip(b"\n"), unknown, RecordingBackend(), access)
+    )
+    assert reply["error"]["code"] == "forbidden"
+    assert "cannot tell the groups of your process: SO_PEERGROUPS" in reply["error"]["message"]
