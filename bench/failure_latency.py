@@ -28,11 +28,57 @@ from space_reaction import cpu_seconds, host_pid
 from tests.guardrig import REPO, GuardRig, wait_until
 from tests.sandbox import LoopVolume, SystemdSandbox
 
+# rclone's 401 on the remote itself (run-level: the whole run cannot go on). Only lines of
+# the current run act, so each is dated when it is written.
 ERROR_LINE = (
-    "2026/11/25 12:00:00 ERROR : Documents/report.xlsx: Failed to copy: "
+    "{now} ERROR : webdav root '': error reading source root directory: "
     "couldn't list files: Unauthorized: 401 Unauthorized\n"
 )
 INFO_LINE = "2026/11/25 12:00:00 INFO  : Documents/notes.txt: Copied (new)\n"
+
+
+def stamp() -> str:
+    return time.strftime("%Y/%m/%d %H:%M:%S")
+
+
+def stop_latencies(
+    sandbox: SystemdSandbox, rig: GuardRig, account: str, unit: str, log: Path, trials: int
+) -> list[float]:
+    """Write a run-level error line `trials` times; each time, milliseconds until the
+    unit's cgroup is empty; after each, `spaceguardctl retry` starts the migration again."""
+    env = dict(os.environ, PYTHONPATH=str(REPO / "daemon"))
+    incidents = f'spaceguard_incidents_total{{account="{account}"}}'
+    first = rig.metrics().get(incidents, 0)
+    latencies: list[float] = []
+    for _ in range(trials):
+        sandbox.wait_for(unit, "ActiveState", "active", timeout=30)
+        events = sandbox.unit_cgroup(unit) / "cgroup.events"
+        with log.open("a") as handle:
+            line = ERROR_LINE.format(now=stamp())
+            written = time.monotonic()
+            handle.write(line)
+            handle.flush()
+        while True:
+            try:
+                if "populated 1" not in events.read_text():
+                    break
+            except FileNotFoundError:
+                break  # systemd removed the stopped unit's cgroup
+            time.sleep(0.0002)
+        latencies.append((time.monotonic() - written) * 1000)
+        wait_until(
+            lambda: rig.metrics().get(incidents, 0) >= first + len(latencies),
+            30,
+            "the incident",
+        )
+        subprocess.run(
+            [sys.executable, "-m", "spaceguard.ctl", "--socket", str(rig.host_socket),
+             "retry", account],
+            check=True,
+            capture_output=True,
+            env=env,
+        )  # fmt: skip
+    return latencies
 
 
 def main() -> int:
@@ -87,46 +133,9 @@ def main() -> int:
             time.sleep(args.quiet_seconds)
             quiet_cpu = 100 * (cpu_seconds(pid) - before) / (time.monotonic() - started)
 
-            env = dict(os.environ, PYTHONPATH=str(REPO / "daemon"))
-            latencies = []
-            unit, log = "m365-migrate@m0.service", logs[0]
-            for _ in range(args.trials):
-                sandbox.wait_for(unit, "ActiveState", "active", timeout=30)
-                events = sandbox.unit_cgroup(unit) / "cgroup.events"
-                with log.open("a") as handle:
-                    written = time.monotonic()
-                    handle.write(ERROR_LINE)
-                    handle.flush()
-                while True:
-                    try:
-                        if "populated 1" not in events.read_text():
-                            break
-                    except FileNotFoundError:
-                        break  # systemd removed the stopped unit's cgroup
-                    time.sleep(0.0002)
-                latencies.append((time.monotonic() - written) * 1000)
-                wait_until(
-                    lambda: (
-                        rig.metrics().get('spaceguard_incidents_total{account="m0"}', 0)
-                        >= len(latencies)
-                    ),
-                    30,
-                    "the incident",
-                )
-                subprocess.run(
-                    [
-                        python,
-                        "-m",
-                        "spaceguard.ctl",
-                        "--socket",
-                        str(rig.host_socket),
-                        "retry",
-                        "m0",
-                    ],
-                    check=True,
-                    capture_output=True,
-                    env=env,
-                )
+            latencies = stop_latencies(
+                sandbox, rig, "m0", "m365-migrate@m0.service", logs[0], args.trials
+            )
             rig.stop()
         finally:
             sandbox.down()
