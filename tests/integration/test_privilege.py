@@ -44,6 +44,7 @@ from tests.sandbox import (
     missing_for_volumes,
     require,
 )
+from tests.unit.test_alertmanager_real import NotificationRecorder
 
 MIB = 1024 * 1024
 _SEQ = itertools.count(1)
@@ -98,6 +99,7 @@ class Shipped:
     status: Path
     metrics_port: int
     generated_unit: str
+    webhook: NotificationRecorder
 
     def journal(self, unit: str = GUARD) -> str:
         return self.sandbox.journal(unit)
@@ -171,7 +173,9 @@ def _make_ballast(volume: LoopVolume, mib: int) -> Path:
     return path
 
 
-def _guard_config(install: Installation, volume: LoopVolume, workdir: Path, port: int) -> str:
+def _guard_config(
+    install: Installation, volume: LoopVolume, workdir: Path, port: int, webhook: str
+) -> str:
     return textwrap.dedent(f"""\
         [guard]
         state_dir = "{install.state_dir}"
@@ -214,6 +218,13 @@ def _guard_config(install: Installation, volume: LoopVolume, workdir: Path, port
         max_retries = 1
         retry_backoff = "1s"
         log = "{workdir}/logs/carol.log"
+
+        # on localhost: reachable under the unit's IPAddressAllow=localhost
+        [[alerts.receivers]]
+        name = "hook"
+        kind = "webhook"
+        url = "{webhook}"
+        timeout = "2s"
         """)
 
 
@@ -258,6 +269,7 @@ def shipped() -> Iterator[Shipped]:
     install = Installation(workdir, tag)
     volume = LoopVolume(workdir / "vol", 256, options=["nodelalloc"])
     sandbox = SystemdSandbox(workdir / "sandbox")
+    webhook = NotificationRecorder()
     try:
         install.install_host_files()
         rule_path.write_text(_generated_rule(workdir, generated_unit))
@@ -284,7 +296,7 @@ def shipped() -> Iterator[Shipped]:
         logs.chmod(0o2750)
         (logs / "carol.log").touch(mode=0o640)
         port = free_port()
-        install.write_config(_guard_config(install, volume, workdir, port))
+        install.write_config(_guard_config(install, volume, workdir, port, webhook.url))
         for name, text in (("dbus_try.py", DBUS_TRY), ("freezer_try.py", FREEZER_TRY)):
             (workdir / name).write_text(text)
             (workdir / name).chmod(0o644)
@@ -326,8 +338,9 @@ def shipped() -> Iterator[Shipped]:
                 f"the shipped guard did not start: {result.stderr}\n"
                 f"{sandbox.journal(GUARD)[-4000:]}\n{sandbox.journal(FREEZER)[-2000:]}"
             )
-        yield Shipped(sandbox, install, volume, workdir, status, port, generated_unit)
+        yield Shipped(sandbox, install, volume, workdir, status, port, generated_unit, webhook)
     finally:
+        webhook.stop()
         sandbox.down()
         volume.umount()
         rule_path.unlink(missing_ok=True)
@@ -391,6 +404,13 @@ def test_the_unprivileged_guard_freezes_thaws_stops_starts_and_verifies(shipped:
     assert "ENOSPC" not in [word for word, _ in read_status(shipped.status)]
     freezer_log = shipped.journal(FREEZER)
     assert "freezer: freeze m365-migrate@alice.service: done" in freezer_log
+    # the pause alert reached the webhook on localhost (IPAddressAllow=localhost)
+    wait_until(
+        lambda: "SpaceguardMigrationPaused" in json.dumps(shipped.webhook.notifications),
+        30,
+        "the pause alert at the local webhook",
+        on_timeout=lambda: shipped.journal()[-3000:],
+    )
     # space is back: alice thawed (helper), bob's resume unit started (polkit)
     ballast.unlink()
     shipped.wait_for("m365-migrate@alice.service", "FreezerState", "running", timeout=60)
