@@ -232,7 +232,9 @@ class CompiledRules:
     rules: tuple[ClassifyRule, ...]
     patterns: tuple[re.Pattern[str], ...]
 
-    def classify(self, message: str) -> ClassifyRule | None:
+    def classify(self, message: str, name_end: int = 0) -> ClassifyRule | None:
+        """The first rule that matches; a match that lies in message[:name_end] (the name
+        of what the line is about) does not count."""
         lowered = message.lower()
         for rule, pattern in zip(self.rules, self.patterns, strict=True):
             if rule.keywords:
@@ -241,7 +243,10 @@ class CompiledRules:
                         break
                 else:
                     continue
-            if pattern.search(message) is not None:
+            match = pattern.search(message)
+            if match is not None and match.end() <= name_end:
+                match = pattern.search(message, name_end)  # past the name only
+            if match is not None:
                 return rule
         return None
 
@@ -541,14 +546,12 @@ def split_text(body: str) -> tuple[str, str, str]:
     return RUN, "", body
 
 
-def split_object(body: str) -> tuple[str, str]:
-    """A level-marked line that no known message explains → (object, message): rclone
-    writes "<object>: <message>" whenever it names something (fs.Logf(o, ...)), and a
-    name is never classified ("NOTICE: 401 Unauthorized.lnk: Can't follow symlink")."""
+def object_name(body: str) -> str:
+    """What a level-marked line that no known message explains is about: rclone writes
+    "<object>: <message>" whenever it names something (fs.Logf(o, ...)), and a name is
+    never classified ("NOTICE: 401 Unauthorized.lnk: Can't follow symlink"). "" if none."""
     name, sep, message = body.partition(": ")
-    if not sep or not name or not message:
-        return "", body
-    return name, message
+    return name if sep and message else ""
 
 
 def structure_scope(message: str, obj: str) -> str:
@@ -805,9 +808,13 @@ class RcloneLogParser:
             if retries_after(message):
                 batch.attempts_ended.append((start, None))
             return
+        name_end = 0
         if scope == RUN and not obj and level is not None and not _RUN_MESSAGE.search(message):
-            obj, message = split_object(message)
-        self._apply_rules(start, scope, obj, message, level, batch)
+            # the whole body is classified (your rules may match "wrapper: giving up"), but
+            # not by the name alone
+            obj = object_name(message)
+            name_end = len(obj)
+        self._apply_rules(start, scope, obj, message, level, batch, name_end=name_end)
 
     def _apply_rules(
         self,
@@ -818,12 +825,13 @@ class RcloneLogParser:
         level: str | None,
         batch: _BatchState,
         logged_at: float | None = None,
+        name_end: int = 0,
     ) -> None:
         # The object's name is never classified: a file called "401 Unauthorized.txt"
         # is not an authentication failure, not even where the message quotes its path.
-        if obj and obj in message:
+        if obj and obj in message and not name_end:
             message = mask_name(message, obj)
-        rule = self._rules.classify(message) if message else None
+        rule = self._rules.classify(message, name_end) if message else None
         if rule is not None:
             batch.matches.append(_Match(start, rule, rule.scope or scope, obj, message, logged_at))
         elif level in _ERROR_LEVELS:

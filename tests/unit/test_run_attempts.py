@@ -16,7 +16,7 @@ from spaceguard.model import (
     WriteIncident,
 )
 from spaceguard.policy import is_current_line
-from spaceguard.rclone import RcloneLogParser, compile_rules, split_object
+from spaceguard.rclone import ClassifyRule, RcloneLogParser, compile_rules, object_name
 from spaceguard.runtime import MigrationLog
 from test_policy import ALICE, DEAD, failed, make_config, of_type, started_guard, unit_actions
 
@@ -167,16 +167,27 @@ def test_what_follows_the_object_is_still_classified() -> None:
         f"{STAMP} NOTICE: big.bin: too many requests, backing off",
         f"{STAMP} ERROR : webdav root '': Statfs failed: 401 Unauthorized",
         f'{STAMP} CRITICAL: Failed to create file system for "x:": something odd',
+        f"{STAMP} ERROR : 401 Unauthorized.docx: 401 Unauthorized",  # name and cause
     ]
     failures = RcloneLogParser().feed(lines).failures
     assert [(f.rule, f.failure_class, f.scope, f.object) for f in failures] == [
         ("too_many_requests", T, "run", "big.bin"),
         ("unauthorized", U, "run", "webdav root ''"),
         ("create_fs_failed", U, "run", ""),
+        ("unauthorized", U, "run", "401 Unauthorized.docx"),
     ]
 
 
-def test_split_object() -> None:
-    assert split_object("a b: c: d") == ("a b", "c: d")
-    assert split_object("no object here") == ("", "no object here")
-    assert split_object(": x") == ("", ": x")
+def test_your_rules_still_see_the_whole_line() -> None:
+    """A rule of the config may name a wrapper's own lines, object and all."""
+    rules = compile_rules([ClassifyRule("gave_up", r"^m365-migrate-to-space\.sh: giving up", U)])
+    line = f"{STAMP} NOTICE: m365-migrate-to-space.sh: giving up after 3 tries"
+    (failure,) = RcloneLogParser(rules).feed([line]).failures
+    assert (failure.rule, failure.object) == ("gave_up", "m365-migrate-to-space.sh")
+
+
+def test_object_name() -> None:
+    assert object_name("a b: c: d") == "a b"
+    assert object_name("no object here") == ""
+    assert object_name(": x") == ""
+    assert object_name("trailing: ") == ""
