@@ -124,6 +124,10 @@ class GuardConfig:
     admin_group: str = ""
     log_level: str = "info"
     log_recheck_interval: float = 5.0
+    # acknowledged incidents kept: the newest N, none acknowledged longer ago (0: no limit);
+    # an incident nobody acknowledged is never pruned
+    acked_incidents_keep: int = 1000
+    acked_incidents_max_age: float = 90 * 86400.0
     # the freezer helper (spaceguard-freezer.socket), used when systemd refuses FreezeUnit
     freezer_socket: Path = Path("/run/spaceguard-freezer/freezer.sock")
 
@@ -284,6 +288,12 @@ def _read_guard(source: Path, raw: object) -> GuardConfig:
             "log_recheck_interval", parse_duration, defaults.log_recheck_interval
         ),
         freezer_socket=section.get("freezer_socket", _abs_path, defaults.freezer_socket),
+        acked_incidents_keep=section.get(
+            "acked_incidents_keep", _count, defaults.acked_incidents_keep
+        ),
+        acked_incidents_max_age=section.get(
+            "acked_incidents_max_age", parse_duration, defaults.acked_incidents_max_age
+        ),
     )
     if guard.log_level not in ("debug", "info", "warning", "error"):
         raise section.error("log_level", "must be one of debug, info, warning, error")

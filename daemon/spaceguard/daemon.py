@@ -8,6 +8,7 @@ it returns. Nothing here decides anything; it only connects, persists and report
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import signal
@@ -75,6 +76,7 @@ TICK_INTERVAL = 1.0
 POSITION_SAVE_INTERVAL = 1.0
 STATUS_INTERVAL = 1.0
 DEFER_SECONDS = 0.002
+INCIDENT_HOLD_SECONDS = 2.0  # an alert naming an incident waits this long for its write
 # NTP slews the clock by at most 0.5 ms/s; a change of the offset beyond this is a step
 CLOCK_STEP_TOLERANCE = 0.25
 PAUSE_ALERT = "SpaceguardMigrationPaused"  # policy's pause alert: gets what fills the volume
@@ -110,6 +112,7 @@ class Guard:
         self.replies: dict[str, asyncio.Future[tuple[bool, str]]] = {}
         self.request_seq = 0
         self.verify_seq = 0
+        self._prune_incidents()
         self.open_incidents = self.incident_store.open_counts()
         self.logs: dict[str, MigrationLog] = {}
         self.logs_started = False
@@ -121,6 +124,7 @@ class Guard:
         self._durable_key: tuple[Any, ...] = ()
         self._positions_dirty = False
         self._deferred: list[Action] = []
+        self._held_alerts: dict[str, tuple[GuardAlert, str]] = {}  # key → (alert, incident)
         self._flush_handle: asyncio.TimerHandle | None = None
         self._status_key: tuple[Any, ...] = ()
         self._status_sent = 0.0
@@ -160,6 +164,14 @@ class Guard:
                     str(self.store.path),
                 ),
                 Store(
+                    "incidents",
+                    "incidents",
+                    "SpaceguardIncidentsUnwritable",
+                    "INCIDENTS NOT WRITTEN",
+                    self.incident_store.writer.health,
+                    str(self.incident_store.directory),
+                ),
+                Store(
                     "alerts",
                     "the alert spool",
                     "SpaceguardAlertSpoolUnwritable",
@@ -168,6 +180,12 @@ class Guard:
                     str(config.guard.state_dir / "alerts"),
                 ),
             ]
+        )
+
+    def _prune_incidents(self) -> None:
+        guard = self.config.guard
+        self.incident_store.prune(
+            time.time(), guard.acked_incidents_keep, guard.acked_incidents_max_age
         )
 
     def _check_stores(self) -> None:
@@ -262,8 +280,11 @@ class Guard:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_deferred()
+        for key in list(self._held_alerts):  # alerts waiting for their incident's write
+            self._release_alert(key)
         self._save(force=True)
         self.store.close()
+        self.incident_store.writer.close()
         self.logwatch.close()
         await self.control.close()
         if self.metrics is not None:
@@ -416,7 +437,7 @@ class Guard:
             case RunVerify():
                 self._spawn(self._verify(action))
             case WriteIncident():
-                self._spawn(self._write_incident(action))
+                self._record_incident(action)
             case RaiseAlert():
                 description = action.description
                 volume = action.labels.get("volume", "")
@@ -425,17 +446,18 @@ class Guard:
                     description += " " + self.consumers.alert_text(volume)
                     if action.labels.get("reason") == "disk_full":
                         self._spawn(self._disk_full_incident(action))
-                self.alerts.fire(
-                    GuardAlert(
-                        key=action.key,
-                        name=action.name,
-                        labels={**action.labels, "severity": action.severity},
-                        annotations={"summary": action.summary, "description": description},
-                        starts_at=time.time(),
-                        ends_at=None,
-                    )
+                alert = GuardAlert(
+                    key=action.key,
+                    name=action.name,
+                    labels={**action.labels, "severity": action.severity},
+                    annotations={"summary": action.summary, "description": description},
+                    starts_at=time.time(),
+                    ends_at=None,
                 )
+                if not self._hold_for_incident(alert):
+                    self.alerts.fire(alert)
             case ResolveAlert():
+                self._release_alert(action.key)  # a held alert goes first: order kept
                 self.alerts.resolve(action.key, time.time())
             case Reply():
                 future = self.replies.pop(action.request_id, None)
@@ -498,23 +520,93 @@ class Guard:
             self.counters.actions[("verify", "failure", "ok")] += 1
             self.handle(ActionDone(action, True))
 
-    async def _write_incident(self, action: WriteIncident) -> None:
+    def _record_incident(self, action: WriteIncident) -> None:
+        """In memory at once, so that `spaceguardctl show` and the alert that names it find
+        it; on disk in the background (kept and retried while the disk refuses it). The
+        partial-migration report follows once its scan of the destination is done."""
         record = dict(action.record)
         account = str(record["account"])
         migration_log = self.logs.get(account)
         context = migration_log.context_for(action.evidence) if migration_log else []
-        migration = self.config.migration(account)
-        destination = migration.destination if migration else None
-        since = self.state.migrations[account].running_since or record["time"]
-        partial = await asyncio.to_thread(partial_report, destination, since)
-        try:
-            path = await asyncio.to_thread(self.incident_store.write, record, context, partial)
-        except OSError as error:
-            log.error("%s: cannot write incident %s: %s", account, record["id"], error)
-            return
+        collecting = {"destination": "", "note": "being collected (scanning the destination)"}
+        if self.incident_store.record(record, context, collecting) is None:
+            return  # logged: the bounded queue of unwritten incidents is full
         self.counters.incidents[account] += 1
         self.open_incidents = self.incident_store.open_counts()
-        log.warning("%s: incident written: %s", account, path)
+        self._spawn(self._complete_incident(record, context))
+
+    async def _complete_incident(self, record: dict[str, Any], context: list[str]) -> None:
+        account = str(record["account"])
+        migration = self.config.migration(account)
+        destination = migration.destination if migration else None
+        state = self.state.migrations.get(account)
+        since = (state.running_since if state else None) or record["time"]
+        partial = await asyncio.to_thread(partial_report, destination, since)
+        self.incident_store.record(record, context, partial)
+        self._log_incident(account, str(record["id"]), "incident")
+
+    def _log_incident(self, account: str, incident_id: str, what: str) -> None:
+        path = self.incident_store.directory / f"{incident_id}.json"
+        health = self.incident_store.writer.health()
+        if health.writable:
+            log.warning("%s: %s recorded: %s", account, what, path)
+        else:
+            log.error(
+                "%s: %s %s recorded in memory only, %s cannot be written (%s): retrying",
+                account,
+                what,
+                incident_id,
+                path,
+                health.last_error,
+            )
+
+    def _hold_for_incident(self, alert: GuardAlert) -> bool:
+        """An alert that names an incident goes out once the incident's first write is
+        done (or failed, or took INCIDENT_HOLD_SECONDS): then its text can say truly
+        whether the incident is on disk."""
+        incident_id = alert.labels.get("incident", "")
+        if not incident_id or not self.incident_store.is_unwritten(incident_id):
+            return False
+        self._release_alert(alert.key)
+        self._held_alerts[alert.key] = (alert, incident_id)
+        self._spawn(self._fire_when_written(alert.key, incident_id))
+        return True
+
+    async def _fire_when_written(self, key: str, incident_id: str) -> None:
+        deadline = time.monotonic() + INCIDENT_HOLD_SECONDS
+        while (
+            self.incident_store.is_unwritten(incident_id)
+            and self.incident_store.writer.health().writable
+            and time.monotonic() < deadline
+        ):
+            await asyncio.sleep(0.005)
+        held = self._held_alerts.get(key)
+        if held is not None and held[1] == incident_id:
+            self._release_alert(key)
+
+    def _release_alert(self, key: str) -> None:
+        held = self._held_alerts.pop(key, None)
+        if held is None:
+            return
+        alert, incident_id = held
+        note = self._incident_note(incident_id)
+        if note:
+            annotations = {**alert.annotations}
+            annotations["description"] = annotations.get("description", "") + note
+            alert = dataclasses.replace(alert, annotations=annotations)
+        self.alerts.fire(alert)
+
+    def _incident_note(self, incident_id: str) -> str:
+        """What an alert naming an incident the disk has not taken says about it (the
+        incident is in memory: `spaceguardctl show` works; the file follows)."""
+        if not self.incident_store.is_unwritten(incident_id):
+            return ""
+        health = self.incident_store.writer.health()
+        why = health.last_error if not health.writable else "the disk is slow"
+        return (
+            f" (The incident is not on disk yet: {why}. The guard keeps it in memory and"
+            " retries; spaceguardctl show works meanwhile.)"
+        )
 
     async def _disk_full_incident(self, action: RaiseAlert) -> None:
         """A migration hit ENOSPC and is paused: the incident records what filled the volume,
@@ -563,14 +655,12 @@ class Guard:
             "usage": usage,
         }
         partial = {"destination": "", "note": "a pause: nothing was stopped half-way"}
-        try:
-            path = await asyncio.to_thread(self.incident_store.write_new, record, context, partial)
-        except OSError as error:
-            log.error("%s: cannot write incident %s: %s", account, record["id"], error)
-            return
+        incident_id = self.incident_store.record(record, context, partial, new=True)
+        if incident_id is None:
+            return  # logged: the bounded queue of unwritten incidents is full
         self.counters.incidents[account] += 1
         self.open_incidents = self.incident_store.open_counts()
-        log.warning("%s: disk-full incident written: %s", account, path)
+        self._log_incident(account, incident_id, "disk-full incident")
 
     # -- persistence ------------------------------------------------------------------------
 
@@ -930,6 +1020,7 @@ class Guard:
 
     def ack(self, incident_id: str, who: str) -> tuple[bool, str]:
         result = self.incident_store.ack(incident_id, who, time.time())
+        self._prune_incidents()
         self.open_incidents = self.incident_store.open_counts()
         return result
 

@@ -2,20 +2,26 @@
 
 Each incident is `<state_dir>/incidents/<id>.json` plus `<id>.txt` for people. The guard only
 reads the migration's destination to describe what a person might clean up (the seed's
-cleanup step is a person's job): it never deletes, moves or truncates anything.
+cleanup step is a person's job): it never deletes, moves or truncates anything of it. Of
+its own files, it prunes acknowledged incidents beyond `guard.acked_incidents_keep` or
+older than `guard.acked_incidents_max_age`; an incident nobody acknowledged stays.
 """
 
 from __future__ import annotations
 
+import builtins
+import contextlib
+import functools
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .atomicfile import set_aside, write_atomic
+from .atomicfile import BackgroundWriter, set_aside, write_atomic
 from .names import is_incident_id
 from .quantities import format_size
 
@@ -189,101 +195,257 @@ def usage_lines(usage: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+SUMMARY_KEYS = (
+    "id",
+    "account",
+    "unit",
+    "time",
+    "trigger",
+    "class",
+    "detail",
+    "outcome",
+    "acked_by",
+    "acked_at",
+)
+MAX_UNWRITTEN = 64  # incidents kept in memory while the disk refuses them
+KEEP_ACKED = 1000  # acknowledged incidents kept on disk (config: acked_incidents_keep)
+KEEP_ACKED_SECONDS = 90 * 86400.0  # ... and for how long (acked_incidents_max_age)
+
+
+def _summary(data: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: data.get(key) for key in SUMMARY_KEYS}
+
+
 class IncidentStore:
-    def __init__(self, directory: Path) -> None:
+    """The incidents: an in-memory index of their summaries (read once at start, then
+    updated on every write and ack: `list` and `open_counts` never touch the disk), writes
+    on a background writer (never on the loop), and what the disk refuses kept in memory
+    (at most MAX_UNWRITTEN) and retried, so that `show`, `incidents` and `ack` work on an
+    incident the moment it is recorded, whether or not it has reached the disk yet.
+    Acknowledged incidents beyond a count or an age are pruned; unacknowledged ones never.
+
+    Call everything but the writer's jobs from one thread (the loop)."""
+
+    def __init__(self, directory: Path, writer: BackgroundWriter | None = None) -> None:
         self.directory = directory
+        self.writer = writer or BackgroundWriter("incident writer", max_pending=MAX_UNWRITTEN)
+        self._index: dict[str, dict[str, Any]] = {}  # id → summary, in id order
+        self._unwritten: dict[str, dict[str, Any]] = {}  # id → full record, until on disk
+        self._lock = threading.Lock()  # _unwritten: the writer thread removes what it wrote
+        self.lost_total = 0  # incidents the bounded queue could not take (logged)
+        self.pruned_total = 0
+        self._loaded = False
 
-    def write(
-        self, record: Mapping[str, Any], context: Sequence[str], partial: Mapping[str, Any]
-    ) -> Path:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        full = {
-            **record,
-            "context": list(context),
-            "partial": dict(partial),
-            "acked_by": "",
-            "acked_at": None,
-        }
-        path = self.directory / f"{record['id']}.json"
-        # the text first: the JSON file is what lists an incident, so it comes last
-        write_atomic(self.directory / f"{record['id']}.txt", render_text(full).encode())
-        write_atomic(path, json.dumps(full, indent=2, sort_keys=True).encode())
-        return path
+    # -- the index ---------------------------------------------------------------------------
 
-    def write_new(
-        self, record: Mapping[str, Any], context: Sequence[str], partial: Mapping[str, Any]
-    ) -> Path:
-        """Write under the record's id, or the first of id-2, id-3... that is free."""
-        incident_id = str(record["id"])
-        for number in range(2, 1000):
-            if not (self.directory / f"{incident_id}.json").exists():
-                break
-            incident_id = f"{record['id']}-{number}"
-        return self.write({**record, "id": incident_id}, context, partial)
+    def load(self) -> None:
+        """Read every incident's summary once (at start)."""
+        self._loaded = True
+        try:
+            names = sorted(p.name for p in self.directory.glob("*.json"))
+        except OSError as error:
+            log.error("cannot list incidents in %s: %s", self.directory, error)
+            names = []
+        for name in names:
+            data = self._read(name[:-5])
+            if data is not None:
+                self._index[str(data.get("id", name[:-5]))] = _summary(data)
 
-    def get(self, incident_id: str) -> dict[str, Any] | None:
-        if not is_incident_id(incident_id):
-            return None
+    def _ensure_loaded(self) -> None:
+        if not self._loaded:
+            self.load()
+
+    def _read(self, incident_id: str) -> dict[str, Any] | None:
         path = self.directory / f"{incident_id}.json"
         try:
             data = json.loads(path.read_bytes())
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as error:
-            set_aside(path, f"unreadable incident ({error})")
+            try:
+                set_aside(path, f"unreadable incident ({error})")
+            except OSError as aside_error:
+                log.error("%s: unreadable (%s), cannot set it aside: %s", path, error, aside_error)
             return None
-        if not isinstance(data, dict):
+        return data if isinstance(data, dict) else None
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def record(
+        self,
+        record: Mapping[str, Any],
+        context: Sequence[str],
+        partial: Mapping[str, Any],
+        *,
+        new: bool = False,
+    ) -> str | None:
+        """Record an incident (or a newer version of one: same id) and queue its files for
+        the writer; returns its id, or None when MAX_UNWRITTEN incidents already wait for
+        the disk (logged: that one is lost). With `new`, a free id is chosen: the record's
+        own, or id-2, id-3..."""
+        self._ensure_loaded()
+        incident_id = str(record["id"])
+        if new:
+            for number in range(2, 1000):
+                if incident_id not in self._index:
+                    break
+                incident_id = f"{record['id']}-{number}"
+        with self._lock:
+            previous = self._unwritten.get(incident_id) or self._index.get(incident_id) or {}
+        full = {
+            **record,
+            "id": incident_id,
+            "context": list(context),
+            "partial": dict(partial),
+            "acked_by": previous.get("acked_by", ""),
+            "acked_at": previous.get("acked_at"),
+        }
+        if not self._queue(full):
             return None
+        self._index[incident_id] = _summary(full)
+        return incident_id
+
+    def write(
+        self, record: Mapping[str, Any], context: Sequence[str], partial: Mapping[str, Any]
+    ) -> Path:
+        """Record and wait for the files (tests, tools): raises OSError if not written."""
+        incident_id = self.record(record, context, partial)
+        if incident_id is None:
+            raise OSError(f"incident {record['id']} not taken: {MAX_UNWRITTEN} wait for the disk")
+        if not self.writer.flush(10.0):
+            raise OSError(self.writer.health().last_error or "incident not written in 10s")
+        return self.directory / f"{incident_id}.json"
+
+    def _queue(self, full: dict[str, Any]) -> bool:
+        incident_id = str(full["id"])
+        with self._lock:
+            self._unwritten[incident_id] = full
+        if self.writer.submit(incident_id, functools.partial(self._write_files, full)):
+            return True
+        with self._lock:
+            self._unwritten.pop(incident_id, None)
+        self.lost_total += 1
+        log.error(
+            "incident %s could not be kept: %d incidents already wait for %s to be writable",
+            incident_id,
+            MAX_UNWRITTEN,
+            self.directory,
+        )
+        return False
+
+    def _write_files(self, full: dict[str, Any]) -> None:
+        """On the writer thread."""
+        incident_id = str(full["id"])
+        self.directory.mkdir(parents=True, exist_ok=True)
+        # the text first: the JSON file is what lists an incident, so it comes last
+        write_atomic(self.directory / f"{incident_id}.txt", render_text(full).encode())
+        write_atomic(
+            self.directory / f"{incident_id}.json",
+            json.dumps(full, indent=2, sort_keys=True).encode(),
+        )
+        with self._lock:
+            if self._unwritten.get(incident_id) is full:  # not replaced meanwhile
+                del self._unwritten[incident_id]
+
+    @property
+    def unwritten(self) -> int:
+        with self._lock:
+            return len(self._unwritten)
+
+    def is_unwritten(self, incident_id: str) -> bool:
+        with self._lock:
+            return incident_id in self._unwritten
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def get(self, incident_id: str) -> dict[str, Any] | None:
+        if not is_incident_id(incident_id):
+            return None
+        with self._lock:
+            pending = self._unwritten.get(incident_id)
+        if pending is not None:
+            data = dict(pending)
+            health = self.writer.health()
+            data["unwritten"] = (
+                f"not on disk yet ({health.last_error or 'being written'}): kept in memory "
+                "and retried"
+            )
+        else:
+            if self._loaded and incident_id not in self._index:
+                return None
+            read = self._read(incident_id)
+            if read is None:
+                return None
+            data = read
         data["text"] = render_text(data)
         return data
 
     def list(self, account: str | None = None) -> list[dict[str, Any]]:
-        summaries = []
-        try:
-            names = sorted(p.name for p in self.directory.glob("*.json"))
-        except OSError:
-            return []
-        for name in names:
-            data = self.get(name[:-5])
-            if data is None or (account and data.get("account") != account):
-                continue
-            summaries.append(
-                {
-                    key: data.get(key)
-                    for key in (
-                        "id",
-                        "account",
-                        "unit",
-                        "time",
-                        "trigger",
-                        "class",
-                        "detail",
-                        "outcome",
-                        "acked_by",
-                    )
-                }
-            )
-        return summaries
+        self._ensure_loaded()
+        return [
+            {key: summary.get(key) for key in SUMMARY_KEYS if key != "acked_at"}
+            for _, summary in sorted(self._index.items())
+            if not account or summary.get("account") == account
+        ]
 
     def open_counts(self) -> dict[str, int]:
+        self._ensure_loaded()
         counts: dict[str, int] = {}
-        for summary in self.list():
+        for summary in self._index.values():
             if not summary.get("acked_by"):
                 account = str(summary.get("account"))
                 counts[account] = counts.get(account, 0) + 1
         return counts
 
     def ack(self, incident_id: str, who: str, now: float) -> tuple[bool, str]:
+        self._ensure_loaded()
         data = self.get(incident_id)
         if data is None:
             return False, f"no incident {incident_id!r}"
         if data.get("acked_by"):
             return True, f"{incident_id} was already acknowledged by {data['acked_by']}"
-        data.pop("text", None)
+        for key in ("text", "unwritten"):
+            data.pop(key, None)
         data["acked_by"], data["acked_at"] = who, now
-        write_atomic(
-            self.directory / f"{incident_id}.json",
-            json.dumps(data, indent=2, sort_keys=True).encode(),
-        )
-        write_atomic(self.directory / f"{incident_id}.txt", render_text(data).encode())
+        if not self._queue(data):
+            return False, f"{incident_id}: cannot record the acknowledgement (the disk refuses)"
+        self._index[incident_id] = _summary(data)
         return True, f"{incident_id} acknowledged"
+
+    # -- pruning ---------------------------------------------------------------------------
+
+    def prune(
+        self, now: float, keep: int = KEEP_ACKED, max_age: float = KEEP_ACKED_SECONDS
+    ) -> builtins.list[str]:
+        """Forget acknowledged incidents beyond the newest `keep`, or acknowledged more than
+        `max_age` seconds ago (0: no age limit); their files are removed by the writer. An
+        incident nobody acknowledged is never pruned. Returns the ids pruned."""
+        self._ensure_loaded()
+        acked = sorted(
+            (
+                (float(s.get("acked_at") or s.get("time") or 0), incident_id)
+                for incident_id, s in self._index.items()
+                if s.get("acked_by") and not self.is_unwritten(incident_id)
+            ),
+            reverse=True,
+        )
+        doomed = [
+            incident_id
+            for rank, (acked_at, incident_id) in enumerate(acked)
+            if rank >= keep or (max_age > 0 and now - acked_at > max_age)
+        ]
+        for incident_id in doomed:
+            del self._index[incident_id]
+            self.writer.submit(
+                f"prune {incident_id}", functools.partial(self._remove_files, incident_id)
+            )
+        if doomed:
+            self.pruned_total += len(doomed)
+            log.info("pruned %d acknowledged incident(s): %s", len(doomed), ", ".join(doomed))
+        return doomed
+
+    def _remove_files(self, incident_id: str) -> None:
+        """On the writer thread: the JSON first (it is what lists an incident)."""
+        for suffix in (".json", ".txt"):
+            with contextlib.suppress(FileNotFoundError):
+                (self.directory / f"{incident_id}{suffix}").unlink()
