@@ -8,6 +8,7 @@ scrape always sees a consistent view, and a hung loop shows as a failed scrape.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
@@ -22,6 +23,12 @@ from .atomicfile import WriterHealth
 from .config import Config
 from .model import MIGRATION_STATES, FailureClass, GuardState, migration_state
 from .watermarks import seconds_to_pause
+
+# /metrics is for Prometheus (a scrape or two at a time) and a person with curl
+METRICS_MAX_CONNECTIONS = 32
+METRICS_REQUEST_DEADLINE = 5.0  # seconds for the whole request, however it trickles in
+METRICS_REPLY_DEADLINE = 10.0
+REFUSED_LINGER = 0.2  # seconds a refused client may finish sending its request
 
 log = logging.getLogger(__name__)
 
@@ -428,13 +435,33 @@ def _usage(snap: Snapshot) -> Iterator[Metric]:
 
 
 class MetricsServer:
-    """A minimal HTTP/1.0 server for GET /metrics on the guard's own loop."""
+    """A minimal HTTP/1.0 server for GET /metrics on the guard's own loop.
 
-    def __init__(self, registry: CollectorRegistry, listen: str) -> None:
+    Bounded by design, so that clients cannot take what the guard needs to act: at most
+    `max_connections` at once (one more is answered 503 and closed at once, without
+    reading its request), each with `request_deadline` seconds for its whole request
+    (a client dripping its headers byte by byte gains nothing) and `reply_deadline` for
+    taking the reply."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        listen: str,
+        *,
+        max_connections: int = METRICS_MAX_CONNECTIONS,
+        request_deadline: float = METRICS_REQUEST_DEADLINE,
+        reply_deadline: float = METRICS_REPLY_DEADLINE,
+    ) -> None:
         self.registry = registry
         host, _, port = listen.rpartition(":")
         self.host, self.port = host.strip("[]"), int(port)
         self.server: asyncio.Server | None = None
+        self.max_connections = max_connections
+        self.request_deadline = request_deadline
+        self.reply_deadline = reply_deadline
+        self.connections = 0  # being served now
+        self.refused = 0  # answered 503 since start: too many at once
+        self._lingering = 0
 
     async def start(self) -> None:
         try:
@@ -454,8 +481,45 @@ class MetricsServer:
             await self.server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.connections >= self.max_connections:
+            await self._refuse(reader, writer)
+            return
+        self.connections += 1
         try:
-            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+            await self._answer(reader, writer)
+        finally:
+            self.connections -= 1
+
+    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """503, then a short linger for the request already sent (closing with it unread
+        would reset the connection, and the client might never see the 503); lingering
+        ones are bounded too, beyond that the connection is simply closed."""
+        self.refused += 1
+        body = f"more than {self.max_connections} connections at once; try again\n"
+        try:
+            writer.write(
+                "HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
+                f"Content-Length: {len(body)}\r\nRetry-After: 1\r\n"
+                f"Connection: close\r\n\r\n{body}".encode()
+            )
+            if self._lingering < self.max_connections:
+                self._lingering += 1
+                try:
+                    writer.write_eof()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(REFUSED_LINGER):
+                            while await reader.read(65536):
+                                pass
+                finally:
+                    self._lingering -= 1
+        except (OSError, RuntimeError):
+            pass  # the client went away
+        finally:
+            writer.close()
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.request_deadline)
             method, path, *_ = request.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
             if method != "GET":
                 status, body, kind = "405 Method Not Allowed", b"GET only\n", "text/plain"
@@ -469,7 +533,7 @@ class MetricsServer:
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
                 + body
             )
-            await asyncio.wait_for(writer.drain(), 10.0)
+            await asyncio.wait_for(writer.drain(), self.reply_deadline)
         except (
             TimeoutError,
             asyncio.IncompleteReadError,
