@@ -261,10 +261,17 @@ class VolumeSampler:
     # -- on the loop ---------------------------------------------------------------------
 
     def _deliver(self) -> None:
+        try:
+            self._deliver_slot()
+        finally:
+            # only now: a thread looking again meanwhile would compete with the decision
+            # (and the freeze it sends) for the interpreter, and read the old is_low()
+            self._taken.set()
+
+    def _deliver_slot(self) -> None:
         with self._slot_lock:
             event, self._slot = self._slot, None
             self._delivery_scheduled = False
-        self._taken.set()
         if event is None or self._stopped.is_set():
             return
         self.last_report = time.monotonic()
