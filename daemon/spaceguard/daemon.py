@@ -1041,10 +1041,12 @@ class Guard:
                 reports.append({**self.consumers.report(name), "error": str(error)})
         return {"volumes": reports, "now": time.time()}
 
-    def check_config(self, path: str | None) -> tuple[bool, str]:
+    async def check_config(self, path: str | None) -> tuple[bool, str]:
+        """Off the loop: a config on a slow or hung file system must not stall the guard
+        (config.load refuses FIFOs, devices and files above 1 MiB)."""
         target = Path(path) if path else self.config_path
         try:
-            config = load(target)
+            config = await asyncio.to_thread(load, target)
         except ConfigError as error:
             return False, str(error)
         notes = diagnostics(config, initial_state(config, self.state))

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -606,10 +607,50 @@ def test_unreadable_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load(missing)
     assert str(caught.value).startswith(f"{missing}: cannot read")
-    # a directory cannot be read either (works as root too, unlike chmod 000)
+    # a directory is refused before anything is read (works as root too, unlike chmod 000)
     with pytest.raises(ConfigError) as caught:
         load(tmp_path)
-    assert str(caught.value).startswith(f"{tmp_path}: cannot read")
+    assert str(caught.value) == f"{tmp_path}: not a regular file (a directory); nothing was read"
+
+
+def load_in_a_thread(path: Path) -> str:
+    """load(path)'s error, from a thread: a load that blocks (the old read of a FIFO did,
+    forever) fails this test after a generous deadline instead of hanging the run."""
+    outcome: list[str] = []
+
+    def run() -> None:
+        try:
+            load(path)
+        except ConfigError as error:
+            outcome.append(str(error))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive(), f"load({path}) blocked"
+    (message,) = outcome
+    return message
+
+
+def test_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "spaceguard.toml"
+    os.mkfifo(fifo)  # nobody writes to it: reading it would wait forever
+    assert load_in_a_thread(fifo) == f"{fifo}: not a regular file (a FIFO); nothing was read"
+
+
+def test_dev_zero_is_refused_without_reading_it() -> None:
+    zero = Path("/dev/zero")  # reading it never ends and fills memory
+    assert load_in_a_thread(zero) == f"{zero}: not a regular file (a device); nothing was read"
+
+
+def test_a_huge_regular_file_is_refused_after_a_bounded_read(tmp_path: Path) -> None:
+    big = tmp_path / "big.toml"
+    with big.open("wb") as handle:
+        handle.truncate(64 << 30)  # 64 GiB, sparse: only the first MiB and a bit is read
+    assert load_in_a_thread(big) == f"{big}: larger than 1024 KiB; not a spaceguard config"
+    ok = write(tmp_path, GOOD + "\n#" + "x" * ((1 << 20) - len(GOOD) - 10) + "\n")
+    assert ok.stat().st_size <= 1 << 20
+    load(ok)  # just under the bound: fine
 
 
 def test_parse_takes_a_document() -> None:
@@ -648,6 +689,19 @@ def test_check_config_bad(tmp_path: Path) -> None:
     assert f"{path}: migrations[1].account:" in result.stderr
     assert "test failed" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero"])
+def test_check_config_refuses_a_fifo_and_dev_zero(tmp_path: Path, kind: str) -> None:
+    """`spaceguard check-config` (ExecStartPre=, and the control verb's backend) on what
+    would block it or never end: a clear error at once, exit 1."""
+    path = Path(kind)
+    if kind == "fifo":
+        path = tmp_path / "spaceguard.toml"
+        os.mkfifo(path)
+    result = run_check_config(path)
+    assert result.returncode == 1
+    assert f"{path}: not a regular file" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_check_config_shipped_copy(tmp_path: Path) -> None:

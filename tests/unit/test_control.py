@@ -216,7 +216,7 @@ class RecordingBackend:
             return False, "kept the old config: volumes.space.path: missing (required)"
         return True, "reloaded"
 
-    def check_config(self, path: str | None) -> tuple[bool, str]:
+    async def check_config(self, path: str | None) -> tuple[bool, str]:
         self.calls.append(("check_config", path))
         self._maybe_fail()
         if self.refuse:

@@ -251,7 +251,7 @@ class FuzzBackend:
         result: tuple[bool, str] = self._answer((True, "reloaded"))
         return result
 
-    def check_config(self, path: str | None) -> tuple[bool, str]:
+    async def check_config(self, path: str | None) -> tuple[bool, str]:
         if path is not None and (
             not isinstance(path, str) or not path.startswith("/") or "\0" in path
         ):
