@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import grp
 import logging
 import os
@@ -32,6 +33,7 @@ import stat
 import struct
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -59,6 +61,7 @@ log = logging.getLogger(__name__)
 REQUEST_BURST = 50
 SD_LISTEN_FDS_START = 3  # the first fd systemd passes (sd_listen_fds(3))
 IDENTITY_CACHE_SECONDS = 10.0  # group changes show up within this long
+NSS_TIMEOUT_SECONDS = 2.0  # a passwd/group lookup (LDAP, sssd) that takes longer is skipped
 # SO_PEERGROUPS (Linux >= 4.13): the peer's supplementary groups at connect(); Python's
 # socket module may lack the name (3.11 does), the value is the kernel's
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
@@ -149,6 +152,9 @@ class IdentityCache:
         self.ttl, self.clock = ttl, clock
         self._users: dict[int, tuple[float, str]] = {}
         self._groups: dict[str, tuple[float, int | None]] = {}
+        # lookups in flight, by (kind, key): at most one each, however many clients wait
+        self._inflight: dict[tuple[str, object], asyncio.Future[object]] = {}
+        self._executor: ThreadPoolExecutor | None = None
 
     def user(self, uid: int) -> str:
         """The user name of `uid` ("" when it has no passwd entry)."""
@@ -178,6 +184,51 @@ class IdentityCache:
             gid = None
         self._groups[name] = (now, gid)
         return gid
+
+    # -- off the loop: what the control server uses ------------------------------------------
+
+    async def user_async(self, uid: int) -> str:
+        """`user`, with the NSS lookup (passwd may be LDAP/sssd: seconds, or a hang) on the
+        lookup thread, at most one in flight per uid, and answered "" after
+        NSS_TIMEOUT_SECONDS (a name is only shown in replies and logs, never a right)."""
+        cached = self._users.get(uid)
+        if cached is not None and self.clock() - cached[0] < self.ttl:
+            return cached[1]
+        name = await self._lookup(("user", uid), functools.partial(self.user, uid), "")
+        return str(name)
+
+    async def group_async(self, name: str) -> int | None:
+        """`group` off the loop; a lookup that does not answer in time counts as a group
+        that does not exist (only root keeps its rights: the safe side)."""
+        if not name:
+            return None
+        cached = self._groups.get(name)
+        if cached is not None and self.clock() - cached[0] < self.ttl:
+            return cached[1]
+        gid = await self._lookup(("group", name), functools.partial(self.group, name), None)
+        return gid if isinstance(gid, int) else None
+
+    async def _lookup(
+        self, key: tuple[str, object], lookup: Callable[[], object], fallback: object
+    ) -> object:
+        future = self._inflight.get(key)
+        if future is None:
+            if self._executor is None:
+                # one thread: a hung NSS server ties up that thread, not the loop or a pool
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="nss-lookup")
+            future = asyncio.wrap_future(self._executor.submit(lookup))
+            self._inflight[key] = future
+            future.add_done_callback(lambda _: self._inflight.pop(key, None))
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), NSS_TIMEOUT_SECONDS)
+        except TimeoutError:
+            log.warning(
+                "control: %s lookup of %r took over %gs (NSS): answering without it",
+                key[0],
+                key[1],
+                NSS_TIMEOUT_SECONDS,
+            )
+            return fallback
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -493,15 +544,15 @@ class ControlServer:
                     self.path.unlink()
             self._bound_inode = None
 
-    def access(self) -> Access:
+    async def access(self) -> Access:
         return Access(
             self.reader_group,
             self.admin_group,
-            self.identities.group(self.reader_group),
-            self.identities.group(self.admin_group),
+            await self.identities.group_async(self.reader_group),
+            await self.identities.group_async(self.admin_group),
         )
 
-    def _peer(self, writer: asyncio.StreamWriter) -> Peer:
+    async def _peer(self, writer: asyncio.StreamWriter) -> Peer:
         sock = writer.get_extra_info("socket")
         pid, uid, gid = peer_credentials(sock)
         groups = peer_groups(sock)
@@ -509,7 +560,7 @@ class ControlServer:
             uid=uid,
             gid=gid,
             pid=pid,
-            user=self.identities.user(uid),
+            user=await self.identities.user_async(uid),
             gids=frozenset({gid, *(groups or ())}),
             groups_known=groups is not None,
         )
@@ -563,7 +614,7 @@ class ControlServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            peer = self._peer(writer)
+            peer = await self._peer(writer)
         except (OSError, struct.error) as error:
             log.error("control: cannot read the peer's credentials: %s", error)
             await self._send(writer, error_reply("internal", "cannot identify the caller"))
@@ -594,7 +645,8 @@ class ControlServer:
                     return  # the client is done
                 line, last = eof.partial, True  # a last request without its newline
             await self._pace()
-            reply = await handle_line(line.rstrip(b"\r\n"), peer, self.backend, self.access())
+            access = await self.access()
+            reply = await handle_line(line.rstrip(b"\r\n"), peer, self.backend, access)
             self.served_requests += 1
             await self._send(writer, reply)
             if last:
