@@ -68,6 +68,7 @@ class WriterHealth:
     pending: int = 0  # jobs waiting (coalesced: at most one per key)
     dropped_total: int = 0  # jobs refused because max_pending was reached
     written_total: int = 0
+    busy_since: float | None = None  # wall time the write now in progress began (None: idle)
 
 
 Job = Callable[[], None]
@@ -178,6 +179,7 @@ class BackgroundWriter:
                     if self._pending and wait <= 0:
                         key, job = self._pending.popitem(last=False)
                         self._in_flight = key
+                        self._health = replace(self._health, busy_since=time.time())
                         break
                     self._cond.wait(wait if self._pending else None)
             error = self._attempt(job)
@@ -185,7 +187,7 @@ class BackgroundWriter:
                 self._in_flight = None
                 self._attempts += 1
                 self._finish(key, job, error)
-                self._health = replace(self._health, pending=len(self._pending))
+                self._health = replace(self._health, pending=len(self._pending), busy_since=None)
                 self._cond.notify_all()
 
     def _attempt(self, job: Job) -> str:

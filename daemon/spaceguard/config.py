@@ -52,6 +52,18 @@ class VolumeConfig:
     usage_budget: float = 30.0
     usage_max_entries: int = 5_000_000
     usage_old_after: float = 30 * 86400.0
+    # The ladder (space planning): below warn_below (for warn_after) an alert only; below
+    # admit_below no migration starts writing (a unit that starts is held); below
+    # pause_below everything is paused; a freeze older than max_freeze becomes a stop
+    # (resumed later through resume_unit). Resuming after recovery: in batches, highest
+    # priority first, a batch every resume_step while the fill rate leaves room (see
+    # policy._release_slot). None: that step is off.
+    warn_below: Threshold | None = None
+    warn_after: float = 0.0
+    admit_below: Threshold | None = None
+    max_freeze: float = 1800.0
+    resume_batch: int = 0  # 0: sized from the rate the writers filled the volume at
+    resume_step: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -75,6 +87,13 @@ class MigrationConfig:
     max_item_errors: int = 500
     item_error_window: float = 600.0
     log_time: Literal["local", "utc"] = "local"  # how the log's text lines give the time
+    # Space planning: what the run will still write when rclone has not said yet (its
+    # "Transferred: x / y" totals win once known); higher priority resumes first;
+    # admission = false starts it whether or not it fits; max_freeze overrides the volume's.
+    expected_size: int | None = None
+    priority: int = 0
+    admission: bool = True
+    max_freeze: float | None = None
 
     @property
     def verifies(self) -> bool:
@@ -215,6 +234,12 @@ def _abs_path(value: object) -> Path:
     return Path(text)
 
 
+def _integer(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or abs(value) > 10**6:
+        raise ValueError(f"expected a whole number between -1000000 and 1000000, got {value!r}")
+    return value
+
+
 def _positive_duration(value: object) -> float:
     seconds = parse_duration(value)
     if seconds <= 0:
@@ -330,6 +355,7 @@ def _read_volume(source: Path, name: str, raw: object) -> VolumeConfig:
         poll_min=section.get("poll_min", parse_duration, 0.001),
         poll_max=section.get("poll_max", parse_duration, 1.0),
         **_read_usage_keys(section),
+        **_read_ladder_keys(section),
     )
     _check_hysteresis(section, "resume_above", volume.pause_below, volume.resume_above)
     _check_hysteresis(
@@ -341,6 +367,23 @@ def _read_volume(source: Path, name: str, raw: object) -> VolumeConfig:
         raise section.error("poll_min", "must be above 0 and at most poll_max")
     section.finish()
     return volume
+
+
+def _read_ladder_keys(section: _Section) -> dict[str, Any]:
+    """The space-planning keys of a volume table."""
+    keys: dict[str, Any] = {
+        "warn_below": section.get("warn_below", parse_threshold, None),
+        "warn_after": section.get("warn_after", parse_duration, 0.0),
+        "admit_below": section.get("admit_below", parse_threshold, None),
+        "max_freeze": section.get("max_freeze", parse_duration, 1800.0),
+        "resume_batch": section.get("resume_batch", _count, 0),
+        "resume_step": section.get("resume_step", parse_duration, 10.0),
+    }
+    if keys["max_freeze"] <= 0:
+        raise section.error(
+            "max_freeze", "must be above 0 (a freeze that lasts for ever is a stop)"
+        )
+    return keys
 
 
 def _read_usage_keys(section: _Section) -> dict[str, Any]:
@@ -430,6 +473,10 @@ def _read_migration(
         max_item_errors=section.get("max_item_errors", _count, 500),
         item_error_window=section.get("item_error_window", parse_duration, 600.0),
         log_time=section.get("log_time", _log_time, "local"),
+        expected_size=section.get("expected_size", parse_size, None),
+        priority=section.get("priority", _integer, 0),
+        admission=section.get("admission", _bool, True),
+        max_freeze=section.get("max_freeze", _positive_duration, None),
     )
     if migration.verify_command and migration.verify_unit:
         raise section.error("verify_unit", "give verify_command or verify_unit, not both")

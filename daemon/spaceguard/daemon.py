@@ -62,7 +62,7 @@ from .state import StateStore
 from .storehealth import Store, StoreWatch
 from .systemd import OutcomeUnknown, SystemdClient
 from .volumes import VolumeSampler
-from .watermarks import seconds_to_pause
+from .watermarks import committed_bytes, remaining_bytes, seconds_to_pause
 
 log = logging.getLogger("spaceguard")
 LOG_LEVELS = {
@@ -921,6 +921,10 @@ class Guard:
                     "low_reason": volume.low_reason,
                     "pause_below": str(volume_config.pause_below),
                     "resume_above": str(volume_config.resume_above),
+                    # what the running migrations still write, and what that leaves
+                    "committed_bytes": committed_bytes(self.config, self.state, name),
+                    "projected_free_bytes": volume.avail_bytes
+                    - committed_bytes(self.config, self.state, name),
                 }
             )
         migrations = []
@@ -942,6 +946,8 @@ class Guard:
                         for unit, v in migration.units.items()
                     },
                     "pause": pause_mode(migration_config, migration),
+                    "remaining_bytes": remaining_bytes(migration_config, migration),
+                    "priority": migration_config.priority,
                     "item_errors": {
                         "total": migration.run_items.total,
                         "by_rule": [

@@ -22,7 +22,7 @@ from . import __version__
 from .atomicfile import WriterHealth
 from .config import Config
 from .model import MIGRATION_STATES, FailureClass, GuardState, migration_state
-from .watermarks import seconds_to_pause
+from .watermarks import remaining_bytes, seconds_to_pause
 
 # /metrics is for Prometheus (a scrape or two at a time) and a person with curl
 METRICS_MAX_CONNECTIONS = 32
@@ -218,6 +218,11 @@ def _migrations(snap: Snapshot) -> Iterator[Metric]:
         "bytes transferred, from rclone's stats",
         labels=labels,
     )
+    remaining = GaugeMetricFamily(
+        "spaceguard_migration_remaining_bytes",
+        "what the current run still writes (rclone's totals, else expected_size)",
+        labels=labels,
+    )
     unit_frozen = GaugeMetricFamily(
         "spaceguard_unit_frozen",
         "1 while systemd reports the unit's cgroup frozen (FreezerState), whoever froze it",
@@ -231,6 +236,9 @@ def _migrations(snap: Snapshot) -> Iterator[Metric]:
             if view.known:
                 unit_frozen.add_metric([migration_config.account, unit], int(view.frozen))
         key = [migration_config.account, migration_config.unit]
+        need = remaining_bytes(migration_config, migration)
+        if need is not None:
+            remaining.add_metric(key, need)
         current = migration_state(migration)
         for name in MIGRATION_STATES:
             state_family.add_metric([*key, name], int(name == current))
@@ -251,6 +259,7 @@ def _migrations(snap: Snapshot) -> Iterator[Metric]:
             progress.add_metric(key, migration.last_progress_at)
         transferred.add_metric(key, migration.transferred_bytes)
     yield from (
+        remaining,
         unit_frozen,
         state_family,
         paused,

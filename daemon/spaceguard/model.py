@@ -32,6 +32,9 @@ class UnitView:
     exec_status: int = 0
     started_at: float = 0.0  # when its latest run began (InactiveExitTimestamp); 0: never
     service_type: str = ""  # simple, exec, forking, oneshot, notify, ... ("" not known)
+    # WatchdogUSec: its own watchdog (0: none). systemd 252 keeps that clock running while
+    # the unit is frozen, and kills it (systemd#38517): such a unit is paused by stopping
+    watchdog_usec: int = 0
 
     @property
     def known(self) -> bool:
@@ -60,6 +63,14 @@ class VolumeState:
     low_reason: str = ""
     low_since: float = 0.0
     recovered_since: float | None = None
+    warn_since: float | None = None  # below warn_below since (the ladder's first step)
+    warned: bool = False
+    # staggered resume: when the current batch began, and how many it released
+    batch_at: float = 0.0  # 0: no batch yet in this low episode
+    batch_released: int = 0
+    batch_size: int = 0
+    pause_rate: float = 0.0  # the fill rate when the volume went low
+    writer_rate: float = 0.0  # its share per paused migration, for the batch size
 
 
 @dataclass(frozen=True)
@@ -191,6 +202,11 @@ class MigrationState:
     freeze_refused: frozenset[str] = frozenset()  # units systemd would not freeze (busy)
     # units whose pending action's outcome is unknown: settled by the next reading of them
     unsettled: frozenset[str] = frozenset()
+    total_bytes: int = 0  # what rclone says this run transfers in all (0: not said yet)
+    # admission of the current run: "" not judged, "provisional" (what it needs was not
+    # known yet: judged again once it is), "yes", "forced" (an operator's resume)
+    admitted: str = ""
+    freeze_expired: bool = False  # frozen longer than max_freeze: this pause is a stop
 
 
 @dataclass(frozen=True)
@@ -238,6 +254,7 @@ class LogParsed:
     progressed: bool = False
     transferred_bytes: int | None = None
     items: ItemErrors | None = None  # the current run's item errors in this batch
+    total_bytes: int | None = None  # rclone's "Transferred: x / y" y, when it said
     # rclone began another attempt (--retries) in this batch: the item errors before it
     # are superseded (the new attempt logs those that fail again); `items` follow it
     new_attempt: bool = False

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, Literal, cast
 
-from .config import Config, MigrationConfig
+from .config import Config, MigrationConfig, VolumeConfig
 from .model import (
     ACTIVE_STATES,
     Action,
@@ -61,7 +61,7 @@ from .model import (
 )
 from .quantities import format_size
 from .rclone import classify_exit_code
-from .watermarks import seconds_to_pause, thresholds
+from .watermarks import committed_bytes, remaining_bytes, seconds_to_pause, thresholds
 
 UNIT_ACTION_BACKOFF_MAX = 30.0
 
@@ -168,6 +168,11 @@ def reload_problem(old: Config, new: Config, state: GuardState) -> str:
     return ""
 
 
+_NO_MIGRATION = MigrationConfig(account="", unit="x.service", volume="")
+SPACE_REASONS = frozenset({"space", "inodes", "predicted", "unavailable", "disk_full"})
+ADMISSION_REASONS = frozenset({"admission", "no-new-starts"})
+
+
 def run_started_at(state: MigrationState) -> float:
     """When the migration's latest run began, as systemd says (0: not known)."""
     return max([state.run_started_at, *(view.started_at for view in state.units.values())])
@@ -190,10 +195,19 @@ def is_current_line(state: MigrationState, logged_at: float | None, backlog: boo
 def pause_mode(migration: MigrationConfig, state: MigrationState) -> str:
     """How this migration is paused now: its configured mode, except that a unit systemd
     cannot freeze while it runs (Type=oneshot: its start job is pending until the script
-    ends; or a freeze systemd refused as busy) is stopped and resumed by resume_unit."""
+    ends; or a freeze systemd refused as busy), and a unit with its own WatchdogSec=
+    (systemd 252 lets that watchdog kill it while frozen: systemd#38517), is stopped and
+    resumed by resume_unit."""
     if migration.pause == "stop":
         return "stop"
-    if state.freeze_refused or any(view.service_type == "oneshot" for view in state.units.values()):
+    if (
+        state.freeze_refused
+        or state.freeze_expired
+        or any(
+            view.service_type == "oneshot" or view.watchdog_usec > 0
+            for view in state.units.values()
+        )
+    ):
         return "stop"
     return "freeze"
 
@@ -211,6 +225,14 @@ def diagnostics(config: Config, state: GuardState) -> list[str]:
                     f"{migration.account}: {unit} is Type=oneshot: systemd cannot freeze it "
                     f"while it runs; it is paused by stopping it and resumed by starting "
                     f"{migration.resume_unit} (make it Type=exec to freeze it instead)"
+                )
+            elif view.watchdog_usec > 0:
+                notes.append(
+                    f"{migration.account}: {unit} has WatchdogSec="
+                    f"{view.watchdog_usec / 1_000_000:g}s: systemd 252 lets that watchdog "
+                    "kill it while it is frozen (systemd#38517), so it is paused by "
+                    f"stopping it and resumed by starting {migration.resume_unit} (drop "
+                    "WatchdogSec= from the unit to freeze it instead)"
                 )
             elif unit in migration_state.freeze_refused:
                 notes.append(
@@ -388,6 +410,7 @@ class _Decision:
                 volume.predict > 0
                 and state.avail_bytes < resume_bytes
                 and seconds_to_pause(volume, state) <= volume.predict
+                and not self._fits(volume.name, state)
             ):
                 # Early pause only inside the hysteresis band: outside it a pause could
                 # not be held (free space would already be above resume_above), so the
@@ -395,7 +418,13 @@ class _Decision:
                 reason = "predicted"
             if reason:
                 state = replace(
-                    state, low=True, low_reason=reason, low_since=self.now, recovered_since=None
+                    state,
+                    low=True,
+                    low_reason=reason,
+                    low_since=self.now,
+                    recovered_since=None,
+                    pause_rate=max(state.fill_rate, 0.0),  # what the writers did: resuming
+                    batch_at=0.0,  # them all at once would do it again
                 )
                 self.log(
                     "warning",
@@ -434,6 +463,7 @@ class _Decision:
             low=True,
             low_reason=old.low_reason if old.low else "unavailable",
             low_since=old.low_since if old.low else self.now,
+            batch_at=old.batch_at if old.low else 0.0,
         )
 
     def _unit_changed(self, event: UnitChanged) -> None:
@@ -493,7 +523,14 @@ class _Decision:
                 last_log_failure=None if old.known else state.last_log_failure,
             )
             if old.known:  # a new run (after a restart, the saved run goes on)
-                state = replace(state, run_items=ItemErrors(), item_window=())
+                state = replace(
+                    state,
+                    run_items=ItemErrors(),
+                    item_window=(),
+                    total_bytes=0,
+                    transferred_bytes=0,
+                    admitted="",
+                )
             if state.hold is None and old.known:
                 # running again without a hold (a start whose reply was lost, a person):
                 # nothing is left to restart, and in stop mode nothing is paused any more
@@ -789,7 +826,13 @@ class _Decision:
         volume = self.volumes.get(migration.volume, VolumeState())
         if not volume.low:
             self.volumes[migration.volume] = replace(
-                volume, low=True, low_reason="disk_full", low_since=self.now, recovered_since=None
+                volume,
+                low=True,
+                low_reason="disk_full",
+                low_since=self.now,
+                recovered_since=None,
+                pause_rate=max(volume.fill_rate, 0.0),
+                batch_at=0.0,
             )
             self.log(
                 "warning",
@@ -835,6 +878,8 @@ class _Decision:
             state = replace(state, last_progress_at=self.now)
         if event.transferred_bytes is not None:
             state = replace(state, transferred_bytes=event.transferred_bytes)
+        if event.total_bytes is not None:
+            state = replace(state, total_bytes=event.total_bytes)
         if event.superseded is not None:  # the end of the attempt that ended
             state = self._item_errors(migration, state, event.superseded)
         if event.new_attempt and state.failure is None:
@@ -898,7 +943,14 @@ class _Decision:
             restart = state.restart_on_release or (
                 state.hold is not None and pause_mode(migration, state) == "stop"
             )
-            state = replace(state, hold=None, override=volume.low, restart_on_release=restart)
+            state = replace(
+                state,
+                hold=None,
+                override=volume.low,
+                restart_on_release=restart,
+                freeze_expired=False,
+                admitted="forced",  # an operator's resume overrides admission for this run
+            )
             self.log(
                 "notice",
                 f"{event.account}: resumed by {event.who}"
@@ -1089,6 +1141,8 @@ class _Decision:
                     f"free for {volume_config.resume_after:g}s",
                 )
         self._touch_changed_volumes(before)
+        for name, volume_config in self.config.volumes.items():
+            self._warn(name, volume_config)
         touched = self.touched
         if touched is not None:  # and whatever a timer of its own has made due by now
             touched |= {account for account, state in self.migrations.items() if self._due(state)}
@@ -1097,6 +1151,8 @@ class _Decision:
                 continue
             state = self.migrations[migration.account]
             state = self._holds(migration, state)
+            state = self._admission(migration, state)
+            state = self._freeze_expiry(migration, state)
             state = self._running_again(migration, state)
             state = self._unexplained(migration, state)
             state = self._stall(migration, state)
@@ -1108,12 +1164,30 @@ class _Decision:
     def _due(self, state: MigrationState) -> bool:
         """A backoff after a failed action, or a retry of a failure, has come due."""
         failure = state.failure
+        hold = state.hold
+        if hold is not None and hold.by == "guard":
+            migration = _index(self.config).by_account.get(state.account)
+            if migration is not None and self._hold_due(migration, state, hold):
+                return True
         return (0 < state.action_retry_at <= self.now) or (
             failure is not None
             and failure.phase == "waiting-retry"
             and failure.next_retry_at is not None
             and failure.next_retry_at <= self.now
         )
+
+    def _hold_due(self, migration: MigrationConfig, state: MigrationState, hold: Hold) -> bool:
+        """An admission that may now fit, a release slot after a recovery, or the end of a
+        freeze's max_freeze: worth a look on any event."""
+        if hold.reason in ADMISSION_REASONS:
+            return True
+        if hold.reason not in SPACE_REASONS:
+            return False
+        volume = self.volumes.get(migration.volume, VolumeState())
+        if not volume.low:
+            return True
+        limit = migration.max_freeze or self.config.volumes[migration.volume].max_freeze
+        return not state.freeze_expired and self.now - hold.since >= limit
 
     def _holds(self, migration: MigrationConfig, state: MigrationState) -> MigrationState:
         volume = self.volumes.get(migration.volume, VolumeState())
@@ -1155,7 +1229,12 @@ class _Decision:
                 # space is back: an old ENOSPC line must not classify a later exit (that
                 # would mark a volume with plenty of space low and pause every migration)
                 state = replace(state, last_log_failure=None)
-            if state.hold is not None and state.hold.by == "guard":
+            if (
+                state.hold is not None
+                and state.hold.by == "guard"
+                and state.hold.reason in SPACE_REASONS
+                and self._release_slot(migration, state)
+            ):
                 self.log(
                     "notice",
                     f"{migration.account}: releasing the guard's hold "
@@ -1164,9 +1243,225 @@ class _Decision:
                 )
                 self.actions.append(ResolveAlert(f"paused/{migration.account}"))
                 state = replace(
-                    state, hold=None, last_progress_at=self.now, freeze_refused=frozenset()
+                    state,
+                    hold=None,
+                    last_progress_at=self.now,
+                    freeze_refused=frozenset(),
+                    freeze_expired=False,
                 )
         return state
+
+    def _fits(self, name: str, volume: VolumeState, more: int = 0) -> bool:
+        """Whether what every running migration of the volume still writes (and `more`) is
+        known and fits above pause_below: then the fill rate is no reason to pause early,
+        nor to hold a resume back (they finish before the pause limit)."""
+        config = self.config.volumes[name]
+        committed = more
+        for migration in _index(self.config).by_volume.get(name, ()):
+            state = self.migrations[migration]
+            if state.hold is not None or not any(v.running for v in state.units.values()):
+                continue
+            need = remaining_bytes(self.config.migration(migration) or _NO_MIGRATION, state)
+            if need is None:
+                return False
+            committed += need
+        return volume.avail_bytes - committed >= config.pause_below.limit(volume.size_bytes)
+
+    def _release_slot(self, migration: MigrationConfig, state: MigrationState) -> bool:
+        """Resume without a stampede: after a recovery the guard's holds on a volume are
+        released in batches, highest priority first, a batch every resume_step. A batch
+        is resume_batch migrations, or (resume_batch = 0, the default) as many as can write
+        for a step at the rate they filled the volume before the pause without taking it
+        back below resume_above (all at once when they were not filling it fast); no new
+        batch while the current fill rate would. A hold on a migration with nothing
+        paused costs nothing: released at once."""
+        if not state.paused_units and not state.restart_on_release:
+            return True
+        config = self.config.volumes[migration.volume]
+        volume = self.volumes.get(migration.volume, VolumeState())
+        need = remaining_bytes(migration, state)
+        if need is not None and self._fits(migration.volume, volume, need):
+            return True  # it finishes above pause_below with the others: no stampede risk
+        waiting = sorted(
+            (-other.priority, other.account)
+            for other in self.config.migrations
+            if other.volume == migration.volume and self._waits_for_release(other.account)
+        )
+        if self.now >= volume.batch_at + config.resume_step:
+            # the rate the volume can take: for a step it stays above resume_above, and
+            # (with predict on) it would take longer than predict to reach pause_below
+            pause_bytes = config.pause_below.limit(volume.size_bytes)
+            resume_bytes = config.resume_above.limit(volume.size_bytes)
+            budget = min(
+                (volume.avail_bytes - resume_bytes) / config.resume_step,
+                (volume.avail_bytes - pause_bytes) / config.predict
+                if config.predict > 0
+                else float("inf"),
+            )
+            spare = budget - max(volume.fill_rate, 0.0)
+            if spare < 0:
+                return False  # the migrations resumed so far fill it too fast: wait
+            first = volume.batch_at == 0.0
+            writer_rate = (
+                volume.pause_rate / len(waiting) if first and waiting else volume.writer_rate
+            )
+            size = config.resume_batch or (
+                max(1, int(spare / writer_rate)) if writer_rate > 0 else len(waiting)
+            )
+            volume = replace(
+                volume,
+                batch_at=self.now,
+                batch_released=0,
+                batch_size=size,
+                writer_rate=writer_rate,
+            )
+            self.volumes[migration.volume] = volume
+        room = volume.batch_size - volume.batch_released
+        if room <= 0 or (-migration.priority, migration.account) not in waiting[:room]:
+            return False
+        self.volumes[migration.volume] = replace(volume, batch_released=volume.batch_released + 1)
+        return True
+
+    def _waits_for_release(self, account: str) -> bool:
+        state = self.migrations[account]
+        hold = state.hold
+        return (
+            hold is not None
+            and hold.by == "guard"
+            and hold.reason in SPACE_REASONS
+            and bool(state.paused_units or state.restart_on_release)
+        )
+
+    def _warn(self, name: str, config: VolumeConfig) -> None:
+        """The ladder's first step: an alert only, once the volume has been below warn_below
+        for warn_after; resolved when it is above it again."""
+        volume = self.volumes.get(name, VolumeState())
+        if config.warn_below is None or not volume.up:
+            return
+        below = volume.avail_bytes < config.warn_below.limit(volume.size_bytes)
+        if not below:
+            if volume.warned:
+                self.actions.append(ResolveAlert(f"low/{name}"))
+            if volume.warn_since is not None or volume.warned:
+                self.volumes[name] = replace(volume, warn_since=None, warned=False)
+            return
+        since = volume.warn_since if volume.warn_since is not None else self.now
+        warned = volume.warned
+        if not warned and self.now - since >= config.warn_after:
+            warned = True
+            committed = committed_bytes(self.config, self._view(), name)
+            self.actions.append(
+                RaiseAlert(
+                    key=f"low/{name}",
+                    name="SpaceguardVolumeLow",
+                    severity="warning",
+                    labels={"volume": name},
+                    summary=f"{config.path} is below {config.warn_below} free",
+                    description=(
+                        f"{config.path} has {format_size(volume.avail_bytes)} free (warn below "
+                        f"{config.warn_below}); the running migrations still write "
+                        f"{format_size(committed)}: "
+                        f"{format_size(volume.avail_bytes - committed)} would be left. Nothing "
+                        f"is paused yet (pause below {config.pause_below})."
+                    ),
+                )
+            )
+        if (since, warned) != (volume.warn_since, volume.warned):
+            self.volumes[name] = replace(volume, warn_since=since, warned=warned)
+
+    def _view(self) -> GuardState:
+        return GuardState(volumes=self.volumes, migrations=self.migrations)
+
+    def _admission(self, migration: MigrationConfig, state: MigrationState) -> MigrationState:
+        """Never start what cannot fit: a migration whose run still needs more than the
+        volume has free above pause_below, after what the admitted running ones still
+        need, is held before it writes (when a unit of it starts, or once its totals are
+        known); below admit_below nothing new starts. Released when it fits."""
+        held = state.hold is not None and state.hold.reason in ADMISSION_REASONS
+        if not migration.admission or state.admitted in ("yes", "forced"):
+            return state
+        if state.hold is not None and not held:
+            return state  # paused for something else; judged when that ends
+        if not held and not any(view.running for view in state.units.values()):
+            return state
+        volume = self.volumes.get(migration.volume, VolumeState())
+        if not volume.up:
+            return state
+        config = self.config.volumes[migration.volume]
+        need = remaining_bytes(migration, state)
+        if need is None and state.admitted == "provisional":
+            return state
+        others = committed_bytes(self.config, self._view(), migration.volume, migration.account)
+        room = volume.avail_bytes - config.pause_below.limit(volume.size_bytes) - others
+        closed = (
+            state.admitted == ""
+            and config.admit_below is not None
+            and volume.avail_bytes < config.admit_below.limit(volume.size_bytes)
+        )
+        if closed:
+            reason = "no-new-starts"
+            note = (
+                f"{config.path} has {format_size(volume.avail_bytes)} free, below admit_below "
+                f"{config.admit_below}: no new migration starts writing"
+            )
+        elif need is not None and need > room:
+            reason = "admission"
+            note = (
+                f"{migration.account} needs {format_size(need)} more; "
+                f"{format_size(max(0, room))} free after the others "
+                f"({format_size(volume.avail_bytes)} free, pause below {config.pause_below}, "
+                f"the running migrations still need {format_size(others)})"
+            )
+        else:
+            if held:
+                self.log("notice", f"{migration.account}: it fits now: releasing its hold")
+                self.actions.append(ResolveAlert(f"paused/{migration.account}"))
+                state = replace(state, hold=None)
+            return replace(state, admitted="yes" if need is not None else "provisional")
+        if held:
+            return state
+        self.log("warning", f"{migration.account}: held before it writes: {note}")
+        self.actions.append(
+            RaiseAlert(
+                key=f"paused/{migration.account}",
+                name="SpaceguardMigrationNotAdmitted",
+                severity="warning",
+                labels={
+                    "account": migration.account,
+                    "unit": migration.unit,
+                    "volume": migration.volume,
+                    "reason": reason,
+                    "by": "guard",
+                },
+                summary=f"Migration {migration.account} held: it would not fit",
+                description=f"{note}. It starts by itself once it fits "
+                f"(spaceguardctl resume {migration.account} --force starts it anyway).",
+            )
+        )
+        return replace(state, hold=Hold("guard", reason, self.now, note, alerted=True))
+
+    def _freeze_expiry(self, migration: MigrationConfig, state: MigrationState) -> MigrationState:
+        """The ladder's last step: a freeze older than max_freeze becomes a stop (rclone's
+        sessions time out under a long freeze); resumed later through resume_unit."""
+        hold = state.hold
+        if (
+            hold is None
+            or hold.by != "guard"
+            or hold.reason not in SPACE_REASONS
+            or state.freeze_expired
+            or pause_mode(migration, state) != "freeze"
+            or not state.paused_units
+        ):
+            return state
+        limit = migration.max_freeze or self.config.volumes[migration.volume].max_freeze
+        if self.now - hold.since < limit:
+            return state
+        self.log(
+            "warning",
+            f"{migration.account}: frozen for {self.now - hold.since:.0f}s (max_freeze "
+            f"{limit:g}s): stopping it; it resumes through {migration.resume_unit}",
+        )
+        return replace(state, freeze_expired=True)
 
     def _running_again(self, migration: MigrationConfig, state: MigrationState) -> MigrationState:
         """Stop mode, no hold, and the migration runs (through any of its units): nothing the

@@ -119,6 +119,7 @@ class MigrationLog:
             batch_items,
             new_attempt=restart >= 0,
             superseded=superseded.errors(),
+            total_bytes=result.progress.bytes_total if result.progress else None,
         )
 
     def context_for(self, evidence: LogEvidence | None) -> list[str]:

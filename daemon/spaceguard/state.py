@@ -69,6 +69,9 @@ def durable(state: GuardState) -> dict[str, Any]:
                 "run_items": _items_json(m.run_items),
                 # what the run's log said decides its exit's class, after a restart too
                 "last_log_failure": _evidence_json(m.last_log_failure),
+                "total_bytes": m.total_bytes,
+                "admitted": m.admitted,
+                "freeze_expired": m.freeze_expired,
             }
             for account, m in state.migrations.items()
         },
@@ -178,6 +181,9 @@ def _restore(data: Mapping[str, Any]) -> GuardState:
             run_started_at=float(m.get("run_started_at", 0.0)),
             run_items=_items(m.get("run_items")),
             last_log_failure=_evidence(m.get("last_log_failure")),
+            total_bytes=int(m.get("total_bytes", 0)),
+            admitted=str(m.get("admitted", "")),
+            freeze_expired=bool(m.get("freeze_expired", False)),
         )
     return GuardState(
         volumes=volumes, migrations=migrations, incident_seq=int(data["incident_seq"])

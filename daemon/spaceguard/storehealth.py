@@ -12,12 +12,32 @@ what it cannot spool in memory and delivers it from there.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from .alerts import AlertSender, GuardAlert
 from .atomicfile import WriterHealth
+
+# a write still not done after this long counts as failing: a hung disk (a dead NFS
+# server, a FUSE that stopped answering) never returns an error to report
+HUNG_WRITE_SECONDS = 10.0
+
+
+def effective(health: WriterHealth, now: float) -> WriterHealth:
+    """`health`, with a write hung for HUNG_WRITE_SECONDS reported as a failure (also
+    after errors: a retry that hangs says so instead of repeating the last error)."""
+    if health.busy_since is not None:
+        hung = now - health.busy_since
+        if hung >= HUNG_WRITE_SECONDS:
+            return dataclasses.replace(
+                health,
+                writable=False,
+                last_error=f"a write has not finished for {hung:.0f}s (the disk hangs)",
+                failing_since=health.failing_since or health.busy_since,
+            )
+    return health
 
 
 @dataclass(frozen=True)
@@ -47,10 +67,10 @@ class StoreWatch:
         now = time.time() if now is None else now
         changed = False
         for store in self.stores.values():
-            health = store.health()
+            health = effective(store.health(), now)
             failing = self._failing.get(store.name)
             if not health.writable:
-                if failing is None:  # once per streak: a changing errno is no news
+                if failing is None:  # once per streak: a changing error is no news
                     alerts.fire(self._alert(store, health, now))
                     changed = True
                 elif failing.last_error != health.last_error:
@@ -94,7 +114,8 @@ class StoreWatch:
         return words
 
     def stats(self) -> Mapping[str, WriterHealth]:
-        return {name: store.health() for name, store in self.stores.items()}
+        now = time.time()
+        return {name: effective(store.health(), now) for name, store in self.stores.items()}
 
     def failing(self) -> Mapping[str, WriterHealth]:
         return dict(self._failing)

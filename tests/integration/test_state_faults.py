@@ -248,7 +248,7 @@ def test_the_guard_guards_on_while_its_state_dir_fails(
     assert "no record of who froze it" not in rig.journal()
     ballast.unlink()
     sandbox.wait_for(SLEEPER, "FreezerState", "running", timeout=30)
-    assert saved_bob(rig)["hold"] is None
+    wait_until(lambda: saved_bob(rig)["hold"] is None, 10, "the thaw saved")
 
 
 @pytest.mark.parametrize("fault", ["directory", "unreadable"])
