@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import functools
 import gc
+import os
 import statistics
 import sys
 import tempfile
@@ -106,7 +107,7 @@ max_item_errors = 1000000000000
         # 50 distinct batches (not timed), fed in turn until `lines` are read
         generated = list(batches(50 * (BATCH_BYTES // len(item_line(stamp, 10**6))), stamp))
         gc.collect()
-        rss_before = rss_mib_self()
+        rss_before = rss_mib(os.getpid())
         began, began_cpu = time.perf_counter(), time.process_time()
         fed = 0
         while fed < lines:
@@ -118,7 +119,7 @@ max_item_errors = 1000000000000
         elapsed = time.perf_counter() - began
         cpu = time.process_time() - began_cpu
         gc.collect()
-        rss_after = rss_mib_self()
+        rss_after = rss_mib(os.getpid())
         lines_fed = fed
         what = "MigrationLog.feed + policy.decide" if with_policy else "MigrationLog.feed"
         print(
@@ -185,10 +186,6 @@ def watched(lines: int, workdir: Path) -> None:
         f"{MAX_SECONDS_PER_TURN * 1000:g} ms a turn)"
     )
     path.unlink()
-
-
-def rss_mib_self() -> float:
-    return rss_mib(int(Path("/proc/self/stat").read_text().split()[0]))
 
 
 def guard_pid(sandbox: SystemdSandbox) -> int:

@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from tests.guardrig import REPO, GuardRig, free_port, wait_until
-from tests.integration.test_failures import incidents
+from tests.integration.test_failures import _port_open, incidents
 from tests.integration.test_operators import ctl, migration_status
 from tests.integration.test_space_guard import make_ballast
 from tests.sandbox import (
@@ -415,7 +415,7 @@ def _real_unauthorized(tmp: Path, rclone: str) -> list[str]:
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        wait_until(lambda: _listening(port), 10, "rclone serve webdav")
+        wait_until(lambda: _port_open(port), 10, "rclone serve webdav")
         obscured = subprocess.run(
             [rclone, "obscure", "wrong"], capture_output=True, text=True, check=True
         ).stdout.strip()
@@ -457,13 +457,6 @@ def _real_disk_full(tmp: Path, rclone: str, small: LoopVolume) -> list[str]:
     lines = log.read_text().splitlines()
     assert any("no space left on device" in line for line in lines), lines
     return lines
-
-
-def _listening(port: int) -> bool:
-    import socket
-
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def earlier_runs(tmp: Path, rclone: str, small: LoopVolume, runs: int) -> list[str]:
