@@ -63,6 +63,7 @@ class VolumeState:
     low_reason: str = ""
     low_since: float = 0.0
     recovered_since: float | None = None
+    recovered_at: float = 0.0  # when it last stopped being low
     warn_since: float | None = None  # below warn_below since (the ladder's first step)
     warned: bool = False
     # staggered resume: when the current batch began, and how many it released
@@ -106,6 +107,7 @@ class LogEvidence:
     seq: int = 0
     before: tuple[str, ...] = ()
     scope: str = "run"  # "run": the whole run cannot go on; "item": one item (disk full)
+    logged_at: float | None = None  # the line's own time, when it has one
 
 
 @dataclass(frozen=True)

@@ -820,10 +820,23 @@ class _Decision:
         return state
 
     def _disk_full(
-        self, migration: MigrationConfig, state: MigrationState, line: str
+        self,
+        migration: MigrationConfig,
+        state: MigrationState,
+        line: str,
+        logged_at: float | None = None,
     ) -> MigrationState:
         """The migration itself hit ENOSPC: scenario 3's business (pause), not a failure."""
         volume = self.volumes.get(migration.volume, VolumeState())
+        if not volume.low and logged_at is not None and logged_at < volume.recovered_at:
+            # written before the volume last recovered (rclone logs an item's ENOSPC twice,
+            # and the guard may read the second after the release): it was that episode
+            self.log(
+                "info",
+                f"{migration.account}: an ENOSPC line from before {migration.volume} "
+                "recovered: not pausing again",
+            )
+            return state
         if not volume.low:
             self.volumes[migration.volume] = replace(
                 volume,
@@ -891,7 +904,7 @@ class _Decision:
         for evidence in event.failures:
             state = replace(state, last_log_failure=evidence)
             if evidence.failure_class == FailureClass.DISK_FULL:
-                state = self._disk_full(migration, state, evidence.line)
+                state = self._disk_full(migration, state, evidence.line, evidence.logged_at)
             elif (
                 evidence.failure_class == FailureClass.UNRECOVERABLE
                 and state.failure is None
@@ -1048,7 +1061,9 @@ class _Decision:
             )
             state = replace(state, action_errors=0, action_retry_at=0.0)
             view = state.units.get(action.unit, UnitView())
-            if action.kind == "freeze":
+            if action.kind == "freeze" and view.known and not view.running:
+                pass  # it ended while the freeze went out: nothing is frozen, nothing to thaw
+            elif action.kind == "freeze":
                 state = replace(
                     state,
                     paused_units=state.paused_units | {action.unit},
@@ -1100,6 +1115,26 @@ class _Decision:
                 )
         else:
             migration = self.config.migration(action.account)
+            if action.kind == "thaw" and (
+                "UnitInactive" in event.error or "not active" in event.error
+            ):
+                # it ended while frozen: nothing is left to thaw (asking again would fail for
+                # ever); if a hold wants it back, the release starts it again
+                self.log(
+                    "notice",
+                    f"{action.account}: {action.unit} is no longer active: nothing to thaw",
+                )
+                self.migrations[action.account] = replace(
+                    state,
+                    paused_units=state.paused_units - {action.unit},
+                    units={
+                        **state.units,
+                        action.unit: replace(
+                            state.units.get(action.unit, UnitView()), freezer_state="running"
+                        ),
+                    },
+                )
+                return
             busy = "UnitBusy" in event.error or "pending job" in event.error
             if action.kind == "freeze" and busy and migration is not None:
                 # systemd will not freeze a unit with a job pending (a oneshot runs inside
@@ -1134,7 +1169,9 @@ class _Decision:
                 and volume.recovered_since is not None
                 and self.now - volume.recovered_since >= volume_config.resume_after
             ):
-                self.volumes[name] = replace(volume, low=False, low_reason="", recovered_since=None)
+                self.volumes[name] = replace(
+                    volume, low=False, low_reason="", recovered_since=None, recovered_at=self.now
+                )
                 self.log(
                     "notice",
                     f"volume {name} recovered: {format_size(volume.avail_bytes)} "

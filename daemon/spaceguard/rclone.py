@@ -92,9 +92,10 @@ DEFAULT_RULES: tuple[ClassifyRule, ...] = (
     # 1. disk full on the destination
     ClassifyRule(
         "no_space_left",
-        r"(?i:no space left on device)|\bENOSPC\b",
+        # rclone preallocates by default and then says the latter instead of ENOSPC
+        r"(?i:no space left on device|file too big for remaining disk space)|\bENOSPC\b",
         _D,
-        ("no space left", "enospc"),
+        ("no space left", "enospc", "file too big for remaining"),
     ),
     ClassifyRule(
         "disk_quota_exceeded", r"(?i:disk quota exceeded)|\bEDQUOT\b", _D, ("disk quota", "edquot")

@@ -98,6 +98,7 @@ class MigrationLog:
                     first + failure.line_number,
                     tuple(window[max(0, index - CONTEXT_BEFORE) : index]),
                     failure.scope,
+                    failure.logged_at,
                 )
             )
         batch_items = current.errors()

@@ -246,3 +246,55 @@ def test_the_hold_down_keeps_its_length_across_a_step(guard: Guard) -> None:
     assert ("thaw", ALICE, "released") not in unit_actions(actions)
     actions = guard(sample(50), after=61)
     assert ("thaw", ALICE, "released") in unit_actions(actions)
+
+
+# --- found by the real-rclone disk-full test --------------------------------------------
+
+
+def test_rclones_preallocation_message_is_a_full_disk() -> None:
+    from spaceguard.rclone import RcloneLogParser
+
+    line = (
+        "2026/12/01 22:00:00 ERROR : big.bin: Failed to copy: preallocate: "
+        "file too big for remaining disk space"
+    )
+    (failure,) = RcloneLogParser().feed([line]).failures
+    assert failure.failure_class == FailureClass.DISK_FULL
+
+
+def test_an_enospc_line_from_before_the_recovery_does_not_pause_again(guard: Guard) -> None:
+    line = "2025/01/01 10:00:00 ERROR : a.bin: Failed to copy: no space left on device"
+    evidence = LogEvidence(FailureClass.DISK_FULL, "no_space_left", line, logged_at=T0 + 1)
+    guard(LogParsed("alice", (evidence,)), at=T0 + 1)
+    assert guard.state.volumes["space"].low
+    guard.done("freeze", ALICE)
+    guard(sample(50), after=1)
+    guard(sample(50), after=121)
+    assert not guard.state.volumes["space"].low
+    # the same item's second line (rclone logs a NOTICE, then an ERROR), read late
+    guard(LogParsed("alice", (evidence,)), after=1)
+    assert not guard.state.volumes["space"].low
+    # a new one, written after the recovery, does pause
+    fresh = LogEvidence(FailureClass.DISK_FULL, "no_space_left", line, logged_at=guard.now)
+    guard(LogParsed("alice", (fresh,)), after=1)
+    assert guard.state.volumes["space"].low
+
+
+def test_a_unit_that_ended_while_the_freeze_went_out_is_not_paused(guard: Guard) -> None:
+    guard(sample(4), after=1)
+    guard(UnitChanged(ALICE, DEAD), after=0.01)  # it ended first
+    guard.done("freeze", ALICE)  # then systemd's late "done"
+    assert ALICE not in guard.m("alice").paused_units
+
+
+def test_a_thaw_refused_as_inactive_is_not_asked_for_ever(guard: Guard) -> None:
+    guard(sample(4), after=1)
+    guard.done("freeze", ALICE)
+    guard(sample(50), after=1)
+    guard(sample(50), after=121)
+    actions = guard.done(
+        "thaw", ALICE, ok=False, error="org.freedesktop.systemd1.UnitInactive: Unit is not active."
+    )
+    assert ALICE not in guard.m("alice").paused_units
+    later = unit_actions(guard(Tick(), after=60))
+    assert not [a for a in unit_actions(actions) + later if a[0] == "thaw"]
