@@ -191,19 +191,21 @@ def _restore(data: Mapping[str, Any]) -> GuardState:
 
 
 class StateStore:
-    """The state file. Encoding happens on the caller's thread (the loop); the writes go to
-    one writer thread (`BackgroundWriter`), which keeps only the latest state: behind a
-    slow disk the guard writes less often, never a backlog of stale copies, and never two
-    writes of this file at once. A state that cannot be written (disk full, read-only,
-    EACCES, a directory in the way) stays queued and is retried with backoff; the last good
-    file stays in place (atomic writes), and `health()` says what is wrong."""
+    """The state file. The caller (the loop) hands over a state snapshot (immutable: the
+    policy copies before it changes anything); one writer thread (`BackgroundWriter`)
+    encodes and writes it, and keeps only the latest: behind a slow disk the guard writes
+    less often, never a backlog of stale copies, and never two writes of this file at once.
+    A state that cannot be written (disk full, read-only, EACCES, a directory in the way)
+    stays queued and is retried with backoff; the last good file stays in place (atomic
+    writes), and `health()` says what is wrong."""
 
     KEY = "state.json"
 
     def __init__(self, state_dir: Path, writer: BackgroundWriter | None = None) -> None:
         self.path = state_dir / "state.json"
         self.problem = ""  # set when the saved file had to be set aside: reported in status
-        self._submitted: bytes = b""  # the newest state handed to the writer (caller's thread)
+        self._written: bytes = b""  # what the file holds (writer thread, or load before it)
+        self.writes = 0  # files written (an unchanged state is not written again)
         self.writer = writer or BackgroundWriter("state writer", max_pending=1)
 
     def load(self) -> Saved | None:
@@ -229,7 +231,7 @@ class StateStore:
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             self._set_aside(f"saved state is unreadable ({type(error).__name__}: {error})")
             return None
-        self._submitted = raw
+        self._written = raw
         return saved
 
     def _set_aside(self, why: str) -> None:
@@ -246,23 +248,20 @@ class StateStore:
     def encode(
         self, state: GuardState, log_positions: Mapping[str, Mapping[str, int]]
     ) -> bytes | None:
-        """The file's content, or None when it is what was last handed to the writer."""
+        """The file's content, or None when it is what the file already holds."""
         data = json.dumps(
             {"version": STATE_VERSION, "state": durable(state), "log_positions": log_positions},
             sort_keys=True,
         ).encode()
-        return None if data == self._submitted else data
+        return None if data == self._written else data
 
     def save_soon(self, state: GuardState, log_positions: Mapping[str, Mapping[str, int]]) -> bool:
-        """Hand the state to the writer thread if anything durable changed (it replaces a
-        state still waiting there); returns whether it did. Never blocks on the disk: an
-        fsync must not delay the loop, nor a freeze that the same decision just sent."""
-        data = self.encode(state, log_positions)
-        if data is None:
-            return False
-        self._submitted = data
-        self.writer.submit(self.KEY, functools.partial(self._write, data))
-        return True
+        """Hand the state to the writer thread (it replaces a state still waiting there),
+        which encodes it and writes it if anything durable changed. Costs the caller no
+        encoding and no disk: an fsync must not delay the loop, nor a freeze that the same
+        decision just sent."""
+        positions = {key: dict(value) for key, value in log_positions.items()}
+        return self.writer.submit(self.KEY, functools.partial(self._write, state, positions))
 
     def save(
         self,
@@ -272,11 +271,12 @@ class StateStore:
     ) -> bool:
         """Write now (at shutdown, in tests): False when nothing changed; raises OSError
         when it could not be written within `timeout` (it stays queued)."""
-        wrote = self.save_soon(state, log_positions)
+        before = self.writes
+        self.save_soon(state, log_positions)
         if not self.writer.flush(timeout):
             health = self.writer.health()
             raise OSError(health.last_error or f"not written within {timeout:g}s")
-        return wrote
+        return self.writes > before
 
     def flush(self, timeout: float | None = 5.0) -> bool:
         """Wait for the writer; False when a write is still failing or waiting."""
@@ -288,7 +288,12 @@ class StateStore:
     def health(self) -> WriterHealth:
         return self.writer.health()
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, state: GuardState, positions: Mapping[str, Mapping[str, int]]) -> None:
         """On the writer thread only."""
+        data = self.encode(state, positions)
+        if data is None:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(self.path, data)
+        self._written = data
+        self.writes += 1
