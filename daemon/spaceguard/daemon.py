@@ -58,6 +58,7 @@ from .protocol import RequestError
 from .quantities import format_size
 from .rclone import ClassifyRule, CompiledRules, FailureClass, compile_rules
 from .runtime import MigrationLog
+from .stalefreezer import StaleFreezer
 from .state import StateStore
 from .storehealth import Store, StoreWatch
 from .systemd import OutcomeUnknown, SystemdClient
@@ -136,6 +137,7 @@ class Guard:
             freezer_socket=config.guard.freezer_socket,
         )
         self.logwatch = LogWatcher()
+        self.stale_freezer = StaleFreezer()  # systemd 252's frozen records of dead units
         self.alert_spool_writer = BackgroundWriter("alert spool writer", max_pending=256)
         self.alerts = self._alert_sender(config)
         self.alerts_task: asyncio.Task[Any] | None = None
@@ -350,7 +352,7 @@ class Guard:
     # -- events in ------------------------------------------------------------------------
 
     def _on_unit(self, unit: str, view: UnitView) -> None:
-        self.handle(UnitChanged(unit, view))
+        self.handle(UnitChanged(unit, self.stale_freezer.seen(unit, view)))
 
     def _on_connection(self, connected: bool) -> None:
         self.handle(BusChanged(connected))
@@ -477,7 +479,9 @@ class Guard:
         }[action.kind]
         started = time.monotonic()
         try:
-            await method(action.unit)
+            reread = await self.stale_freezer.run(
+                action.kind, action.unit, method, self.systemd.thaw
+            )
         except OutcomeUnknown as error:  # it may have landed: the policy reads the unit
             self.counters.actions[(action.kind, action.reason, "unknown")] += 1
             self.handle(ActionDone(action, False, str(error), unknown=True))
@@ -495,6 +499,11 @@ class Guard:
             if action.reason == "retry":
                 self.counters.retries[action.account] += 1
             self.handle(ActionDone(action, True))
+            if reread or action.kind in ("freeze", "thaw"):
+                # systemd 252 signals no change of FreezerState alone: read it, so that
+                # the view is not left with the old one (a later signal of another
+                # property would report it, e.g. as someone else's thaw)
+                self._spawn(self.systemd.reread(action.unit))
 
     async def _verify(self, action: RunVerify) -> None:
         self.verify_seq += 1  # unique even for two verifications in one second

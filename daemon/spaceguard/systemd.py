@@ -37,6 +37,7 @@ PROPERTIES = "org.freedesktop.DBus.Properties"
 CALL_TIMEOUT = 30.0
 JOB_TIMEOUT = 180.0  # longer than systemd's default TimeoutStopSec (90 s)
 CLD_CODES = {1: "exited", 2: "killed", 3: "dumped"}
+USEC_INFINITY = 2**64 - 1  # systemd's "no limit" for a time span
 MATCH_RULES = (
     f"type='signal',sender='{SYSTEMD}',interface='{PROPERTIES}',member='PropertiesChanged',"
     "path_namespace='/org/freedesktop/systemd1/unit'",
@@ -230,6 +231,9 @@ class SystemdClient:
                 self._spawn(self._refresh(unit, message.path))
             else:
                 self._emit(unit)
+                if values.get("ActiveState") == "active" and old_state != "active":
+                    # systemd publishes WatchdogUSec once a run begins, with no signal
+                    self._spawn(self.reread(unit))
         elif message.member == "JobRemoved" and message.interface == MANAGER:
             _job_id, job_path, _unit, result = message.body
             waiter = self.job_waiters.pop(job_path, None)
@@ -264,6 +268,8 @@ class SystemdClient:
                 exec_status=int(props.get("ExecMainStatus", 0) or 0),
                 started_at=int(props.get("InactiveExitTimestamp", 0) or 0) / 1_000_000,
                 service_type=str(props.get("Type", "")),
+                # 0 and infinity (2^64-1, what an inactive unit shows) both mean none
+                watchdog_usec=_finite_usec(props.get("WatchdogUSec", 0)),
             ),
         )
 
@@ -417,8 +423,14 @@ _WATCHED = frozenset(
         # when the latest run began (only its log lines act), and whether it can be frozen
         "InactiveExitTimestamp",
         "Type",
+        "WatchdogUSec",  # a unit with its own watchdog must not be frozen (systemd#38517)
     }
 )
+
+
+def _finite_usec(value: Any) -> int:
+    usec = int(value or 0)
+    return usec if 0 < usec < USEC_INFINITY else 0
 
 
 def _describe(error: BaseException | None) -> str:
