@@ -255,10 +255,15 @@ class ShippedRig(GuardRig):
         workdir: Path,
         python: str,
         watchdog_sec: int = 10,
-        log_level: str = "info",
+        log_level: str = "debug",
     ) -> None:
         super().__init__(sandbox, workdir, python, watchdog_sec, log_level)
-        self.installation = Installation(workdir, f"{os.getpid()}-{next(self._seq)}")
+        tag = f"{os.getpid()}-{next(self._seq)}"
+        self.installation = Installation(workdir, tag)
+        # tests name their own units (writer@alice.service): grant exactly those
+        self.grant_configured_units = True
+        self.rule_path = RULES_DIR / f"49-spaceguard-test-{tag}.rules"
+        LIVE_RIGS.append(self)
         self.state_dir = self.installation.state_dir
         self.config_path = self.installation.config_path
         self._host_files = False
@@ -268,6 +273,30 @@ class ShippedRig(GuardRig):
             self.installation.install_host_files()
             self._host_files = True
         self.installation.write_config(self.guard_section() + "\n" + textwrap.dedent(body))
+        if self.grant_configured_units:
+            self._grant()
+
+    def _grant(self) -> None:
+        """What an operator whose units the shipped rule does not name does (README,
+        "Privileges"): `spaceguard polkit-rule CONFIG` into /etc/polkit-1/rules.d."""
+        program = self.installation.program()
+        environment = dict(os.environ)
+        if self.installation.mode != "dpkg":
+            environment["PYTHONPATH"] = str(self.installation.package_dir)
+        result = subprocess.run(
+            [*program, "polkit-rule", "--any-unit", "--user=spaceguard", str(self.config_path)],
+            capture_output=True,
+            text=True,
+            check=False,
+            env=environment,
+        )
+        if result.returncode != 0:
+            raise SandboxError(f"spaceguard polkit-rule failed: {result.stderr.strip()}")
+        self.rule_path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.rule_path.with_name(f".{self.rule_path.name}.tmp")
+        partial.write_text(result.stdout)
+        partial.chmod(0o644)
+        partial.replace(self.rule_path)
 
     def install(self) -> None:
         self.installation.install_units(self.sandbox)
@@ -275,7 +304,28 @@ class ShippedRig(GuardRig):
             self.sandbox.daemon_reload()
 
     def cleanup(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.rule_path.unlink()
         self.installation.cleanup()
+
+
+LIVE_RIGS: list[ShippedRig] = []  # cleaned up after each test (tests/integration/conftest.py)
+RULES_DIR = Path("/etc/polkit-1/rules.d")
+
+
+def cleanup_rigs() -> None:
+    while LIVE_RIGS:
+        LIVE_RIGS.pop().cleanup()
+
+
+def remove_stale_rules() -> list[str]:
+    """Rules that crashed test runs left (each grants a test's units to spaceguard)."""
+    removed = []
+    for path in RULES_DIR.glob("49-spaceguard-test-*.rules"):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(str(path))
+    return removed
 
 
 def shipped_workdir(prefix: str) -> Path:

@@ -22,6 +22,7 @@ from tests.integration.conftest import (  # noqa: E402, F401
     _stale_cleaned,
     loop_volume,
     sandbox,
+    tmp_path,
     venv_python,
 )
 

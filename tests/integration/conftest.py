@@ -17,7 +17,9 @@ Teardown (sandbox down, then volumes unmounted) runs even when the test fails.
 
 from __future__ import annotations
 
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -54,7 +56,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def _stale_cleaned() -> list[str]:
     """Once per session: remove sandboxes/volumes that crashed earlier runs left."""
     try:
-        return cleanup_stale()
+        from tests.installed import remove_stale_rules
+
+        return cleanup_stale() + remove_stale_rules()
     except (OSError, SandboxError) as exc:  # never a reason to fail the session
         return [f"cleanup failed: {exc}"]
 
@@ -69,6 +73,23 @@ class _TestSandbox(SystemdSandbox):
             error = str(exc)
         require(False, error)  # outside `except`: no chained traceback in the report
         raise AssertionError("unreachable: require() skips or fails")
+
+
+@pytest.fixture
+def tmp_path(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A fresh directory per test that the shipped guard can see: under
+    /var/lib/spaceguard-test, traversable (its PrivateTmp= and ProtectHome= hide /tmp and
+    /root, and the spaceguard user must reach the test's config, logs and volumes)."""
+    from tests.installed import BASE, cleanup_rigs
+
+    BASE.mkdir(parents=True, exist_ok=True)
+    BASE.chmod(0o755)
+    name = "".join(c if c.isalnum() else "-" for c in request.node.name)[:60]
+    path = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=BASE))
+    path.chmod(0o755)
+    yield path
+    cleanup_rigs()
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

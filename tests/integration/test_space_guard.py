@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 from tests.guardrig import GuardRig, read_status, wait_until, writer_unit
+from tests.installed import ShippedRig
 from tests.sandbox import LoopVolume, SystemdSandbox, require
 
 MIB = 1024 * 1024
@@ -95,7 +96,7 @@ def test_freeze_before_enospc_then_thaw_after_hold_down(
     volume = loop_volume(256, options=["nodelalloc"])
     ballast = make_ballast(volume, 140)
     status = tmp_path / "writer.status"
-    rig = GuardRig(sandbox, tmp_path, venv_python)
+    rig = ShippedRig(sandbox, tmp_path, venv_python)
     rig.write_config(space_config(volume, freeze_migration()))
     setup_writer(sandbox, rig, volume, status, "120M", venv_python)
     rig.start()
@@ -157,7 +158,7 @@ def test_stop_mode_resumes_with_the_resume_unit(loop_volume, sandbox, venv_pytho
     volume = loop_volume(256, options=["nodelalloc"])
     ballast = make_ballast(volume, 140)
     status = tmp_path / "writer.status"
-    rig = GuardRig(sandbox, tmp_path, venv_python)
+    rig = ShippedRig(sandbox, tmp_path, venv_python)
     rig.write_config(
         space_config(
             volume,
@@ -198,7 +199,7 @@ def test_stop_mode_resumes_with_the_resume_unit(loop_volume, sandbox, venv_pytho
 
 def test_watchdog_restarts_a_hung_guard(loop_volume, sandbox, venv_python, tmp_path):
     volume = loop_volume(64)
-    rig = GuardRig(sandbox, tmp_path, venv_python, watchdog_sec=2)
+    rig = ShippedRig(sandbox, tmp_path, venv_python, watchdog_sec=2)
     rig.write_config(space_config(volume, freeze_migration()))
     setup_writer(sandbox, rig, volume, tmp_path / "st", "1M", venv_python)
     rig.start()
@@ -223,7 +224,7 @@ def test_reload_with_a_broken_config_keeps_the_old_one(loop_volume, sandbox, ven
     volume = loop_volume(256, options=["nodelalloc"])
     make_ballast(volume, 140)
     status = tmp_path / "writer.status"
-    rig = GuardRig(sandbox, tmp_path, venv_python)
+    rig = ShippedRig(sandbox, tmp_path, venv_python)
     rig.write_config(space_config(volume, freeze_migration()))
     setup_writer(sandbox, rig, volume, status, "120M", venv_python)
     rig.start()
@@ -251,7 +252,7 @@ def test_stopping_the_guard_leaves_the_migration_frozen(
     volume = loop_volume(256, options=["nodelalloc"])
     ballast = make_ballast(volume, 140)
     status = tmp_path / "writer.status"
-    rig = GuardRig(sandbox, tmp_path, venv_python)
+    rig = ShippedRig(sandbox, tmp_path, venv_python)
     rig.write_config(space_config(volume, freeze_migration(), resume_after="1s"))
     setup_writer(sandbox, rig, volume, status, "120M", venv_python)
     rig.start()
@@ -281,7 +282,7 @@ def test_stopping_the_guard_leaves_the_migration_frozen(
 
 def test_sigterm_is_a_clean_exit(loop_volume, sandbox, venv_python, tmp_path):
     volume = loop_volume(64)
-    rig = GuardRig(sandbox, tmp_path, venv_python)
+    rig = ShippedRig(sandbox, tmp_path, venv_python)
     rig.write_config(space_config(volume, freeze_migration()))
     setup_writer(sandbox, rig, volume, tmp_path / "st", "1M", venv_python)
     rig.start()
@@ -308,7 +309,7 @@ def test_inodes_running_out_pause_too(loop_volume, sandbox, venv_python, tmp_pat
         "echo DONE\n"
     )
     script.chmod(0o755)
-    rig = GuardRig(sandbox, tmp_path, venv_python)
+    rig = ShippedRig(sandbox, tmp_path, venv_python)
     rig.write_config(f"""
         [volumes.space]
         path = "{volume.mountpoint}"
