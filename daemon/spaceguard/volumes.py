@@ -215,6 +215,10 @@ class VolumeSampler:
         other = _begin_call(self._path)
         if other is not None:
             self._waiting_since = other
+            # a replaced sampler's last call, about to return: look again at once;
+            # a hung one: now and then
+            if time.monotonic() - other < HUNG_RETRY_INTERVAL:
+                return None, self.config.poll_min
             return None, HUNG_RETRY_INTERVAL
         self._waiting_since = time.monotonic()
         try:
