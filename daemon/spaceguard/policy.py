@@ -365,6 +365,8 @@ class _Decision:
                 sampled_at=volume.sampled_at + delta if volume.sampled_at else 0.0,
                 low_since=volume.low_since + delta if volume.low_since else 0.0,
                 recovered_since=shift(volume.recovered_since),
+                warn_since=shift(volume.warn_since),
+                batch_at=volume.batch_at + delta if volume.batch_at else 0.0,
             )
         for account, state in self.migrations.items():
             hold = state.hold

@@ -84,7 +84,8 @@ def tmp_path(request: pytest.FixtureRequest) -> Iterator[Path]:
 
     BASE.mkdir(parents=True, exist_ok=True)
     BASE.chmod(0o755)
-    name = "".join(c if c.isalnum() else "-" for c in request.node.name)[:60]
+    # short: AF_UNIX paths (the sandbox bus, the control socket) hold 107 bytes
+    name = "".join(c if c.isalnum() else "-" for c in request.node.name)[5:25]
     path = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=BASE))
     path.chmod(0o755)
     yield path

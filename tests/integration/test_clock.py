@@ -7,7 +7,8 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
-from tests.guardrig import GUARD_UNIT, GuardRig, wait_until, writer_unit
+from tests.guardrig import GUARD_UNIT, wait_until, writer_unit
+from tests.installed import ShippedRig
 from tests.integration.test_space_guard import make_ballast
 from tests.sandbox import LoopVolume, SystemdSandbox, require
 
@@ -54,7 +55,7 @@ def test_a_forward_step_beyond_stall_after_stops_nothing(
     volume: LoopVolume = loop_volume(64)
     log = tmp_path / "alice.log"
     offset = tmp_path / "faketime"
-    rig = GuardRig(sandbox, tmp_path, venv_python)
+    rig = ShippedRig(sandbox, tmp_path, venv_python)
     rig.write_config(f"""
         [volumes.space]
         path = "{volume.mountpoint}"
@@ -106,7 +107,7 @@ def test_a_backward_step_keeps_the_hold_down_its_length(
     offset = tmp_path / "faketime"
     status = tmp_path / "writer.status"
     (volume.mountpoint / "alice").mkdir()
-    rig = GuardRig(sandbox, tmp_path, venv_python)
+    rig = ShippedRig(sandbox, tmp_path, venv_python)
     rig.write_config(f"""
         [volumes.space]
         path = "{volume.mountpoint}"

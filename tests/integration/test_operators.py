@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from tests.guardrig import REPO, GuardRig, read_status, wait_until, writer_unit
+from tests.installed import ShippedRig
 from tests.integration.test_space_guard import make_ballast
 from tests.sandbox import LoopVolume, SystemdSandbox, readable_package_dir, require
 
@@ -75,7 +76,7 @@ def start_guard(
             SLEEPER: "[Service]\nExecStart=/bin/sleep infinity\n",
         }
     )
-    rig = GuardRig(sandbox, tmp_path, python)
+    rig = ShippedRig(sandbox, tmp_path, python)
     rig.write_config(f"""
         [volumes.space]
         path = "{volume.mountpoint}"

@@ -3,7 +3,8 @@ goes away and comes back, a volume that is unmounted under it."""
 
 from __future__ import annotations
 
-from tests.guardrig import GuardRig, read_status, wait_until, writer_unit
+from tests.guardrig import read_status, wait_until, writer_unit
+from tests.installed import ShippedRig
 from tests.integration.test_space_guard import make_ballast
 
 WRITER = "writer@alice.service"
@@ -43,7 +44,7 @@ def test_bus_goes_away_and_comes_back(loop_volume, sandbox, venv_python, tmp_pat
             SLEEPER: "[Service]\nExecStart=/bin/sleep infinity\n",
         }
     )
-    rig = GuardRig(sandbox, tmp_path, venv_python)
+    rig = ShippedRig(sandbox, tmp_path, venv_python)
     rig.write_config(config(str(volume.mountpoint)))
     rig.install()
     rig.start()
@@ -91,7 +92,7 @@ def test_a_vanished_mount_pauses_and_recovers(loop_volume, sandbox, venv_python,
     # A host's systemd makes / shared, so a service's mount namespace sees later mounts and
     # unmounts; the sandbox booted as a container (private), so do what the host does.
     sandbox.exec("mount", "--make-rshared", "/", check=True)
-    rig = GuardRig(sandbox, tmp_path, venv_python)
+    rig = ShippedRig(sandbox, tmp_path, venv_python)
     rig.write_config(config(str(volume.mountpoint)))
     rig.install()
     rig.start()

@@ -298,3 +298,15 @@ def test_a_thaw_refused_as_inactive_is_not_asked_for_ever(guard: Guard) -> None:
     assert ALICE not in guard.m("alice").paused_units
     later = unit_actions(guard(Tick(), after=60))
     assert not [a for a in unit_actions(actions) + later if a[0] == "thaw"]
+
+
+def test_a_backward_step_does_not_hold_back_the_next_resume_batch() -> None:
+    from test_planning import paused_writers
+    from test_planning import sample as planned_sample
+
+    guard = paused_writers(4, rate=0.0, volume={"resume_batch": 1, "resume_step": "10s"})
+    first = guard(planned_sample(20), after=61)
+    assert len([a for a in unit_actions(first) if a[0] == "thaw"]) == 1
+    actions = guard(ClockStepped(-3600.0), after=11 - 3600)  # 11 s later by elapsed time
+    actions += guard(Tick(), after=0.01)
+    assert len([a for a in unit_actions(actions) if a[0] == "thaw"]) == 1
