@@ -24,7 +24,7 @@ from tests.guardrig import REPO, GuardRig, wait_until, writer_unit
 from tests.integration.test_space_guard import make_ballast
 from tests.sandbox import require
 from tests.unit.test_alertmanager_real import NotificationRecorder
-from tests.unit.test_usage import du, du_depth, mixed_tree, write
+from tests.unit.test_usage_walk import du, du_depth, mixed_tree, write
 
 MIB = 1024 * 1024
 SLEEPER = "[Service]\nExecStart=/bin/sleep infinity\n"
