@@ -151,6 +151,9 @@ class GuardConfig:
     acked_incidents_max_age: float = 90 * 86400.0
     # the freezer helper (spaceguard-freezer.socket), used when systemd refuses FreezeUnit
     freezer_socket: Path = Path("/run/spaceguard-freezer/freezer.sock")
+    # every unit's state is compared with systemd's this often (0: never), a backstop for
+    # what no signal says (systemd 252 sends none when only FreezerState changes)
+    resync_interval: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -321,9 +324,14 @@ def _read_guard(source: Path, raw: object) -> GuardConfig:
         acked_incidents_max_age=section.get(
             "acked_incidents_max_age", parse_duration, defaults.acked_incidents_max_age
         ),
+        resync_interval=section.get("resync_interval", parse_duration, defaults.resync_interval),
     )
     if guard.log_level not in ("debug", "info", "warning", "error"):
         raise section.error("log_level", "must be one of debug, info, warning, error")
+    if 0 < guard.resync_interval < 1:
+        raise section.error(
+            "resync_interval", f"{guard.resync_interval:g}s is too often: 0 (off) or at least 1s"
+        )
     section.finish()
     return guard
 
