@@ -126,6 +126,7 @@ def run_trials(
         rig.start()
         if before_trials is not None:
             before_trials(rig)
+        never_frozen_shown = False
         for trial in range(trials):
             status.unlink(missing_ok=True)
             sandbox.systemctl("start", "writer@bench.service")
@@ -140,6 +141,11 @@ def run_trials(
             min_avails.append(watcher.min_avail)
             if watcher.frozen is None:
                 print(f"  trial {trial + 1}: never frozen (status {words})")
+                if not never_frozen_shown:  # why, once: the guard's (and the helper's) word
+                    never_frozen_shown = True
+                    for unit in ("spaceguard.service", FREEZER):
+                        tail = sandbox.journal(unit).splitlines()[-12:]
+                        print("\n".join(f"    {unit}: {line}" for line in tail))
             elif watcher.crossed is None:
                 early += 1  # frozen before free space ever crossed the threshold
             else:
