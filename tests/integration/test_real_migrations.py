@@ -22,7 +22,6 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 import textwrap
 import time
 from collections.abc import Iterable, Iterator
@@ -31,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from tests.guardrig import REPO, GuardRig, free_port, wait_until
+from tests.installed import ShippedRig
 from tests.integration.test_failures import _port_open, incidents
 from tests.integration.test_operators import ctl, migration_status
 from tests.integration.test_space_guard import make_ballast
@@ -91,9 +91,12 @@ class Workdir:
 
 @pytest.fixture
 def work() -> Iterator[Workdir]:
-    """Ask for it before `sandbox`: it is torn down after the sandbox is down."""
-    path = Path(tempfile.mkdtemp(prefix="spaceguard-real-", dir="/tmp"))
-    path.chmod(0o755)
+    """Ask for it before `sandbox`: it is torn down after the sandbox is down. Under the
+    directory the shipped guard can see (its PrivateTmp= hides /tmp), traversable by
+    nobody (the migration units' user)."""
+    from tests.installed import shipped_workdir
+
+    path = shipped_workdir("real-")
     workdir = Workdir(path)
     yield workdir
     errors = []
@@ -285,7 +288,7 @@ def test_item_errors_never_stop_the_run_and_the_incident_names_every_item(
     log = nobodys(work.path / "m365-migrate-alice.log")
     # rclone's default --retries 3: each attempt logs the failed items again
     sandbox.up({UNIT: rclone_unit(rclone, source, destination, log)})
-    rig = GuardRig(sandbox, tmp_path, venv_python)
+    rig = ShippedRig(sandbox, tmp_path, venv_python)
     rig.write_config(migration_config(volume, log, destination))
     rig.install()
     rig.start()
@@ -356,7 +359,7 @@ def test_a_systemic_failure_trips_the_circuit_breaker(work, sandbox, venv_python
     # would be: a local copy of 303 items is over in a fraction of a second otherwise
     flags = "--retries 20 --retries-sleep 2s"
     sandbox.up({UNIT: rclone_unit(rclone, source, destination, log, flags)})
-    rig = GuardRig(sandbox, tmp_path, venv_python)
+    rig = ShippedRig(sandbox, tmp_path, venv_python)
     rig.write_config(migration_config(volume, log, destination, "max_item_errors = 50"))
     rig.install()
     rig.start()
@@ -501,7 +504,7 @@ def test_an_earlier_runs_errors_never_pause_or_stop_the_current_run(
         """)
     sleeper = "[Service]\nExecStart=/bin/sleep infinity\n"
     sandbox.up({UNIT: migration, "m365-migrate@bob.service": sleeper})
-    rig = GuardRig(sandbox, tmp_path, venv_python)
+    rig = ShippedRig(sandbox, tmp_path, venv_python)
     rig.write_config(
         migration_config(volume, log, destination)
         + f"""
@@ -661,13 +664,18 @@ def boot_wrapper(
     volume: LoopVolume,
     files: int,
     service_type: str | None = None,
+    shipped: bool = True,
 ) -> tuple[GuardRig, Path, Path, Path]:
     source = wrapper_source(work.path / "onedrive", files)
     destination = nobodys(volume.mountpoint / "alice", directory=True)
     log = nobodys(work.path / "m365-migrate-alice.log")
     wrapper_units(sandbox, rclone, source, destination, log, service_type)
     sandbox.up()
-    rig = GuardRig(sandbox, tmp_path, venv_python)
+    rig = (
+        ShippedRig(sandbox, tmp_path, venv_python)
+        if shipped
+        else GuardRig(sandbox, tmp_path, venv_python)
+    )
     rig.write_config(
         migration_config(
             volume,
@@ -737,8 +745,20 @@ def test_wrapper_type_oneshot_is_paused_by_stop_and_resume_unit_nothing_lost(
     the guard says so, stops it to pause it, and starts the resume unit to resume; the
     resumed oneshot is paused again the same way. It never asks systemd to freeze it."""
     volume = work.volume(128, "vol", options=["nodelalloc"])
+    # KNOWN GAP (README, Tests): run as shipped, the unprivileged guard's StopUnit of the
+    # oneshot while its start job runs is refused (AccessDenied, although the polkit rule
+    # grants "stop" for it, and stops of active units are granted); until that is
+    # understood this one test runs the guard as root.
     rig, source, destination, log = boot_wrapper(
-        sandbox, work, tmp_path, venv_python, rclone, volume, files=40, service_type="oneshot"
+        sandbox,
+        work,
+        tmp_path,
+        venv_python,
+        rclone,
+        volume,
+        files=40,
+        service_type="oneshot",
+        shipped=False,
     )
     assert sandbox.show(WRAPPER_UNIT, "Type") == "oneshot"
     # said before anything runs: status NOTES, check-config, the journal
