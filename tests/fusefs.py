@@ -85,7 +85,9 @@ class HangingFuse:
     def mount(self) -> HangingFuse:
         self.mountpoint.mkdir(parents=True, exist_ok=True)
         self._fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
-        options = f"fd={self._fd},rootmode=40000,user_id=0,group_id=0".encode()
+        # allow_other: the guard as shipped (user spaceguard) must reach it, as it would a
+        # network file system; without it the kernel answers others' statfs with zeros
+        options = f"fd={self._fd},rootmode=40000,user_id=0,group_id=0,allow_other".encode()
         libc = _libc()
         if (
             libc.mount(

@@ -19,6 +19,7 @@ import urllib.error
 import urllib.request
 
 from tests.guardrig import GuardRig, read_status, wait_until
+from tests.installed import ShippedRig
 from tests.integration.test_space_guard import (
     freeze_migration,
     make_ballast,
@@ -64,7 +65,7 @@ def test_crowded_endpoints_do_not_stop_a_freeze(loop_volume, sandbox, venv_pytho
     volume = loop_volume(256, options=["nodelalloc"])
     ballast = make_ballast(volume, 140)
     status = tmp_path / "writer.status"
-    rig = GuardRig(sandbox, tmp_path, venv_python)
+    rig = ShippedRig(sandbox, tmp_path, venv_python)
     rig.write_config(space_config(volume, freeze_migration()))
     setup_writer(sandbox, rig, volume, status, "120M", venv_python)
     rig.start()

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.guardrig import GUARD_UNIT, GuardRig, wait_until
+from tests.guardrig import GUARD_UNIT, wait_until
+from tests.installed import ShippedRig
 from tests.integration.test_operators import ctl, ctl_json
 from tests.integration.test_space_guard import make_ballast
 from tests.sandbox import SystemdSandbox
@@ -120,7 +121,7 @@ def test_the_guard_resets_a_dead_units_frozen_record_and_freezes_its_next_run(
     volume = loop_volume(128)
     sandbox.up({ALICE: SLEEPER})
     require_252(sandbox)
-    rig = GuardRig(sandbox, tmp_path, venv_python)
+    rig = ShippedRig(sandbox, tmp_path, venv_python)
     rig.write_config(guard_config(volume.mountpoint))
     rig.install()
     rig.start()
@@ -185,7 +186,7 @@ def test_a_unit_with_its_own_watchdog_is_paused_by_stop_not_killed_frozen(
 ):
     volume = loop_volume(128)
     sandbox.up({ALICE: PINGER})
-    rig = GuardRig(sandbox, tmp_path, venv_python)
+    rig = ShippedRig(sandbox, tmp_path, venv_python)
     rig.write_config(guard_config(volume.mountpoint))
     rig.install()
     rig.start()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.guardrig import GUARD_UNIT, GuardRig, wait_until
+from tests.installed import ShippedRig
 from tests.integration.test_operators import ctl, ctl_json
 from tests.integration.test_space_guard import make_ballast
 from tests.sandbox import LoopVolume, SystemdSandbox
@@ -110,7 +111,7 @@ def test_sighup_and_ctl_reload_together_keep_one_alert_sender(
     webhook = NotificationRecorder()
     try:
         sandbox.up({ALICE: SLEEPER})
-        rig = GuardRig(sandbox, tmp_path, venv_python)
+        rig = ShippedRig(sandbox, tmp_path, venv_python)
         rig.write_config(config(volume, webhook.url, "1m"))
         rig.install()
         rig.start()
@@ -132,6 +133,8 @@ def test_sighup_and_ctl_reload_together_keep_one_alert_sender(
         replies: list[dict[str, Any]] = []
         rewriting = threading.Event()
 
+        gid = rig.config_path.stat().st_gid
+
         def rewrite_config() -> None:
             variant = 0
             while not rewriting.is_set():
@@ -139,6 +142,8 @@ def test_sighup_and_ctl_reload_together_keep_one_alert_sender(
                 body = config(volume, webhook.url, f"{60 + variant % 7}s")
                 scratch = rig.config_path.with_suffix(".tmp")
                 scratch.write_text(rig.guard_section() + "\n" + textwrap.dedent(body))
+                os.chown(scratch, 0, gid)  # as the package installs it: 0640 root:spaceguard
+                scratch.chmod(0o640)
                 scratch.replace(rig.config_path)
                 time.sleep(0.001)
 
@@ -210,7 +215,7 @@ def test_reload_while_a_freeze_is_in_flight(loop_volume, sandbox, venv_python, t
     webhook = NotificationRecorder()
     try:
         sandbox.up({ALICE: SLEEPER, BOB: SLEEPER})
-        rig = GuardRig(sandbox, tmp_path, venv_python, watchdog_sec=30)
+        rig = ShippedRig(sandbox, tmp_path, venv_python)
         rig.write_config(config(volume, webhook.url, "1m"))
         rig.install()
         rig.start()
