@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.guardrig import GuardRig, free_port, wait_until
+from tests.installed import ShippedRig
 from tests.integration.test_operators import migration_status
 from tests.integration.test_space_guard import make_ballast
 from tests.sandbox import LoopVolume, SystemdSandbox, require
@@ -162,7 +163,7 @@ def test_remote_dies_transient_stop_incident_retry_finish(
 ):
     volume = loop_volume(128)
     migration = Migration(tmp_path, rclone, volume)
-    rig = GuardRig(sandbox, tmp_path, venv_python)
+    rig = ShippedRig(sandbox, tmp_path, venv_python)
     verify = f'verify_command = ["{rclone}", "--config", "{migration.conf}", "lsd", "m365-alice:"]'
     boot(sandbox, rig, migration, verify)
     sandbox.systemctl("start", UNIT)
@@ -206,7 +207,7 @@ def test_wrong_credentials_unrecoverable_no_retry(
 ):
     volume = loop_volume(64)
     migration = Migration(tmp_path, rclone, volume, password="not-the-password")
-    rig = GuardRig(sandbox, tmp_path, venv_python)
+    rig = ShippedRig(sandbox, tmp_path, venv_python)
     # verification by a oneshot unit of the operator's (what an unprivileged guard may start)
     verify = textwrap.dedent(f"""\
         [Service]
@@ -256,7 +257,7 @@ def test_wrong_credentials_unrecoverable_no_retry(
 def test_sigkill_detected_from_unit_state(loop_volume, sandbox, venv_python, tmp_path, rclone):
     volume = loop_volume(64)
     migration = Migration(tmp_path, rclone, volume)
-    rig = GuardRig(sandbox, tmp_path, venv_python)
+    rig = ShippedRig(sandbox, tmp_path, venv_python)
     boot(sandbox, rig, migration, rate="1M")
     sandbox.systemctl("start", UNIT)
     wait_until(lambda: copied_files(migration) >= 1, 30, "copying to start")
@@ -286,7 +287,7 @@ def test_log_rotation_both_ways_loses_no_line(loop_volume, sandbox, venv_python,
     )
     script.chmod(0o755)
     unit = f"[Service]\nExecStart={script}\n"
-    rig = GuardRig(sandbox, tmp_path, venv_python)
+    rig = ShippedRig(sandbox, tmp_path, venv_python)
     boot(sandbox, rig, migration, migration_unit=unit)
     sandbox.systemctl("start", UNIT)
     lines_key = 'spaceguard_log_lines_total{account="alice"}'
@@ -330,7 +331,10 @@ def test_log_rotation_both_ways_loses_no_line(loop_volume, sandbox, venv_python,
         10,
         "the guard to read the line written after the reload",
     )
-    assert read_all(), "a reload re-read log lines"
+    assert read_all(), (
+        f"a reload re-read log lines: {rig.metrics().get(lines_key)} vs {len(truth.read_text().splitlines())}"
+        + rig.journal()[-2500:]
+    )
     # A restart reads nothing twice: the saved position is at the end.
     rig.stop()
     rig.start()
@@ -347,7 +351,7 @@ def test_log_rotation_both_ways_loses_no_line(loop_volume, sandbox, venv_python,
 def test_stall_detected(loop_volume, sandbox, venv_python, tmp_path, rclone):
     volume = loop_volume(64)
     migration = Migration(tmp_path, rclone, volume, files=30)
-    rig = GuardRig(sandbox, tmp_path, venv_python)
+    rig = ShippedRig(sandbox, tmp_path, venv_python)
     boot(sandbox, rig, migration, 'stall_after = "4s"\nmax_retries = 0', rate="512k")
     sandbox.systemctl("start", UNIT)
     wait_until(lambda: copied_files(migration) >= 1, 30, "copying to start")
@@ -387,7 +391,7 @@ def test_destination_full_is_paused_not_failed(
         [Service]
         ExecStart={migration.copy_command("8M")} {rclone_flags} --log-file {migration.log}
         """)
-    rig = GuardRig(sandbox, tmp_path, venv_python)
+    rig = ShippedRig(sandbox, tmp_path, venv_python)
     boot(sandbox, rig, migration, migration_unit=unit, pause_below="0")
     sandbox.systemctl("start", UNIT)
     paused = (
