@@ -332,8 +332,8 @@ def test_log_rotation_both_ways_loses_no_line(loop_volume, sandbox, venv_python,
         "the guard to read the line written after the reload",
     )
     assert read_all(), (
-        f"a reload re-read log lines: {rig.metrics().get(lines_key)} vs {len(truth.read_text().splitlines())}"
-        + rig.journal()[-2500:]
+        f"a reload re-read log lines: {rig.metrics().get(lines_key)} read, "
+        f"{len(truth.read_text().splitlines())} written\n" + rig.journal()[-2500:]
     )
     # A restart reads nothing twice: the saved position is at the end.
     rig.stop()
