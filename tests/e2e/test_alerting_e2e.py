@@ -34,6 +34,7 @@ from typing import Any
 import pytest
 
 from tests.guardrig import GuardRig, free_port, read_status, wait_until, writer_unit
+from tests.installed import ShippedRig
 from tests.integration.test_space_guard import make_ballast
 from tests.sandbox import LoopVolume, require, terminate
 
@@ -342,7 +343,7 @@ def test_pause_alerts_reach_people_both_ways_and_survive_an_outage(
     status = tmp_path / "writer.status"
     (volume.mountpoint / "alice").mkdir()
     alertmanager.start()
-    rig = GuardRig(sandbox, tmp_path, venv_python)
+    rig = ShippedRig(sandbox, tmp_path, venv_python)
     rig.write_config(guard_config(volume, alertmanager.url, guard_webhook.url))
     sandbox.up({WRITER: writer_unit(venv_python, volume.mountpoint / "alice", "120M", status)})
     rig.install()
