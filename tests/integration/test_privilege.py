@@ -18,10 +18,12 @@ peer; a rule made by `spaceguard polkit-rule` grants exactly its config; and
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import itertools
 import json
 import os
+import pwd
 import re
 import shutil
 import subprocess
@@ -100,6 +102,7 @@ class Shipped:
     metrics_port: int
     generated_unit: str
     webhook: NotificationRecorder
+    rule_user: str
 
     def journal(self, unit: str = GUARD) -> str:
         return self.sandbox.journal(unit)
@@ -228,9 +231,39 @@ def _guard_config(
         """)
 
 
-def _generated_rule(workdir: Path, unit: str) -> str:
-    """`spaceguard polkit-rule` for a config naming one unit the shipped rule does not. It is
-    made for user nobody: a rule for spaceguard would refuse the guard its real units."""
+def _rule_user() -> str:
+    """A system user of this session only, for the generated rule under test: the rule
+    refuses its user every other unit, so it must not be spaceguard (the guard's real units;
+    other sessions' tests) nor anyone another session's rule is about. Stale ones (their
+    session is gone) are removed."""
+    for entry in pwd.getpwall():
+        pid = entry.pw_name.removeprefix("sgpk")
+        if entry.pw_name.startswith("sgpk") and pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            subprocess.run(["userdel", entry.pw_name], capture_output=True, check=False)
+    name = f"sgpk{os.getpid()}"
+    with contextlib.suppress(KeyError):
+        pwd.getpwnam(name)
+        return name
+    subprocess.run(
+        [
+            "useradd",
+            "--system",
+            "--no-create-home",
+            "--user-group",
+            "--shell",
+            "/usr/sbin/nologin",
+            name,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return name
+
+
+def _generated_rule(workdir: Path, unit: str, user: str) -> str:
+    """`spaceguard polkit-rule` for a config naming one unit the shipped rule does not, for
+    `user` (a rule for spaceguard would refuse the guard its real units)."""
     config = workdir / "generated.toml"
     config.write_text(
         textwrap.dedent(f"""\
@@ -243,7 +276,7 @@ def _generated_rule(workdir: Path, unit: str) -> str:
         """)
     )
     result = subprocess.run(
-        [sys.executable, "-m", "spaceguard", "polkit-rule", "--any-unit", "--user=nobody", config],
+        [sys.executable, "-m", "spaceguard", "polkit-rule", "--any-unit", f"--user={user}", config],
         capture_output=True,
         text=True,
         check=True,
@@ -270,13 +303,16 @@ def shipped() -> Iterator[Shipped]:
     volume = LoopVolume(workdir / "vol", 256, options=["nodelalloc"])
     sandbox = SystemdSandbox(workdir / "sandbox")
     webhook = NotificationRecorder()
+    rule_user = ""
     try:
         install.install_host_files()
-        rule_path.write_text(_generated_rule(workdir, generated_unit))
+        rule_user = _rule_user()
+        rule_path.write_text(_generated_rule(workdir, generated_unit, rule_user))
         looser_path.write_text(
             "polkit.addRule(function (action, subject) {\n"
             f"    var units = {json.dumps(looser_units)};\n"
-            '    if (subject.user === "nobody" && units.indexOf(action.lookup("unit")) >= 0) {\n'
+            f'    if (subject.user === "{rule_user}" && '
+            'units.indexOf(action.lookup("unit")) >= 0) {\n'
             "        return polkit.Result.YES;\n"
             "    }\n"
             "    return polkit.Result.NOT_HANDLED;\n"
@@ -338,13 +374,17 @@ def shipped() -> Iterator[Shipped]:
                 f"the shipped guard did not start: {result.stderr}\n"
                 f"{sandbox.journal(GUARD)[-4000:]}\n{sandbox.journal(FREEZER)[-2000:]}"
             )
-        yield Shipped(sandbox, install, volume, workdir, status, port, generated_unit, webhook)
+        yield Shipped(
+            sandbox, install, volume, workdir, status, port, generated_unit, webhook, rule_user
+        )
     finally:
         webhook.stop()
         sandbox.down()
         volume.umount()
         rule_path.unlink(missing_ok=True)
         looser_path.unlink(missing_ok=True)
+        if rule_user:
+            subprocess.run(["userdel", rule_user], capture_output=True, check=False)
         install.cleanup()
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -517,14 +557,14 @@ def test_the_helper_refuses_other_units_and_other_peers(shipped: Shipped) -> Non
 
 
 def test_a_generated_rule_grants_exactly_its_config(shipped: Shipped) -> None:
-    """The rule `spaceguard polkit-rule` made (here for user nobody) grants start and stop of
+    """The rule `spaceguard polkit-rule` made (for a user of this session) grants start and stop of
     its one unit, and refuses the rest even where a later rule would grant it."""
     sandbox = shipped.sandbox
     unit = shipped.generated_unit
     other = unit.replace("sggen", "sgnot")
     sandbox.systemctl("start", unit, other, "sgother.service")
     results = shipped.dbus_as(
-        "nobody",
+        shipped.rule_user,
         ["RestartUnit", unit, "replace"],  # the later rule would grant it
         ["StopUnit", other, "replace"],  # the later rule would grant it
         ["StopUnit", "sgother.service", "replace"],
