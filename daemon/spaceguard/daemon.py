@@ -38,6 +38,7 @@ from .model import (
     Reply,
     ResolveAlert,
     RunVerify,
+    SliceFreeze,
     Tick,
     UnitAction,
     UnitChanged,
@@ -61,7 +62,7 @@ from .runtime import MigrationLog
 from .stalefreezer import StaleFreezer
 from .state import StateStore
 from .storehealth import Store, StoreWatch
-from .systemd import OutcomeUnknown, SystemdClient
+from .systemd import OutcomeUnknown, SliceUnusable, SystemdClient
 from .volumes import VolumeSampler
 from .watermarks import committed_bytes, remaining_bytes, seconds_to_pause
 
@@ -198,13 +199,14 @@ class Guard:
 
     @staticmethod
     def _units(config: Config) -> set[str]:
-        """Every unit the guard may act on: the migrations', and their verify units."""
+        """Every unit the guard may act on: the migrations', their verify units, and the
+        volumes' slices."""
         return {
             unit
             for migration in config.migrations
             for unit in (*migration.units, migration.verify_unit)
             if unit
-        }
+        } | {volume.slice for volume in config.volumes.values() if volume.slice}
 
     def _alert_sender(self, config: Config) -> AlertSender:
         receivers = [
@@ -379,11 +381,11 @@ class Guard:
         """The one place where events meet the policy (always on the loop thread)."""
         now = self._wall_now()
         self.state, actions = decide(self.config, self.state, event, now)
-        unit_actions = [action for action in actions if isinstance(action, UnitAction)]
+        unit_actions = [a for a in actions if isinstance(a, UnitAction | SliceFreeze)]
         for unit_action in unit_actions:
             self._execute(unit_action)
         self._after_events_soon()  # the state and STATUS=, once the calls went out
-        others: list[Action] = [a for a in actions if not isinstance(a, UnitAction)]
+        others: list[Action] = [a for a in actions if not isinstance(a, UnitAction | SliceFreeze)]
         if unit_actions or self._deferred:
             # The alert spool fsyncs too: let the D-Bus calls go out first (they are written
             # on the next loop turns), keeping every other effect in its order.
@@ -450,6 +452,8 @@ class Guard:
         match action:
             case UnitAction():
                 self._spawn(self._unit_action(action))
+            case SliceFreeze():
+                self._spawn(self._slice_freeze(action))
             case RunVerify():
                 self._spawn(self._verify(action))
             case WriteIncident():
@@ -518,6 +522,30 @@ class Guard:
                 # stale record was reset (a freeze's or thaw's own reply sets it in the
                 # adapter's view: no read, which cost 400 calls after 200 freezes)
                 self._spawn(self.systemd.reread(action.unit))
+
+    async def _slice_freeze(self, action: SliceFreeze) -> None:
+        units = [member.unit for member in action.actions]
+        started = time.monotonic()
+        try:
+            if any(unit in self.stale_freezer.stale for unit in units):
+                raise SliceUnusable("a member's freezer record is stale (thawed before a freeze)")
+            await self.systemd.freeze_slice(action.slice, units)
+        except SliceUnusable as error:  # nothing was sent: freeze them one by one
+            self.handle(ActionDone(action, False, str(error)))
+        except Exception as error:  # an error reply may come after some members froze
+            for member in action.actions:
+                self.counters.actions[("freeze", member.reason, "unknown")] += 1
+            self.handle(ActionDone(action, False, str(error) or type(error).__name__, True))
+        else:
+            log.info(
+                "freeze %s (%d units): D-Bus call took %.1f ms",
+                action.slice,
+                len(units),
+                (time.monotonic() - started) * 1000,
+            )
+            for member in action.actions:
+                self.counters.actions[("freeze", member.reason, "ok")] += 1
+            self.handle(ActionDone(action, True))
 
     async def _verify(self, action: RunVerify) -> None:
         self.verify_seq += 1  # unique even for two verifications in one second

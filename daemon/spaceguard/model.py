@@ -5,16 +5,38 @@ produces events or carries out actions; nothing here decides anything.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 # "unknown": found frozen with no record of who froze it; only an operator resume ends it
 # (or the guard takes it over when its volume runs low)
 HoldOwner = Literal["guard", "operator", "unknown"]
 ACTIVE_STATES = frozenset({"active", "activating", "reloading", "deactivating"})
 RUNNING_STATES = frozenset({"active", "activating", "reloading"})
+
+
+_T = TypeVar("_T")
+_FIELDS: dict[type, frozenset[str]] = {}
+
+
+def fast_replace(obj: _T, /, **changes: Any) -> _T:
+    """`dataclasses.replace` for this vocabulary's dataclasses (frozen, no __post_init__,
+    no slots), 7x faster: it was most of a decision's cost (pausing 200 migrations at
+    once: 800 replaces, 8 ms of the 10 before the freeze went out). A field name that
+    does not exist is a TypeError, as with dataclasses.replace."""
+    cls = type(obj)
+    names = _FIELDS.get(cls)
+    if names is None:
+        names = _FIELDS[cls] = frozenset(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+    if not names.issuperset(changes):
+        raise TypeError(f"{cls.__name__} has no field {', '.join(sorted(set(changes) - names))}")
+    new = object.__new__(cls)
+    new.__dict__.update(obj.__dict__)
+    new.__dict__.update(changes)
+    return new
 
 
 # --- state ----------------------------------------------------------------------
@@ -72,6 +94,9 @@ class VolumeState:
     batch_size: int = 0
     pause_rate: float = 0.0  # the fill rate when the volume went low
     writer_rate: float = 0.0  # its share per paused migration, for the batch size
+    # its slice would not freeze (other members, a refusal): per-unit freezes until the
+    # volume recovers
+    slice_refused: bool = False
 
 
 @dataclass(frozen=True)
@@ -288,7 +313,7 @@ class Tick:
 
 @dataclass(frozen=True)
 class ActionDone:
-    action: UnitAction | RunVerify
+    action: UnitAction | RunVerify | SliceFreeze
     ok: bool
     error: str = ""
     # the call went out but no answer came (timeout, connection lost mid-call): it may or
@@ -310,6 +335,19 @@ Event = (
 
 
 # --- actions -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SliceFreeze:
+    """Freeze a volume's migrations with one FreezeUnit of their slice (volumes.X.slice):
+    systemd 252 freezes each member's cgroup, then the slice's, and replies once all are
+    frozen. `actions` are the per-unit freezes it stands for (its members): the adapter
+    refuses, sending nothing, when another unit runs in the slice. Thawing stays per unit
+    (a slice's thaw would thaw every member, an operator's hold included)."""
+
+    slice: str
+    volume: str
+    actions: tuple[UnitAction, ...]
 
 
 @dataclass(frozen=True)
@@ -373,7 +411,17 @@ class Log:
     message: str
 
 
-Action = UnitAction | RunVerify | WriteIncident | RaiseAlert | ResolveAlert | Reply | ReadUnit | Log
+Action = (
+    UnitAction
+    | SliceFreeze
+    | RunVerify
+    | WriteIncident
+    | RaiseAlert
+    | ResolveAlert
+    | Reply
+    | ReadUnit
+    | Log
+)
 
 
 MIGRATION_STATES = (

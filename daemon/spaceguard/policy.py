@@ -24,7 +24,6 @@ import hashlib
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import replace
 from typing import Any, Literal, cast
 
 from .config import Config, MigrationConfig, VolumeConfig
@@ -50,6 +49,7 @@ from .model import (
     Reply,
     ResolveAlert,
     RunVerify,
+    SliceFreeze,
     Tick,
     UnitAction,
     UnitChanged,
@@ -59,6 +59,7 @@ from .model import (
     VolumeUnavailable,
     WriteIncident,
 )
+from .model import fast_replace as replace  # dataclasses.replace, 7x faster
 from .quantities import format_size
 from .rclone import classify_exit_code
 from .watermarks import committed_bytes, remaining_bytes, seconds_to_pause, thresholds
@@ -117,8 +118,14 @@ class _Index:
             for unit in migration.units:
                 self.by_unit.setdefault(unit, migration)
             self.by_volume.setdefault(migration.volume, set()).add(migration.account)
+        self.min_max_freeze = min(
+            [v.max_freeze for v in config.volumes.values()]
+            + [m.max_freeze for m in config.migrations if m.max_freeze],
+            default=float("inf"),
+        )
 
 
+_NOT_LOW = VolumeState()
 _INDEX: list[tuple[Config, _Index]] = []  # a memo of the last Config's index (pure)
 
 
@@ -309,7 +316,10 @@ class _Decision:
                 owner = unit_owner(self.config, unit)
                 if owner is not None:
                     self.touch(owner.account)
-            case ActionDone(action=action):
+            case ActionDone(action=SliceFreeze(actions=members)):
+                for member in members:
+                    self.touch(member.account)
+            case ActionDone(action=UnitAction() | RunVerify() as action):
                 self.touch(action.account)
             case LogParsed(account=account) | OperatorRequest(account=account):
                 self.touch(account)
@@ -998,8 +1008,11 @@ class _Decision:
             self.actions.append(Reply(event.request_id, True, f"{event.account}: retrying"))
         self.migrations[event.account] = state
 
-    def _action_done(self, event: ActionDone) -> None:
+    def _action_done(self, event: ActionDone, quiet: bool = False) -> None:
         action = event.action
+        if isinstance(action, SliceFreeze):
+            self._slice_done(action, event)
+            return
         state = self.migrations.get(action.account)
         if state is None:
             return
@@ -1058,9 +1071,11 @@ class _Decision:
             )
             state = replace(state, failure=failure)
         if event.ok:
-            self.log(
-                "notice", f"{action.account}: {action.kind} {action.unit} done ({action.reason})"
-            )
+            if not quiet:
+                self.log(
+                    "notice",
+                    f"{action.account}: {action.kind} {action.unit} done ({action.reason})",
+                )
             state = replace(state, action_errors=0, action_retry_at=0.0)
             view = state.units.get(action.unit, UnitView())
             if action.kind == "freeze" and view.known and not view.running:
@@ -1172,7 +1187,12 @@ class _Decision:
                 and self.now - volume.recovered_since >= volume_config.resume_after
             ):
                 self.volumes[name] = replace(
-                    volume, low=False, low_reason="", recovered_since=None, recovered_at=self.now
+                    volume,
+                    low=False,
+                    low_reason="",
+                    recovered_since=None,
+                    recovered_at=self.now,
+                    slice_refused=False,
                 )
                 self.log(
                     "notice",
@@ -1199,21 +1219,92 @@ class _Decision:
             state = self._drive_units(migration, state)
             state = self._announce_pause(migration, state)
             self.migrations[migration.account] = state
+        self._slice_freezes()
+
+    def _slice_freezes(self) -> None:
+        """One FreezeUnit of a volume's slice (volumes.X.slice) instead of one per unit,
+        when this decision freezes at least two units of the volume and every other unit
+        of it that runs is frozen already: a slice freezes everything in it. (systemd
+        answers 200 freezes of one slice in about 10 ms, 200 FreezeUnit calls in 50-90.)"""
+        freezes = [a for a in self.actions if isinstance(a, UnitAction) and a.kind == "freeze"]
+        if len(freezes) < 2:
+            return
+        index = _index(self.config)
+        for name, config in self.config.volumes.items():
+            if not config.slice or self.volumes.get(name, VolumeState()).slice_refused:
+                continue
+            batch = {a.unit: a for a in freezes if index.by_account[a.account].volume == name}
+            if len(batch) < 2 or any(
+                view.running and not view.frozen and unit not in batch
+                for account in index.by_volume.get(name, ())
+                for unit, view in self.migrations[account].units.items()
+            ):
+                continue
+            self.actions = [
+                a for a in self.actions if not (isinstance(a, UnitAction) and a in batch.values())
+            ]
+            self.actions.append(SliceFreeze(config.slice, name, tuple(batch.values())))
+
+    def _slice_done(self, action: SliceFreeze, event: ActionDone) -> None:
+        """The reply to a slice's freeze: done means each member is frozen; a refusal
+        before it was sent means none is; anything else may have frozen some."""
+        if event.ok:
+            self.log(
+                "notice",
+                f"volume {action.volume}: {len(action.actions)} migrations frozen with one "
+                f"FreezeUnit of {action.slice}",
+            )
+            for member in action.actions:
+                self._action_done(ActionDone(member, True), quiet=True)
+            return
+        volume = self.volumes.get(action.volume, VolumeState())
+        self.volumes[action.volume] = replace(volume, slice_refused=True)
+        self.log(
+            "warning",
+            f"volume {action.volume}: freezing {action.slice} failed ({event.error}); "
+            "its migrations are frozen one by one until it recovers"
+            + ("; reading each to see what was frozen" if event.unknown else ""),
+        )
+        for member in action.actions:
+            state = self.migrations[member.account]
+            if event.unknown:  # settled by the next reading of each (_settle)
+                self.actions.append(ReadUnit(member.unit))
+                state = replace(state, unsettled=state.unsettled | {member.unit})
+            else:
+                state = replace(
+                    state, pending={k: v for k, v in state.pending.items() if k != member.unit}
+                )
+            self.migrations[member.account] = state
 
     def _due(self, state: MigrationState) -> bool:
-        """A backoff after a failed action, or a retry of a failure, has come due."""
+        """A backoff after a failed action, or a retry of a failure, has come due (or a
+        guard hold's own timer: _hold_due). Asked of every migration on every event: the
+        cheap answers first (a guard hold on a low volume, younger than any max_freeze, is
+        not due: 200 held migrations cost 1 ms per event without that)."""
+        if 0 < state.action_retry_at <= self.now:
+            return True
         failure = state.failure
-        hold = state.hold
-        if hold is not None and hold.by == "guard":
-            migration = _index(self.config).by_account.get(state.account)
-            if migration is not None and self._hold_due(migration, state, hold):
-                return True
-        return (0 < state.action_retry_at <= self.now) or (
+        if (
             failure is not None
             and failure.phase == "waiting-retry"
             and failure.next_retry_at is not None
             and failure.next_retry_at <= self.now
-        )
+        ):
+            return True
+        hold = state.hold
+        if hold is None or hold.by != "guard":
+            return False
+        index = _index(self.config)
+        migration = index.by_account.get(state.account)
+        if migration is None:
+            return False
+        if (
+            hold.reason in SPACE_REASONS
+            and self.now - hold.since < index.min_max_freeze
+            and self.volumes.get(migration.volume, _NOT_LOW).low
+        ):
+            return False
+        return self._hold_due(migration, state, hold)
 
     def _hold_due(self, migration: MigrationConfig, state: MigrationState, hold: Hold) -> bool:
         """An admission that may now fit, a release slot after a recovery, or the end of a

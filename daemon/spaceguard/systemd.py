@@ -23,11 +23,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Collection, Coroutine, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,10 @@ MANAGER_PATH = "/org/freedesktop/systemd1"
 MANAGER = "org.freedesktop.systemd1.Manager"
 UNIT = "org.freedesktop.systemd1.Unit"
 SERVICE = "org.freedesktop.systemd1.Service"
+SLICE = "org.freedesktop.systemd1.Slice"
 PROPERTIES = "org.freedesktop.DBus.Properties"
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+CGROUP_UNIFIED = CGROUP_ROOT / "unified"  # a hybrid hierarchy's cgroup v2
 DBUS = "org.freedesktop.DBus"
 DBUS_PATH = "/org/freedesktop/DBus"
 CALL_TIMEOUT = 30.0
@@ -88,6 +92,11 @@ class SystemdError(Exception):
     """A D-Bus call failed; the text is systemd's own error name and message."""
 
 
+class SliceUnusable(SystemdError):
+    """A slice's freeze refused before anything was sent (another unit runs in it, a
+    member is not in it, freezes go through the helper): freeze the members one by one."""
+
+
 class OutcomeUnknown(Exception):
     """A call went out and no answer came (a timeout, the connection lost mid-call): it
     may or may not have taken effect; only reading the unit can tell."""
@@ -103,8 +112,9 @@ class _Writer(_DbusNextWriter):
     every other pending call fails too although dbus-daemon may have delivered them.
 
     Here a full buffer (BlockingIOError) or a signal (InterruptedError) means "wait until
-    writable" (the writer stays registered with the loop), a partial write continues
-    where it stopped, and the messages queued by one loop turn go out in one send()."""
+    writable" (the writer is registered with the loop), a partial write continues where
+    it stopped, what is queued goes out in one send(), and a message is written when it
+    is sent, not on the next loop turn."""
 
     def __init__(self, bus: _Bus) -> None:
         super().__init__(bus)
@@ -115,7 +125,18 @@ class _Writer(_DbusNextWriter):
             raise ValueError("this connection does not pass file descriptors")
         self.messages.put_nowait((msg._marshall(negotiate_unix_fd=False), [], future))
 
+    def schedule_write(
+        self, msg: Message | None = None, future: asyncio.Future[None] | None = None
+    ) -> None:
+        if msg is not None:
+            self.buffer_message(msg, future)
+        if self.bus.unique_name:  # (not before Hello is answered)
+            self._write(eager=True)  # now, not a loop turn later: a freeze must not wait
+
     def write_callback(self) -> None:
+        self._write(eager=False)
+
+    def _write(self, eager: bool) -> None:
         try:
             while True:
                 if self.buf is None:
@@ -135,9 +156,11 @@ class _Writer(_DbusNextWriter):
                 try:
                     self.offset += self.sock.send(self.buf[self.offset :])
                 except (BlockingIOError, InterruptedError):
-                    return  # still registered: called again once the socket is writable
+                    self.loop.add_writer(self.fd, self.write_callback)  # once writable
+                    return
                 if self.offset < len(self.buf):
-                    return  # partly written: the rest once writable
+                    self.loop.add_writer(self.fd, self.write_callback)  # the rest, then
+                    return
                 self.buf = None
                 for future in self.futures:
                     _future_set_result(future, None)
@@ -148,7 +171,10 @@ class _Writer(_DbusNextWriter):
                 if future is not None:
                     future.exception()  # call() never awaits its send: no "never retrieved"
             self.futures = []
-            self.bus._finalize(error)
+            if eager:  # inside send(): the call's reply handler is registered after it
+                self.loop.call_soon(self.bus._finalize, error)
+            else:
+                self.bus._finalize(error)
 
 
 class _Bus(MessageBus):
@@ -258,6 +284,7 @@ class SystemdClient:
         self._read_slots = asyncio.Semaphore(READ_IN_FLIGHT)
         self._stale: set[str] = set()  # units whose last re-read failed: read at the next
         self._generation: dict[str, int] = {}  # per unit: signals and replies seen (_touch)
+        self._cgroups: dict[str, str] = {}  # slice → its ControlGroup (this connection)
         self._resync_lock = asyncio.Lock()
 
     # -- connection ---------------------------------------------------------------------
@@ -329,6 +356,7 @@ class SystemdClient:
         await self._probe_freezing()
         self.paths.clear()
         self._stale.clear()
+        self._cgroups.clear()
         await self._load_units(sorted(self.units))
         self._set_connected(True)
         log.info(
@@ -637,7 +665,8 @@ class SystemdClient:
             if bus is None or not bus.connected:
                 raise SystemdError("not connected to D-Bus")
             try:
-                reply = await asyncio.wait_for(bus.call(message), CALL_TIMEOUT)
+                async with asyncio.timeout(CALL_TIMEOUT):  # (wait_for: a task, a turn later)
+                    reply = await bus.call(message)
             except TimeoutError:
                 raise OutcomeUnknown(f"{member}: no reply within {CALL_TIMEOUT:g}s") from None
             except (OSError, EOFError) as error:
@@ -698,6 +727,58 @@ class SystemdClient:
             if error.unknown:
                 raise OutcomeUnknown(f"freezer helper: {error}") from None
             raise SystemdError(f"freezer helper: {error}") from None
+
+    async def freeze_slice(self, slice_name: str, units: Collection[str]) -> None:
+        """FreezeUnit of a volume's slice, meant to freeze exactly `units`: systemd 252
+        freezes each member's cgroup, then the slice's, and replies once all are frozen.
+        Refused (SliceUnusable), sending nothing, unless the running units in the slice
+        (its child cgroups) are exactly `units`: a slice freezes whatever runs in it."""
+        if not slice_name.endswith(".slice"):
+            raise SliceUnusable(f"{slice_name} is not a slice")
+        self._check(slice_name)
+        for unit in units:
+            self._check(unit)
+        if self.freeze_path != "direct":
+            raise SliceUnusable("freezes go through the freezer helper, which freezes units")
+        members = await self._slice_members(slice_name)
+        foreign, missing = sorted(members - set(units)), sorted(set(units) - members)
+        if foreign or missing:
+            raise SliceUnusable(
+                f"{slice_name} holds "
+                + (f"other units ({', '.join(foreign[:5])})" if foreign else "")
+                + (" and " if foreign and missing else "")
+                + (f"not {', '.join(missing[:5])}" if missing else "")
+            )
+        try:
+            await self._call(SYSTEMD, MANAGER_PATH, MANAGER, "FreezeUnit", "s", [slice_name])
+        except (SystemdError, OutcomeUnknown):
+            for unit in units:
+                self._touch(unit)
+            raise
+        for unit in (*units, slice_name):
+            self.properties.setdefault(unit, {})["FreezerState"] = "frozen"
+            self._touch(unit)
+
+    async def _slice_members(self, slice_name: str) -> set[str]:
+        """The units running in a slice: its child cgroups (under /sys/fs/cgroup)."""
+        cgroup = self._cgroups.get(slice_name)
+        if cgroup is None:
+            path = self._path_of(slice_name)
+            if path is None:
+                raise SliceUnusable(f"{slice_name} is not loaded")
+            reply = await self._call(
+                SYSTEMD, path, PROPERTIES, "Get", "ss", [SLICE, "ControlGroup"]
+            )
+            cgroup = str(reply[0].value)
+            if not cgroup:
+                raise SliceUnusable(f"{slice_name} has no cgroup (not active)")
+            self._cgroups[slice_name] = cgroup
+        root = CGROUP_ROOT if (CGROUP_ROOT / "cgroup.controllers").exists() else CGROUP_UNIFIED
+        try:
+            with os.scandir(root / cgroup.lstrip("/")) as entries:
+                return {entry.name for entry in entries if entry.is_dir(follow_symlinks=False)}
+        except OSError as error:
+            raise SliceUnusable(f"cannot list {slice_name}'s cgroup: {error}") from None
 
     async def stop(self, unit: str) -> None:
         self._check(unit)
