@@ -115,9 +115,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"writer: {written // CHUNK} MiB written", flush=True)
             next_progress += PROGRESS_EVERY
         if args.rate:
-            ahead = (written - start_written) / args.rate - (time.monotonic() - start)
+            now = time.monotonic()
+            ahead = (written - start_written) / args.rate - (now - start)
             if ahead > 0:
                 time.sleep(ahead)
+            elif ahead < -1.0:
+                # behind by more than a second (it was frozen, or stopped by SIGSTOP): a
+                # rate limit owes at most a second's burst, like a token bucket
+                start, start_written = now, written
     os.close(fd)
     status.note("DONE", written)
     print(f"writer: done, {written} bytes", flush=True)
