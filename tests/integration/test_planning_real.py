@@ -280,8 +280,10 @@ def test_staggered_resume_of_ten_writers_pauses_each_once(
     accounts = [f"w{index}" for index in range(10)]
     rig = ShippedRig(sandbox, tmp_path, venv_python)
     rig.write_config(
-        volume_section(volume, 'resume_step = "2s"')
-        + "".join(migration(account) for account in accounts)
+        volume_section(volume, 'resume_step = "2s"\nresume_batch = 3')
+        + "".join(
+            migration(account, f"priority = {index}") for index, account in enumerate(accounts)
+        )
     )
     sandbox.up(writers(venv_python, volume, tmp_path, dict.fromkeys(accounts, "12M"), "2M"))
     rig.install()
@@ -306,3 +308,13 @@ def test_staggered_resume_of_ten_writers_pauses_each_once(
         froze = sum(n for (u, kind, _), n in actions.items() if u == unit and kind == "freeze")
         thawed = sum(n for (u, kind, _), n in actions.items() if u == unit and kind == "thaw")
         assert (froze, thawed) == (1, 1), (unit, actions)
+    # staggered: three at a time, highest priority first
+    order = [
+        match.group(3) for match in DONE_LINE.finditer(rig.journal()) if match.group(2) == "thaw"
+    ]
+    batches = [set(order[i : i + 3]) for i in range(0, 10, 3)]
+    expected = [
+        {f"writer@w{n}.service" for n in range(high, max(-1, high - 3), -1)}
+        for high in (9, 6, 3, 0)
+    ]
+    assert batches == expected, order
