@@ -567,12 +567,19 @@ class _Decision:
             and event.unit not in state.paused_units
             and state.failure is None
         )
+        # ... unless that failure was handled already: a retry goes on in another unit
+        # (its start in flight, or a later run than the failed one's)
+        retrying = any(
+            kind == "start" for unit, kind in state.pending.items() if unit != event.unit
+        )
         found_failed = (
             not old.known
             and new.active_state == "failed"
             and state.failure is None
             and event.unit not in state.paused_units
             and not state.finished
+            and not retrying
+            and new.started_at >= state.run_started_at
         )
         # a run that started and ended while the guard could not see it (a bus outage):
         # systemd's start time says it happened
@@ -1757,6 +1764,9 @@ class _Decision:
                 retries=state.retries + 1,
                 last_log_failure=None,
                 restart_on_release=True,
+                # the retry is the latest run from now: the failed unit's run is older (a
+                # restart that finds it still `failed` does not take it for a new failure)
+                run_started_at=max(state.run_started_at, self.now),
             )
         return replace(state, failure=failure)
 

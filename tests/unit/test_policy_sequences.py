@@ -33,6 +33,7 @@ from test_policy import (
     RUNNING,
     T0,
     Guard,
+    fail_alice,
     failed,
     make_config,
     of_type,
@@ -310,3 +311,46 @@ def test_a_backward_step_does_not_hold_back_the_next_resume_batch() -> None:
     actions = guard(ClockStepped(-3600.0), after=11 - 3600)  # 11 s later by elapsed time
     actions += guard(Tick(), after=0.01)
     assert len([a for a in unit_actions(actions) if a[0] == "thaw"]) == 1
+
+
+@pytest.mark.parametrize(("landed", "resume_runs"), [(False, True), (False, False), (True, True)])
+def test_a_restart_during_a_retry_does_not_take_the_old_failure_for_a_new_one(
+    guard: Guard, landed: bool, resume_runs: bool
+) -> None:
+    """Found by tests/integration/test_kill_windows.py: the guard killed with a retry's
+    StartUnit (of the resume unit) in flight, or once it runs; the migration unit stays
+    `failed` from the run the incident documents. The restarted guard wrote a second
+    incident for it, spent a retry and stopped the running resume unit."""
+    fail_alice(guard, 5)
+    failure = guard.m("alice").failure
+    assert failure is not None and failure.next_retry_at is not None
+    assert unit_actions(guard(Tick(), at=failure.next_retry_at)) == [
+        ("start", ALICE_RESUME, "retry")
+    ]
+    if landed:
+        guard.done("start", ALICE_RESUME)
+        guard(UnitChanged(ALICE_RESUME, UnitView("active", "running", started_at=guard.now)))
+    new = restart(guard)
+    new(sample(50))
+    resume = UnitView("active", "running", started_at=guard.now) if resume_runs else DEAD
+    alice_failed = UnitView(
+        "failed",
+        "failed",
+        result="exit-code",
+        exec_code="exited",
+        exec_status=5,
+        started_at=T0,
+    )
+    actions = read_all(
+        new,
+        {ALICE: alice_failed, ALICE_RESUME: resume, BOB: RUNNING, BOB_RESUME: DEAD, CAROL: RUNNING},
+    )
+    actions += new(Tick(), after=1)
+    alice = new.m("alice")
+    assert alice.failure is None and alice.retries == 1
+    assert not [a for a in of_type(actions, WriteIncident) if a.record["account"] == "alice"]
+    # nothing stopped; a start that did not land may be sent again
+    assert [a for a in unit_actions(actions) if a[1] in (ALICE, ALICE_RESUME)] in (
+        [],
+        [("start", ALICE_RESUME, "retry")],
+    )
