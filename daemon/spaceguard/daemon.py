@@ -737,7 +737,13 @@ class Guard:
         self._positions_dirty = False
 
     def _positions(self) -> dict[str, dict[str, int]]:
-        return {key: position.to_json() for key, position in self.logwatch.positions().items()}
+        current = {key: position.to_json() for key, position in self.logwatch.positions().items()}
+        if self.logs_started:
+            return current
+        # the logs are followed once the bus is connected: a state saved before that keeps
+        # the saved positions (else a kill then makes the next start re-read every log)
+        saved = {key: position.to_json() for key, position in self.saved_positions.items()}
+        return {**saved, **current}
 
     # -- timers -----------------------------------------------------------------------------
 
