@@ -228,11 +228,16 @@ def test_the_client_reconnecting_again_and_again_keeps_its_fds(tmp_path, monkeyp
             await asyncio.sleep(0.01)
         await client.close()
 
+    # in a thread with a deadline: a connect that never ends must fail this test, not hang
+    # the whole suite (it once did, under heavy load, inside client.close())
+    runner = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
     try:
-        asyncio.run(main())
+        runner.start()
+        runner.join(120)
     finally:
         server.close()
         server.join(5)
+    assert not runner.is_alive(), "SystemdClient.close() did not return within 120 s"
     assert server.accepted >= 40
     assert open_fds() == before
 
