@@ -262,6 +262,7 @@ class SystemdClient:
         resync_interval: float = RESYNC_INTERVAL,
     ) -> None:
         self.address = address
+        self._closing = False
         # How freeze/thaw go out: "direct" (FreezeUnit ourselves) or "helper" (through
         # spaceguard-freezer), decided by a probe at each connect (_probe_freezing).
         self.freeze_path = "direct"
@@ -294,8 +295,13 @@ class SystemdClient:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="systemd-bus")
 
     async def close(self) -> None:
+        self._closing = True
         if self._task is not None:
-            self._task.cancel()
+            # Python 3.11's wait_for can swallow a cancellation that meets its inner
+            # future's result (bpo-42130, fixed in 3.12): cancel until the task has ended
+            while not self._task.done():
+                self._task.cancel()
+                await asyncio.wait({self._task}, timeout=1.0)
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         for task in list(self._background):
@@ -314,7 +320,7 @@ class SystemdClient:
 
     async def _run(self) -> None:
         delay = RECONNECT_MIN
-        while True:
+        while not self._closing:
             periodic: asyncio.Task[None] | None = None
             try:
                 await self._connect()
