@@ -76,7 +76,9 @@ def test_an_incident_the_disk_refuses_is_kept_shown_and_written_later(
             "the incidents-unwritable alert",
         )
         assert "INCIDENTS NOT WRITTEN" in rig.status_text()
-        assert f"{incident_id} recorded in memory only" in rig.journal()
+        # the writer's own report (the daemon's "recorded in memory only" depends on whether
+        # the writer had tried yet when the incident was recorded: a race)
+        assert f"cannot write {incident_id}" in rig.journal()
         assert not (fault == "full" and (incidents / f"{incident_id}.json").exists()), (
             "nothing on disk yet"
         )
