@@ -231,6 +231,9 @@ class _OpenLog:
         self._hold_partial(data[last_newline + 1 :], max_line)
         return lines, chunk_start + last_newline + 1
 
+    def forget_head(self) -> None:
+        self._head_crc = None
+
     def take_partial(self) -> str | None:
         """The held-back unterminated last line, for a file that will not grow any more."""
         if not self.partial:
@@ -562,6 +565,10 @@ class _Follower:
         rest = reader.take_partial()
         reader.offset = reader.read_pos = 0
         reader.read_pos_at_last_recheck = -1
+        # the head's checksum is of the content before the truncation: a position saved with
+        # it would not match the file's new head, and a reload or restart would read the
+        # whole file again (found as an intermittent re-read after copytruncate + reload)
+        reader.forget_head()
         if rest is not None:
             self._deliver([rest])
 

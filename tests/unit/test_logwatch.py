@@ -678,3 +678,24 @@ def test_no_timer_while_logs_are_quiet(tmp_path: Path) -> None:
         watcher.close()
 
     run(scenario)
+
+
+def test_a_position_after_copytruncate_matches_the_new_head(tmp_path: Path) -> None:
+    """A saved position's head checksum is of the file's content after a copytruncate, so a
+    watcher started from it reads on, not from the start (it used to keep the old head's)."""
+    from spaceguard.logwatch import _OpenLog
+
+    path = tmp_path / "log"
+    path.write_bytes(b"x" * 300 + b"\n")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        reader = _OpenLog(fd, os.fstat(fd), 301)
+        assert reader.position().matches_head(fd)  # the head of 300 x's, cached
+        os.truncate(path, 0)
+        path.write_bytes(b"y" * 300 + b"\n")
+        reader.offset = 301  # read on past 256 bytes without a position taken between
+        assert not reader.position().matches_head(fd)  # the stale head: a re-read from 0
+        reader.forget_head()  # what the follower does on truncation
+        assert reader.position().matches_head(fd)
+    finally:
+        os.close(fd)
