@@ -135,8 +135,10 @@ def parse_reply(line: bytes) -> tuple[str, str | None]:
 
 
 def migration_units(config: Config) -> frozenset[str]:
-    """The units the helper may freeze and thaw: each migration's unit and resume unit."""
-    return frozenset(unit for migration in config.migrations for unit in migration.units)
+    """The units the helper may freeze and thaw: each migration's unit and resume unit;
+    and each volume's slice (volumes.X.slice), which it only freezes (check)."""
+    units = frozenset(unit for migration in config.migrations for unit in migration.units)
+    return units | {volume.slice for volume in config.volumes.values() if volume.slice}
 
 
 def choose_path(probe_error: str | None, helper: bool) -> tuple[str, str]:
@@ -333,6 +335,9 @@ class FreezerServer:
                 f"; the config does not load: {self.config.problem}" if self.config.problem else ""
             )
             return f"refused: {request.unit} is not a migration unit in {self.config.path}{why}"
+        if request.unit.endswith(".slice") and request.verb != "freeze":
+            # a slice's thaw thaws every member (an operator's hold too): members one by one
+            return f"refused: {request.unit} is a slice: it is only frozen, its members thawed"
         return None
 
     async def answer(self, request: Request) -> tuple[bytes, int, str]:

@@ -94,7 +94,7 @@ class SystemdError(Exception):
 
 class SliceUnusable(SystemdError):
     """A slice's freeze refused before anything was sent (another unit runs in it, a
-    member is not in it, freezes go through the helper): freeze the members one by one."""
+    member is not in it, the freezer helper refused it): freeze the members one by one."""
 
 
 class OutcomeUnknown(Exception):
@@ -744,8 +744,6 @@ class SystemdClient:
         self._check(slice_name)
         for unit in units:
             self._check(unit)
-        if self.freeze_path != "direct":
-            raise SliceUnusable("freezes go through the freezer helper, which freezes units")
         members = await self._slice_members(slice_name)
         foreign, missing = sorted(members - set(units)), sorted(set(units) - members)
         if foreign or missing:
@@ -756,7 +754,10 @@ class SystemdClient:
                 + (f"not {', '.join(missing[:5])}" if missing else "")
             )
         try:
-            await self._call(SYSTEMD, MANAGER_PATH, MANAGER, "FreezeUnit", "s", [slice_name])
+            if self.freeze_path == "direct" or self.freezer is None:
+                await self._call(SYSTEMD, MANAGER_PATH, MANAGER, "FreezeUnit", "s", [slice_name])
+            else:
+                await self._helper_freeze_slice(slice_name)
         except (SystemdError, OutcomeUnknown):
             for unit in units:
                 self._touch(unit)
@@ -764,6 +765,17 @@ class SystemdClient:
         for unit in (*units, slice_name):
             self.properties.setdefault(unit, {})["FreezerState"] = "frozen"
             self._touch(unit)
+
+    async def _helper_freeze_slice(self, slice_name: str) -> None:
+        assert self.freezer is not None
+        try:
+            await self.freezer.request("freeze", slice_name)
+        except FreezerError as error:
+            if error.unknown:
+                raise OutcomeUnknown(f"freezer helper: {error}") from None
+            if str(error).startswith("refused"):  # the helper's own refusal: nothing sent
+                raise SliceUnusable(f"freezer helper: {error}") from None
+            raise SystemdError(f"freezer helper: {error}") from None
 
     async def _slice_members(self, slice_name: str) -> set[str]:
         """The units running in a slice: its child cgroups (under /sys/fs/cgroup)."""

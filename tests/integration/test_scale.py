@@ -16,6 +16,7 @@ import signal
 from pathlib import Path
 
 from tests.guardrig import GuardRig, wait_until, writer_unit
+from tests.installed import FREEZER, ShippedRig
 from tests.integration.test_operators import ctl, ctl_json
 from tests.sandbox import LoopVolume, SystemdSandbox
 
@@ -39,6 +40,7 @@ def start(
     slice_name: str = "",
     predict: str = "0s",
     extra_units: dict[str, str] | None = None,
+    rig_class: type[GuardRig] = GuardRig,
 ) -> GuardRig:
     text = SLEEPER + (f"Slice={slice_name}\n" if slice_name else "")
     definitions = {unit: text for unit in units} | (extra_units or {})
@@ -47,7 +49,7 @@ def start(
     sandbox.up(definitions)
     if units:
         sandbox.systemctl("start", *units)
-    rig = GuardRig(sandbox, tmp_path, python, watchdog_sec=10, log_level="info")
+    rig = rig_class(sandbox, tmp_path, python, watchdog_sec=10, log_level="info")
     migrations = "".join(
         f"""
         [[migrations]]
@@ -171,6 +173,36 @@ def test_200_migrations_through_10_crossings(loop_volume, sandbox, venv_python, 
     journal = rig.journal()
     assert journal.count("200 migrations frozen with one FreezeUnit of scale.slice") == CYCLES
     assert [line for line in journal.splitlines() if "failed" in line and "freez" in line] == []
+
+
+def test_as_shipped_the_slice_is_frozen_through_the_helper(
+    loop_volume, sandbox, venv_python, tmp_path
+):
+    """The packaged guard is unprivileged (systemd 252 lets only root call FreezeUnit):
+    the slice's FreezeUnit goes through spaceguard-freezer, which freezes a configured
+    slice but never thaws one; the members are thawed one by one, through it too."""
+    volume = loop_volume(256)
+    units = units_named(20)
+    rig = start(
+        sandbox,
+        volume,
+        tmp_path,
+        venv_python,
+        units,
+        slice_name="scale.slice",
+        rig_class=ShippedRig,
+    )
+    assert "freezing through the helper" in rig.journal()
+    ballast = fill(volume)
+    wait_until(lambda: every_frozen(rig, units, True), 30, "all frozen", on_timeout=rig.journal)
+    assert_views_agree(rig, sandbox, units)
+    assert "20 migrations frozen with one FreezeUnit of scale.slice" in rig.journal()
+    assert "freezer: freeze scale.slice: done" in sandbox.journal(FREEZER)
+    ballast.unlink()
+    wait_until(lambda: every_frozen(rig, units, False), 30, "all thawed", on_timeout=rig.journal)
+    assert_views_agree(rig, sandbox, units)
+    assert set(systemd_view(sandbox, units).values()) == {("active", "running")}
+    assert "thaw scale.slice" not in sandbox.journal(FREEZER)
 
 
 def test_the_bus_cut_with_100_freezes_in_flight(loop_volume, sandbox, venv_python, tmp_path):
