@@ -286,6 +286,7 @@ class SystemdClient:
         self._stale: set[str] = set()  # units whose last re-read failed: read at the next
         self._generation: dict[str, int] = {}  # per unit: signals and replies seen (_touch)
         self._cgroups: dict[str, str] = {}  # slice → its ControlGroup (this connection)
+        self._stale_retry: asyncio.Task[None] | None = None
         self._resync_lock = asyncio.Lock()
 
     # -- connection ---------------------------------------------------------------------
@@ -431,12 +432,20 @@ class SystemdClient:
         except (SystemdError, OutcomeUnknown) as error:
             log.warning("re-reading %s failed (%s): trying again shortly", unit, error)
             self._stale.add(unit)
-            self._spawn(self._retry_stale())
+            self._retry_stale_soon()
+
+    def _retry_stale_soon(self) -> None:
+        """Read the stale units again in a second (one such retry pending at a time: a
+        re-exec can fail a hundred re-reads at once)."""
+        if self._stale_retry is None or self._stale_retry.done():
+            self._stale_retry = asyncio.get_running_loop().create_task(self._retry_stale())
+            self._background.add(self._stale_retry)
+            self._stale_retry.add_done_callback(self._done)
 
     async def _retry_stale(self) -> None:
         await asyncio.sleep(1.0)
         if self._stale and self.connected:
-            await self.resync("a re-read had failed", full=False)
+            await self.resync("a re-read had failed", full=False, stale_only=True)
 
     def _touch(self, unit: str) -> None:
         """Something told us about `unit` (a signal, an action's reply): a reading of it
@@ -465,7 +474,7 @@ class SystemdClient:
                 break
         else:  # it keeps changing under us: the next resync (a second away) reads it
             self._stale.add(unit)
-            self._spawn(self._retry_stale())
+            self._retry_stale_soon()
             return
         self.properties.setdefault(unit, {}).update(values)
         self._stale.discard(unit)
@@ -473,12 +482,13 @@ class SystemdClient:
 
     # -- resync ---------------------------------------------------------------------------
 
-    async def resync(self, why: str, full: bool = True) -> int:
+    async def resync(self, why: str, full: bool = True, stale_only: bool = False) -> int:
         """Re-read the units and report them; returns how many differed from the last
         reading. `full`: every unit in full (after a daemon-reload or -reexec). Otherwise
         the cheap check: one ListUnitsByNames and one FreezerState read per unit; only a
         unit that differs (or that a failed read left stale) is read in full and
-        reported. One resync at a time; a request during one waits and runs after it."""
+        reported; `stale_only`: just those. One resync at a time; a request during one
+        waits and runs after it."""
         async with self._resync_lock:
             if not self.connected:
                 return 0
@@ -486,7 +496,12 @@ class SystemdClient:
             units = {name: path for path, name in self.paths.items()}
             before = {unit: dict(self.properties.get(unit, {})) for unit in units}
             try:
-                suspects = set(units) if full else await self._suspects(units)
+                if full:
+                    suspects = set(units)
+                elif stale_only:
+                    suspects = set()
+                else:
+                    suspects = await self._suspects(units)
                 suspects |= self._stale & set(units)
 
                 async def read(unit: str) -> None:
