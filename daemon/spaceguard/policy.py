@@ -97,10 +97,11 @@ def decide(
 ) -> tuple[GuardState, list[Action]]:
     """The event, then the reconciliation of what it concerns: one migration for what
     happens to one (a unit change, an action's result, a log batch, an operator's request),
-    every migration on a volume whose low/up state changed, every migration on a Tick, a
-    bus change or a clock step. So a burst of replies for 200 migrations costs 200 small
-    steps, not 200 x 200; what only time changes (hold-downs, retries, backoffs, stalls)
-    is reconciled by the Tick that the daemon sends every second."""
+    every migration on a volume whose low/up state changed, every migration on a full
+    Tick, a bus change or a clock step; and, with any event, the migrations whose own
+    timer came due (a backoff, a retry, a hold's timer; a stall on a light Tick). So a
+    burst of replies for 200 migrations costs 200 small steps, not 200 x 200. The daemon
+    ticks every second, fully every 10th time."""
     decision = _Decision(config, state, now)
     decision.apply(event)
     decision.reconcile()
