@@ -263,17 +263,25 @@ def fanout(
     return result
 
 
-def idle_cost(python: str, seconds: float, work: Path) -> tuple[float, float]:
-    """CPU (% of one core) and RSS (MiB) of an idle guard: 10 volumes x 20 migrations, each
-    with a followed log file."""
-    volumes = [LoopVolume(work / f"idle{i}", 100 * 1024).mount() for i in range(10)]
+def idle_cost(
+    python: str,
+    seconds: float,
+    work: Path,
+    n_volumes: int = 10,
+    n_migrations: int = 200,
+    with_logs: bool = True,
+) -> tuple[float, float]:
+    """CPU (% of one core) and RSS (MiB) of an idle guard: by default 10 volumes x 20
+    migrations, each with a followed log file."""
+    volumes = [LoopVolume(work / f"idle{i}", 100 * 1024).mount() for i in range(n_volumes)]
     sandbox = SystemdSandbox(work / "idle-sandbox")
     logs = work / "logs"
     logs.mkdir()
     try:
-        units = [f"sleeper@m{i}.service" for i in range(200)]
+        units = [f"sleeper@m{i}.service" for i in range(n_migrations)]
         sandbox.up({unit: SLEEPER for unit in units})
-        sandbox.systemctl("start", *units)
+        if units:
+            sandbox.systemctl("start", *units)
         rig = GuardRig(sandbox, work / "idle-rig", python, watchdog_sec=10, log_level="info")
         rig.workdir.mkdir()
         tables = []
@@ -291,8 +299,8 @@ def idle_cost(python: str, seconds: float, work: Path) -> tuple[float, float]:
             [[migrations]]
             account = "m{i}"
             unit = "{unit}"
-            volume = "v{i % 10}"
-            log = "{log}"
+            volume = "v{i % n_volumes}"
+            {f'log = "{log}"' if with_logs else ""}
             """)
         rig.write_config("".join(tables))
         rig.install()
@@ -334,6 +342,9 @@ def main() -> int:
     parser.add_argument(
         "--modes", default="slice,units", help="slice: volumes.X.slice; units: no slice"
     )
+    parser.add_argument(
+        "--idle-breakdown", action="store_true", help="also: the idle cost of parts of it"
+    )
     args = parser.parse_args()
     python = sys.executable
     with tempfile.TemporaryDirectory(prefix="spaceguard-fanout-") as tmp:
@@ -372,6 +383,15 @@ def main() -> int:
                 f"idle guard (10 volumes x 20 migrations, 200 followed logs, "
                 f"{args.idle_seconds:.0f} s): CPU {cpu:.3f} % of one core, RSS {rss:.1f} MiB"
             )
+        if args.idle_breakdown:
+            for volumes, migrations, logs in ((10, 0, False), (1, 200, True), (10, 200, False)):
+                work = Path(tmp) / f"idle-{volumes}-{migrations}-{logs}"
+                work.mkdir()
+                cpu, rss = idle_cost(python, args.idle_seconds, work, volumes, migrations, logs)
+                print(
+                    f"  {volumes} volumes, {migrations} migrations, "
+                    f"{migrations if logs else 0} logs: CPU {cpu:.3f} %, RSS {rss:.1f} MiB"
+                )
     return 0
 
 

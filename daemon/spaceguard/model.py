@@ -308,7 +308,11 @@ class ClockStepped:
 
 @dataclass(frozen=True)
 class Tick:
-    """Time passes: hold-downs expire, retries come due, stalls show."""
+    """Time passes: hold-downs expire, retries come due, stalls show. `full`: every
+    migration is reconciled (the daemon sends one every 10 s, and on a reload); otherwise
+    those whose timer came due (a backoff, a retry, a hold's timer, a stall)."""
+
+    full: bool = True
 
 
 @dataclass(frozen=True)

@@ -113,12 +113,14 @@ class _Index:
 
     def __init__(self, config: Config) -> None:
         self.by_account = {m.account: m for m in config.migrations}
+        self.order = {m.account: i for i, m in enumerate(config.migrations)}
         self.by_unit: dict[str, MigrationConfig] = {}
         self.by_volume: dict[str, set[str]] = {}
         for migration in config.migrations:
             for unit in migration.units:
                 self.by_unit.setdefault(unit, migration)
             self.by_volume.setdefault(migration.volume, set()).add(migration.account)
+        self.stall_watched = [m.account for m in config.migrations if m.stall_after > 0]
         self.min_max_freeze = min(
             [v.max_freeze for v in config.volumes.values()]
             + [m.max_freeze for m in config.migrations if m.max_freeze],
@@ -274,17 +276,21 @@ class _Decision:
         self.actions: list[Action] = []
         # the accounts this decision must reconcile (None: all of them)
         self.touched: set[str] | None = set()
+        self.light_tick = False
+        self.due_scope: set[str] | None = None  # whose timers to look at (None: all)
 
     def result(self) -> tuple[GuardState, list[Action]]:
+        # what did not change is the old mapping itself: callers may compare by identity
+        same_migrations = self.migrations == self.state.migrations
         new = GuardState(
             volumes=self.volumes,
-            migrations=self.migrations,
+            migrations=self.state.migrations if same_migrations else self.migrations,
             bus_connected=self.bus_connected,
             incident_seq=self.incident_seq,
         )
         if (
-            new.volumes == self.state.volumes
-            and new.migrations == self.state.migrations
+            same_migrations
+            and new.volumes == self.state.volumes
             and new.bus_connected == self.state.bus_connected
             and new.incident_seq == self.state.incident_seq
         ):
@@ -305,7 +311,9 @@ class _Decision:
     def _touch_changed_volumes(self, before: Mapping[str, VolumeState]) -> None:
         """Every migration on a volume that turned low or recovered, vanished or came back."""
         for name, volume in self.volumes.items():
-            old = before.get(name, VolumeState())
+            old = before.get(name, _NOT_LOW)
+            if volume is old:
+                continue
             if (volume.low, volume.low_reason, volume.up) != (old.low, old.low_reason, old.up):
                 for account in _index(self.config).by_volume.get(name, ()):
                     self.touch(account)
@@ -324,9 +332,13 @@ class _Decision:
                 self.touch(action.account)
             case LogParsed(account=account) | OperatorRequest(account=account):
                 self.touch(account)
-            case VolumeSampled() | VolumeUnavailable():
-                pass  # only what changes the volume's low/up state (below)
-            case _:  # Tick, BusChanged, ClockStepped: everything
+            case VolumeSampled(volume=name) | VolumeUnavailable(volume=name):
+                # only what changes the volume's low/up state (below), and the timers of
+                # the migrations on it
+                self.due_scope = _index(self.config).by_volume.get(name, set())
+            case Tick(full=False):
+                self.light_tick = True  # what a timer made due, stalls included
+            case _:  # a full Tick, BusChanged, ClockStepped: everything
                 self.touched = None
         self._apply(event)
         self._touch_changed_volumes(before)
@@ -1211,11 +1223,21 @@ class _Decision:
         for name, volume_config in self.config.volumes.items():
             self._warn(name, volume_config)
         touched = self.touched
-        if touched is not None:  # and whatever a timer of its own has made due by now
-            touched |= {account for account, state in self.migrations.items() if self._due(state)}
-        for migration in self.config.migrations:
-            if touched is not None and migration.account not in touched:
-                continue
+        if touched is not None:  # and what a timer has made due by now
+            scope = self.migrations if self.due_scope is None else self.due_scope
+            touched |= {account for account in scope if self._due(self.migrations[account])}
+            if self.light_tick:
+                touched |= self._stalled()
+        index = _index(self.config)
+        chosen = (
+            self.config.migrations
+            if touched is None
+            else [
+                index.by_account[account]
+                for account in sorted(touched & index.order.keys(), key=index.order.__getitem__)
+            ]
+        )
+        for migration in chosen:  # (in the config's order)
             state = self.migrations[migration.account]
             state = self._holds(migration, state)
             state = self._admission(migration, state)
@@ -1283,6 +1305,17 @@ class _Decision:
                     state, pending={k: v for k, v in state.pending.items() if k != member.unit}
                 )
             self.migrations[member.account] = state
+
+    def _stalled(self) -> set[str]:
+        """The migrations whose stall_after has passed since their last progress."""
+        stalled = set()
+        for account in _index(self.config).stall_watched:
+            state = self.migrations[account]
+            since = max(state.last_progress_at or 0.0, state.running_since or 0.0)
+            migration = _index(self.config).by_account[account]
+            if since and self.now - since >= migration.stall_after:
+                stalled.add(account)
+        return stalled
 
     def _due(self, state: MigrationState) -> bool:
         """A backoff after a failed action, or a retry of a failure, has come due (or a

@@ -124,3 +124,28 @@ def test_recovery_after_the_hold_down_releases_every_migration_on_a_tick() -> No
     state, actions = decide(cfg, state, Tick(), T0 + 2 + hold_down)
     thaws = [a for a in actions if isinstance(a, UnitAction) and a.kind == "thaw"]
     assert sorted(a.account for a in thaws) == sorted(f"a{i}" for i in range(20))
+
+
+def test_a_light_tick_reconciles_only_what_came_due() -> None:
+    cfg = config()
+    state = started(cfg)
+    new, actions = decide(cfg, state, Tick(full=False), T0 + 1)
+    assert new is state and [a for a in actions if isinstance(a, UnitAction)] == []
+
+
+def test_a_light_tick_sees_a_stall() -> None:
+    document: dict[str, Any] = {
+        "volumes": {"space": {"path": "/space"}},
+        "migrations": [
+            {"account": "a", "unit": "m@a.service", "volume": "space", "stall_after": "1m"},
+            {"account": "b", "unit": "m@b.service", "volume": "space"},
+        ],
+    }
+    cfg = parse(Path("/etc/spaceguard/test.toml"), document)
+    state = started(cfg)
+    state, actions = decide(cfg, state, Tick(full=False), T0 + 61)
+    assert [(a.kind, a.unit) for a in actions if isinstance(a, UnitAction)] == [
+        ("stop", "m@a.service")
+    ]
+    assert state.migrations["a"].failure is not None
+    assert state.migrations["a"].failure.trigger == "stall"
