@@ -744,7 +744,8 @@ class SystemdClient:
                 log.warning("%s %s refused (%s): using the helper from now on", verb, unit, error)
                 self.freeze_path = "helper"
         try:
-            await self.freezer.request(verb, unit)
+            async with self._slots:  # the helper calls systemd once per request: bounded too
+                await self.freezer.request(verb, unit)
         except FreezerError as error:
             if error.unknown:
                 raise OutcomeUnknown(f"freezer helper: {error}") from None
