@@ -1593,19 +1593,13 @@ class _Decision:
             return state
         self.log("warning", f"{migration.account}: held before it writes: {note}")
         self.actions.append(
-            RaiseAlert(
-                key=f"paused/{migration.account}",
-                name="SpaceguardMigrationNotAdmitted",
-                severity="warning",
-                labels={
-                    "account": migration.account,
-                    "unit": migration.unit,
-                    "volume": migration.volume,
-                    "reason": reason,
-                    "by": "guard",
-                },
-                summary=f"Migration {migration.account} held: it would not fit",
-                description=f"{note}. It starts by itself once it fits "
+            _paused_alert(
+                migration,
+                "SpaceguardMigrationNotAdmitted",
+                reason,
+                "guard",
+                f"Migration {migration.account} held: it would not fit",
+                f"{note}. It starts by itself once it fits "
                 f"(spaceguardctl resume {migration.account} --force starts it anyway).",
             )
         )
@@ -1675,19 +1669,13 @@ class _Decision:
         )
         self.log("warning", f"{migration.account}: {note}")
         self.actions.append(
-            RaiseAlert(
-                key=f"paused/{migration.account}",
-                name="SpaceguardMigrationPausedUnknown",
-                severity="warning",
-                labels={
-                    "account": migration.account,
-                    "unit": migration.unit,
-                    "volume": migration.volume,
-                    "reason": "frozen",
-                    "by": "unknown",
-                },
-                summary=f"Migration {migration.account} is frozen and nobody knows why",
-                description=note,
+            _paused_alert(
+                migration,
+                "SpaceguardMigrationPausedUnknown",
+                "frozen",
+                "unknown",
+                f"Migration {migration.account} is frozen and nobody knows why",
+                note,
             )
         )
         return replace(state, hold=Hold("unknown", "frozen", self.now, note, alerted=True))
@@ -1708,19 +1696,13 @@ class _Decision:
     def _pause_alert(self, migration: MigrationConfig, reason: str) -> RaiseAlert:
         volume_config = self.config.volumes[migration.volume]
         volume = self.volumes.get(migration.volume, VolumeState())
-        return RaiseAlert(
-            key=f"paused/{migration.account}",
-            name="SpaceguardMigrationPaused",
-            severity="warning",
-            labels={
-                "account": migration.account,
-                "unit": migration.unit,
-                "volume": migration.volume,
-                "reason": reason,
-                "by": "guard",
-            },
-            summary=f"Migration {migration.account} paused: {migration.volume} is low",
-            description=(
+        return _paused_alert(
+            migration,
+            "SpaceguardMigrationPaused",
+            reason,
+            "guard",
+            f"Migration {migration.account} paused: {migration.volume} is low",
+            (
                 f"spaceguard paused {migration.unit} ({migration.pause}) because "
                 f"{volume_config.path} has {format_size(volume.avail_bytes)} free "
                 f"(pause below {volume_config.pause_below}, reason {reason}). "
@@ -1953,6 +1935,27 @@ class _Decision:
         if len(pending) != len(state.pending):
             state = replace(state, pending=pending)
         return state
+
+
+def _paused_alert(
+    migration: MigrationConfig, name: str, reason: str, by: str, summary: str, description: str
+) -> RaiseAlert:
+    """A migration's pause alert (one key per migration, whatever paused it: the guard for
+    space or admission, or nobody known), so that a resume resolves whichever it is."""
+    return RaiseAlert(
+        key=f"paused/{migration.account}",
+        name=name,
+        severity="warning",
+        labels={
+            "account": migration.account,
+            "unit": migration.unit,
+            "volume": migration.volume,
+            "reason": reason,
+            "by": by,
+        },
+        summary=summary,
+        description=description,
+    )
 
 
 def _items_record(items: ItemErrors) -> dict[str, Any]:
