@@ -459,6 +459,22 @@ class _Decision:
                     f"filling at {format_size(state.fill_rate)}/s "
                     f"(pause below {volume.pause_below}, reason {reason})",
                 )
+            elif (
+                state.avail_bytes < resume_bytes
+                or (state.files and state.avail_files < resume_files)
+            ) and any(
+                self._waits_for_release(account)
+                for account in _index(self.config).by_volume.get(volume.name, ())
+            ):
+                # back in the band while staggered releases still wait: the recovery is not
+                # over; the rest resumes only after a new hold-down above resume_above
+                state = replace(
+                    state,
+                    low=True,
+                    low_reason=old.low_reason or "space",
+                    low_since=self.now,
+                    recovered_since=None,
+                )
         else:
             recovered = state.avail_bytes >= resume_bytes and (
                 not state.files or state.avail_files >= resume_files
@@ -1445,11 +1461,20 @@ class _Decision:
         for a step at the rate they filled the volume before the pause without taking it
         back below resume_above (all at once when they were not filling it fast); no new
         batch while the current fill rate would. A hold on a migration with nothing
-        paused costs nothing: released at once."""
-        if not state.paused_units and not state.restart_on_release:
-            return True
+        paused costs nothing: released at once. None is released while the latest sample
+        is below resume_above (a release deferred past the recovery must not come after
+        free space dropped back into the band)."""
         config = self.config.volumes[migration.volume]
         volume = self.volumes.get(migration.volume, VolumeState())
+        _, resume_bytes, _, resume_files = thresholds(config, volume)
+        if (
+            not volume.up
+            or volume.avail_bytes < resume_bytes
+            or (volume.files and volume.avail_files < resume_files)
+        ):
+            return False
+        if not state.paused_units and not state.restart_on_release:
+            return True
         need = remaining_bytes(migration, state)
         if need is not None and self._fits(migration.volume, volume, need):
             return True  # it finishes above pause_below with the others: no stampede risk
@@ -1462,7 +1487,6 @@ class _Decision:
             # the rate the volume can take: for a step it stays above resume_above, and
             # (with predict on) it would take longer than predict to reach pause_below
             pause_bytes = config.pause_below.limit(volume.size_bytes)
-            resume_bytes = config.resume_above.limit(volume.size_bytes)
             budget = min(
                 (volume.avail_bytes - resume_bytes) / config.resume_step,
                 (volume.avail_bytes - pause_bytes) / config.predict
