@@ -213,7 +213,9 @@ class MigrationState:
     # an operator resumed during this low episode: no guard hold until the volume recovers
     override: bool = False
     pending: Mapping[str, str] = field(default_factory=dict)  # unit (or "verify") → action
-    action_errors: int = 0
+    # consecutive failed actions per unit (one unit's success does not reset another's
+    # backoff); the earliest time any of them may be asked again
+    action_errors: Mapping[str, int] = field(default_factory=dict)
     action_retry_at: float = 0.0
     failure: Failure | None = None
     retries: int = 0

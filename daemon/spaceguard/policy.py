@@ -1112,7 +1112,12 @@ class _Decision:
                     "notice",
                     f"{action.account}: {action.kind} {action.unit} done ({action.reason})",
                 )
-            state = replace(state, action_errors=0, action_retry_at=0.0)
+            errors_left = {u: n for u, n in state.action_errors.items() if u != action.unit}
+            state = replace(
+                state,
+                action_errors=errors_left,
+                action_retry_at=state.action_retry_at if errors_left else 0.0,
+            )
             view = state.units.get(action.unit, UnitView())
             if action.kind == "freeze" and view.known and not view.running:
                 pass  # it ended while the freeze went out: nothing is frozen, nothing to thaw
@@ -1201,14 +1206,18 @@ class _Decision:
                 state = replace(state, freeze_refused=state.freeze_refused | {action.unit})
                 self.migrations[action.account] = state
                 return
-            errors = state.action_errors + 1
+            errors = state.action_errors.get(action.unit, 0) + 1
             delay = min(0.25 * 2 ** min(errors, 10), UNIT_ACTION_BACKOFF_MAX)
             self.log(
                 "error",
                 f"{action.account}: {action.kind} {action.unit} failed: "
                 f"{event.error}; trying again in {delay:.1f}s",
             )
-            state = replace(state, action_errors=errors, action_retry_at=self.now + delay)
+            state = replace(
+                state,
+                action_errors={**state.action_errors, action.unit: errors},
+                action_retry_at=self.now + delay,
+            )
         self.migrations[action.account] = state
 
     # -- reconciliation ---------------------------------------------------------------------

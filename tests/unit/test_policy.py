@@ -466,7 +466,7 @@ def test_no_action_storm_after_errors(guard: Guard) -> None:
         guard(sample(4), after=30)
     assert guard.m("alice").action_retry_at - guard.now <= 30
     guard.done("freeze", ALICE)
-    assert guard.m("alice").action_errors == 0
+    assert guard.m("alice").action_errors == {}
 
 
 def test_a_unit_that_starts_while_held_is_paused(guard: Guard) -> None:

@@ -195,6 +195,26 @@ def test_10_an_operator_pause_during_an_outage_stands_against_an_earlier_start(
     assert bob.hold is not None and bob.hold.by == "operator"
 
 
+def test_11_a_sibling_units_success_does_not_reset_the_others_backoff(guard: Guard) -> None:
+    guard(UnitChanged(ALICE_RESUME, RUNNING))  # both of alice's units run: both are frozen
+    guard(sample(4), after=1)
+    for _ in range(3):  # ALICE's freeze fails three times: its backoff grows to 2 s
+        guard.done("freeze", ALICE, ok=False, error="org.freedesktop.DBus.Error.Failed: busy")
+        guard(sample(4), at=guard.m("alice").action_retry_at)
+    assert guard.m("alice").action_errors == {ALICE: 3}
+    guard.done("freeze", ALICE_RESUME)  # the sibling's freeze lands
+    assert guard.m("alice").action_errors == {ALICE: 3}, "the sibling's success is not ALICE's"
+    failed_at = guard.now
+    guard.done("freeze", ALICE, ok=False, error="org.freedesktop.DBus.Error.Failed: busy")
+    # the fourth failure waits 4 s (0.25 s x 2^4), not the first failure's 0.5 s
+    assert guard.m("alice").action_retry_at == pytest.approx(failed_at + 4.0)
+    assert unit_actions(guard(sample(4), at=failed_at + 3.9)) == []
+    assert ("freeze", ALICE, "space") in unit_actions(guard(sample(4), at=failed_at + 4.0))
+    guard.done("freeze", ALICE)
+    assert guard.m("alice").action_errors == {}
+    assert guard.m("alice").action_retry_at == 0.0
+
+
 def test_stale_resume_unit_is_not_kept_paused_for_good() -> None:
     """Volume unavailable → StopUnit times out → someone starts the resume unit → operator
     force-resumes bob → guard restarts: nothing of bob stays 'paused'."""
