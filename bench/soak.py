@@ -316,10 +316,21 @@ def run_real(minutes: float, migrations: int) -> None:
         start = rss_and_fds(pid)
         print(f"real run: {minutes:g} min, {migrations} migrations failing at random and retried")
         print(f"  start: VmRSS {start[0]} KiB, {start[1]} fds")
-        deadline = time.monotonic() + minutes * 60
+        began = time.monotonic()
+        deadline = began + minutes * 60
         rounds = 0
+        next_report = began + 600
         while time.monotonic() < deadline:
             rounds += 1
+            if time.monotonic() >= next_report:  # a trail, not just two points
+                next_report += 600
+                now_pid = host_pid(sandbox)
+                rss, fds = rss_and_fds(now_pid)
+                print(
+                    f"  {(time.monotonic() - began) / 60:4.0f} min: VmRSS {rss} KiB, {fds} fds"
+                    f" (same process: {now_pid == pid})",
+                    flush=True,
+                )
             for _ in range(5):
                 ctl(rig, "status")
                 rig.metrics()
