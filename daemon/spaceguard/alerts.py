@@ -297,6 +297,7 @@ class AlertSender:
         *,
         initial_backoff_s: float = 1.0,
         generator_url: str = "",
+        extra_labels: Mapping[str, str] | None = None,
         rng: random.Random | None = None,
         spool_writer: BackgroundWriter | None = None,
     ) -> None:
@@ -313,6 +314,8 @@ class AlertSender:
         self._initial_backoff_s = initial_backoff_s
         self._clock = clock
         self._generator_url = generator_url
+        # which guard says it ([alerts.labels]); an alert's own labels win over them
+        self._extra_labels = dict(extra_labels or {})
         self._rng = rng if rng is not None else random.Random()
         self._spool_dir = spool_dir
         self._spool_writer = spool_writer
@@ -591,7 +594,7 @@ class AlertSender:
         if ends_at is None:
             ends_at = now + ENDS_AT_RESEND_FACTOR * self._resend_interval_s
         return {
-            "labels": {**alert.labels, "alertname": alert.name},
+            "labels": {**self._extra_labels, **alert.labels, "alertname": alert.name},
             "annotations": dict(alert.annotations),
             "startsAt": rfc3339(alert.starts_at),
             "endsAt": rfc3339(ends_at),
@@ -605,7 +608,7 @@ class AlertSender:
             "status": alert.status,
             "key": alert.key,
             "alertname": alert.name,
-            "labels": {**alert.labels, "alertname": alert.name},
+            "labels": {**self._extra_labels, **alert.labels, "alertname": alert.name},
             "annotations": dict(alert.annotations),
             "startsAt": rfc3339(alert.starts_at),
             "endsAt": None if alert.ends_at is None else rfc3339(alert.ends_at),

@@ -136,6 +136,8 @@ class AlertsConfig:
     resend_interval: float = 60.0
     max_backoff: float = 300.0
     generator_url: str = ""
+    # added to every alert the guard pushes (e.g. instance, site: which guard says it)
+    labels: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -278,6 +280,30 @@ def _at_least_a_second(value: object) -> float:
     if seconds < 1.0:
         raise ValueError(f"must be at least 1s, got {value!r}")
     return seconds
+
+
+# labels the guard sets on its own alerts: [alerts.labels] may not replace them
+GUARD_ALERT_LABELS = frozenset(
+    {"alertname", "severity", "account", "unit", "volume", "reason", "by", "class", "incident"}
+)
+
+
+def _alert_labels(value: object) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, dict):
+        raise ValueError('expected a table, like labels = { instance = "guard-a:9839" }')
+    labels = []
+    for name, label in value.items():
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or name.startswith("__"):
+            raise ValueError(
+                f"{name!r} is not a label name (letters, digits, '_', not starting with a "
+                "digit or '__')"
+            )
+        if name in GUARD_ALERT_LABELS:
+            raise ValueError(f"{name!r} is set by the guard on each alert; choose another name")
+        if not isinstance(label, str) or not label or len(label) > 1024:
+            raise ValueError(f"{name}: expected a non-empty string of at most 1024 characters")
+        labels.append((name, label))
+    return tuple(sorted(labels))
 
 
 def _proxy_url(value: object) -> str:
@@ -586,6 +612,7 @@ def _read_alerts(source: Path, raw: object) -> AlertsConfig:
         resend_interval=section.get("resend_interval", _positive_duration, 60.0),
         max_backoff=section.get("max_backoff", _at_least_a_second, 300.0),
         generator_url=section.get("generator_url", _string, ""),
+        labels=section.get("labels", _alert_labels, ()),
     )
     section.finish()
     return alerts

@@ -231,6 +231,7 @@ class Guard:
             resend_interval_s=config.alerts.resend_interval,
             max_backoff_s=config.alerts.max_backoff,
             generator_url=config.alerts.generator_url,
+            extra_labels=dict(config.alerts.labels),
             spool_writer=self.alert_spool_writer,  # one writer thread, whichever sender
         )
 

@@ -13,9 +13,11 @@
 What it shows: guard A pauses its migration (its volume runs low), guard B does not; the
 rule's SpaceguardMigrationPausedForSpace carries A's instance and reaches A's webhook only,
 and B's webhook stays quiet (checked after A's notification arrived, and after Alertmanager
-flushed every group twice since). Every panel expression of the shipped Grafana dashboard,
-evaluated through Prometheus's /api/v1/query with `$instance` set to one guard, returns
-that guard's series only; with an unknown instance it returns nothing.
+flushed every group twice since). The guards also push their own alerts there, labelled
+with their instance by `[alerts.labels]`: A's push reaches A's webhook only. Every panel
+expression of the shipped Grafana dashboard, evaluated through Prometheus's
+/api/v1/query with `$instance` set to one guard, returns that guard's series only; with an
+unknown instance it returns nothing.
 
 Under CI=true a missing Prometheus or Alertmanager fails the test; elsewhere it skips.
 """
@@ -49,7 +51,9 @@ pytestmark = pytest.mark.e2e
 WRITER = "writer@alice.service"
 
 
-def guard_config(volume: LoopVolume) -> str:
+def guard_config(volume: LoopVolume, alertmanager_url: str, instance: str) -> str:
+    """The guard pushes its own alerts to the shared Alertmanager too, saying which guard
+    it is with [alerts.labels] (the same instance Prometheus gives its scrape target)."""
     return f"""
         [volumes.space]
         path = "{volume.mountpoint}"
@@ -63,6 +67,16 @@ def guard_config(volume: LoopVolume) -> str:
         unit = "{WRITER}"
         volume = "space"
         pause = "freeze"
+
+        [alerts]
+        max_backoff = "1s"
+        labels = {{ instance = "{instance}" }}
+
+        [[alerts.receivers]]
+        name = "am"
+        kind = "alertmanager"
+        url = "{alertmanager_url}"
+        timeout = "2s"
         """
 
 
@@ -170,13 +184,16 @@ def test_two_guards_alert_and_chart_per_instance(
     (volume_a.mountpoint / "alice").mkdir()
     (volume_b.mountpoint / "alice").mkdir()
 
+    workdir = tmp_path / "alertmanager"
+    workdir.mkdir()
+    manager = Alertmanager(workdir, hook_a.url)
     rigs = {}
     for key, box, volume in (("a", sandbox, volume_a), ("b", sandbox_b, volume_b)):
         workdir = tmp_path / f"guard-{key}"
         workdir.mkdir()
         workdir.chmod(0o755)
         rig = ShippedRig(box, workdir, venv_python)
-        rig.write_config(guard_config(volume))
+        rig.write_config(guard_config(volume, manager.url, f"127.0.0.1:{rig.metrics_port}"))
         rigs[key] = rig
     sandbox.up({WRITER: writer_unit(venv_python, volume_a.mountpoint / "alice", "120M", status_a)})
     error = None
@@ -192,9 +209,6 @@ def test_two_guards_alert_and_chart_per_instance(
     instance_a = f"127.0.0.1:{rigs['a'].metrics_port}"
     instance_b = f"127.0.0.1:{rigs['b'].metrics_port}"
 
-    workdir = tmp_path / "alertmanager"
-    workdir.mkdir()
-    manager = Alertmanager(workdir, hook_a.url)
     manager.config.write_text(
         fleet_alertmanager_config({instance_a: hook_a.url, instance_b: hook_b.url})
     )
@@ -283,6 +297,10 @@ def _fleet(
         on_timeout=diagnostics,
     )
     assert notified(hook_b, RULE) == [], "guard A's alert reached guard B's receiver"
+    # the guard's own push carries its instance ([alerts.labels]): routed the same way
+    (pushed,) = notified(hook_a, "SpaceguardMigrationPaused")
+    assert (pushed["labels"]["instance"], pushed["labels"]["account"]) == (instance_a, "alice")
+    assert notified(hook_b, "SpaceguardMigrationPaused") == []
     assert [a["labels"]["instance"] for a in am_alerts(manager, RULE)] == [instance_a]
     assert [a["labels"]["instance"] for a in prom.alerts(RULE)] == [instance_a]
     assert all(

@@ -333,6 +333,28 @@ def test_resends_of_several_alerts_share_requests(server: RecordingServer, tmp_p
     assert accounts[1:] == [["alice", "bob"]] * (len(accounts) - 1)
 
 
+def test_extra_labels_go_on_every_push_and_the_alerts_own_win(
+    server: RecordingServer, tmp_path: Path
+) -> None:
+    hook = webhook_receiver(server)
+    am = am_receiver(server)
+    sender = make_sender(
+        [am, hook], tmp_path, extra_labels={"instance": "guard-a:9839", "unit": "not-this"}
+    )
+    sender.fire(paused_alert())
+    run_sender_until(sender, all_delivered(sender))
+    pushed = {r.path: r.body for r in server.recorded()}
+    expected = {
+        "alertname": "SpaceguardMigrationPaused",
+        "account": "alice",
+        "unit": "m365-migrate@alice.service",  # the alert's own label, not the extra one
+        "severity": "warning",
+        "instance": "guard-a:9839",
+    }
+    assert pushed["/api/v2/alerts"][0]["labels"] == expected
+    assert pushed["/hook"]["labels"] == expected
+
+
 def test_webhook_body_and_bearer_token(server: RecordingServer, tmp_path: Path) -> None:
     receiver = webhook_receiver(server, bearer_token="s3cret-token")
     assert "s3cret" not in repr(receiver)

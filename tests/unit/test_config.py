@@ -271,6 +271,35 @@ def test_good_config(tmp_path: Path) -> None:
     assert config.alerts.receivers == ()
 
 
+def test_alert_labels_say_which_guard_speaks(tmp_path: Path) -> None:
+    config = load_text(
+        tmp_path, GOOD + '[alerts.labels]\ninstance = "guard-a:9839"\nsite = "paris"\n'
+    )
+    assert config.alerts.labels == (("instance", "guard-a:9839"), ("site", "paris"))
+    assert load_text(tmp_path, GOOD).alerts.labels == ()
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ('account = "x"', "alerts.labels: 'account' is set by the guard on each alert"),
+        ('severity = "x"', "alerts.labels: 'severity' is set by the guard on each alert"),
+        ('__meta = "x"', "alerts.labels: '__meta' is not a label name"),
+        ('"a-b" = "x"', "alerts.labels: 'a-b' is not a label name"),
+        ('"1a" = "x"', "alerts.labels: '1a' is not a label name"),
+        ('site = ""', "alerts.labels: site: expected a non-empty string"),
+        ("site = 3", "alerts.labels: site: expected a non-empty string"),
+    ],
+)
+def test_bad_alert_labels_are_named(tmp_path: Path, body: str, message: str) -> None:
+    assert message in config_error(tmp_path, GOOD + f"[alerts.labels]\n{body}\n")
+
+
+def test_alert_labels_must_be_a_table(tmp_path: Path) -> None:
+    error = config_error(tmp_path, GOOD + '[alerts]\nlabels = "instance=a"\n')
+    assert "alerts.labels: expected a table" in error
+
+
 def test_absolute_thresholds_and_durations(tmp_path: Path) -> None:
     config = load_text(
         tmp_path,

@@ -107,6 +107,7 @@ KEYS: list[tuple[str, ...]] = [
     ("alerts", "resend_interval"),
     ("alerts", "max_backoff"),
     ("alerts", "generator_url"),
+    ("alerts", "labels"),
     ("alerts", "receivers", 0, "name"),
     ("alerts", "receivers", 0, "kind"),
     ("alerts", "receivers", 0, "url"),
