@@ -413,6 +413,11 @@ class AlertSender:
             )
 
     def _newest_state(self, key: str) -> GuardAlert | None:
+        newest = self._newest_change(key)
+        return newest.alert if newest is not None else None
+
+    def _newest_change(self, key: str) -> _StateChange | None:
+        """The latest state change of `key` any receiver knows of."""
         newest: _StateChange | None = None
         for state in self._receivers.values():
             tracked = state.tracked.get(key)
@@ -421,7 +426,7 @@ class AlertSender:
                 newest is None or candidate.enqueued_at > newest.enqueued_at
             ):
                 newest = candidate
-        return newest.alert if newest is not None else None
+        return newest
 
     # --- delivery ------------------------------------------------------------------------
 
@@ -711,14 +716,7 @@ class AlertSender:
         after a crash between two spool writes, and a new receiver must learn what fires."""
         keys = {key for state in self._receivers.values() for key in state.tracked}
         for key in sorted(keys):
-            newest: _StateChange | None = None
-            for state in self._receivers.values():
-                tracked = state.tracked.get(key)
-                candidate = tracked.newest() if tracked is not None else None
-                if candidate is not None and (
-                    newest is None or candidate.enqueued_at > newest.enqueued_at
-                ):
-                    newest = candidate
+            newest = self._newest_change(key)
             if newest is None:
                 continue
             for state in self._receivers.values():
