@@ -79,12 +79,13 @@ class BackgroundWriter:
 
     Jobs are keyed by what they write: a job submitted while an older one of the same key
     still waits replaces it (the latest content wins; a slow disk makes the guard write
-    less often, never queue up stale copies). At most `max_pending` keys wait; beyond that
-    `submit` refuses and says so. A job that fails (OSError: disk full, read-only, EACCES,
-    a directory in the way) stays queued, unless a newer one of its key replaced it, and
-    is tried again after a backoff (initial_backoff doubling up to max_backoff); meanwhile
-    the caller keeps the content in memory and the health says what is wrong. One failing
-    streak is logged once, and its end once.
+    less often, never queue up stale copies). At most `max_pending` keys are held, waiting
+    or being written (a write that fails is queued again, so the one in flight holds its
+    place); beyond that `submit` refuses and says so. A job that fails (OSError: disk
+    full, read-only, EACCES, a directory in the way) stays queued, unless a newer one of
+    its key replaced it, and is tried again after a backoff (initial_backoff doubling up to
+    max_backoff); meanwhile the caller keeps the content in memory and the health says
+    what is wrong. One failing streak is logged once, and its end once.
     """
 
     def __init__(
@@ -117,7 +118,10 @@ class BackgroundWriter:
         with self._cond:
             if self._closing:
                 return False
-            if key not in self._pending and len(self._pending) >= self.max_pending:
+            held = len(self._pending)
+            if self._in_flight is not None and self._in_flight not in self._pending:
+                held += 1
+            if key not in self._pending and key != self._in_flight and held >= self.max_pending:
                 self._health = replace(self._health, dropped_total=self._health.dropped_total + 1)
                 return False
             self._pending[key] = job

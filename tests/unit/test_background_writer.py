@@ -65,14 +65,38 @@ def test_pending_keys_are_bounded() -> None:
     writer.submit("busy", disk.job("busy"))  # type: ignore[arg-type]
     assert disk.entered.wait(WAIT)
     assert writer.submit("a", disk.job("a"))  # type: ignore[arg-type]
-    assert writer.submit("b", disk.job("b"))  # type: ignore[arg-type]
-    assert not writer.submit("c", disk.job("c"))  # type: ignore[arg-type]
+    # the key being written holds its place: were its write to fail, it would wait again
+    assert not writer.submit("b", disk.job("b"))  # type: ignore[arg-type]
     assert writer.submit("a", disk.job("a2"))  # type: ignore[arg-type]  # a replacement fits
+    assert writer.submit("busy", disk.job("busy2"))  # type: ignore[arg-type]  # this one too
     assert writer.health().dropped_total == 1
     disk.release.set()
     assert writer.flush(WAIT)
-    assert disk.written == ["busy", "a2", "b"]
+    assert disk.written == ["busy", "a2", "busy2"]
     writer.close()
+
+
+def test_a_failing_write_in_flight_counts_against_the_bound() -> None:
+    """A job that fails goes back to the queue: the keys held never exceed max_pending,
+    whether the limit is met while the failing write is in flight or in its backoff."""
+    writer = BackgroundWriter("test", max_pending=2, initial_backoff=5.0, max_backoff=5.0)
+    entered, release = threading.Event(), threading.Event()
+
+    def failing() -> None:
+        entered.set()
+        assert release.wait(WAIT)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    assert writer.submit("first", failing)
+    assert entered.wait(WAIT)  # in flight
+    assert writer.submit("second", failing)
+    assert not writer.submit("third", failing)  # (before: taken, and three were kept)
+    release.set()
+    assert not writer.flush(WAIT)  # the first failed again: it is back in the queue
+    assert writer.health().pending == 2
+    assert not writer.submit("third", failing)  # and in its backoff it still counts
+    assert writer.health().dropped_total == 2
+    writer.close(timeout=0.1)
 
 
 def test_a_failing_write_is_kept_retried_and_reported() -> None:
