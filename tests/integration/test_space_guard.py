@@ -291,19 +291,28 @@ def test_sigterm_is_a_clean_exit(loop_volume, sandbox, venv_python, tmp_path):
 
 
 def test_inodes_running_out_pause_too(loop_volume, sandbox, venv_python, tmp_path):
-    volume = loop_volume(64, inodes=1024)
+    # The headroom below pause_below_inodes must outlast the guard's reaction, as the bytes
+    # tests' 32 MiB do. This writer (bash's `: > f$i`, no fork) creates 40,000-70,000 empty
+    # files a second on the 2-core VM; threshold crossing -> frozen through the helper is
+    # 5-9 ms median, 21 ms worst, once 27 ms (README, "As shipped"): up to ~1,900 inodes.
+    # 4,000 is twice that, as the bytes tests' 32 MiB are about twice the most a freeze let
+    # through (16 MiB). The old 200 lasted 3-5 ms: 164-200 were used before the freeze
+    # landed in clean runs, and in 1 run of 3 all of them (ENOSPC first).
+    volume = loop_volume(64, inodes=16384)  # 16,373 free on the empty volume
     ballast = volume.mountpoint / "ballast"
     ballast.mkdir()
-    for index in range(400):
+    for index in range(8000):
         (ballast / f"b{index}").touch()
     target = volume.mountpoint / "alice"
     target.mkdir()
-    # a migration of many small files: each failed create is reported and retried
+    # a migration of many small files: each failed create is reported and retried. The
+    # threshold falls after ~4,370 of its 8,000; without the ballast all fit above the
+    # resume limit (16,371 - 8,000 > 6,000), so it is resumed once and not paused again.
     script = tmp_path / "many-files.sh"
     script.write_text(
         "#!/bin/bash\n"
         "i=0\n"
-        "while [ $i -lt 700 ]; do\n"
+        "while [ $i -lt 8000 ]; do\n"
         f"  if : > {target}/f$i 2>/dev/null; then i=$((i+1)); else echo ENOSPC; sleep 0.05; fi\n"
         "done\n"
         "echo DONE\n"
@@ -315,8 +324,8 @@ def test_inodes_running_out_pause_too(loop_volume, sandbox, venv_python, tmp_pat
         path = "{volume.mountpoint}"
         pause_below = "1MiB"
         resume_above = "2MiB"
-        pause_below_inodes = 200
-        resume_above_inodes = 400
+        pause_below_inodes = 4000
+        resume_above_inodes = 6000
         resume_after = "1s"
         predict = "0s"
         {freeze_migration()}
@@ -339,4 +348,4 @@ def test_inodes_running_out_pause_too(loop_volume, sandbox, venv_python, tmp_pat
     sandbox.wait_for("writer@alice.service", "ActiveState", "inactive", timeout=30)
     output = sandbox.journal("writer@alice.service")
     assert "DONE" in output and "ENOSPC" not in output, output[-2000:]
-    assert len(list(target.iterdir())) == 700
+    assert len(list(target.iterdir())) == 8000
