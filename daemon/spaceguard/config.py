@@ -97,6 +97,11 @@ class MigrationConfig:
     priority: int = 0
     admission: bool = True
     max_freeze: float | None = None
+    # the size probe: a oneshot unit the guard starts (as verify_unit) when a run's size is
+    # unknown; it writes rclone size --json's output to size_file (policy: "sizing")
+    size_unit: str = ""
+    size_file: Path | None = None
+    size_timeout: float = 1800.0
 
     @property
     def verifies(self) -> bool:
@@ -534,13 +539,28 @@ def _read_migration(
         priority=section.get("priority", _integer, 0),
         admission=section.get("admission", _bool, True),
         max_freeze=section.get("max_freeze", _positive_duration, None),
+        size_unit=section.get("size_unit", check_unit_name, ""),
+        size_file=section.get("size_file", _abs_path, None),
+        size_timeout=section.get("size_timeout", _positive_duration, 1800.0),
     )
     if migration.verify_command and migration.verify_unit:
         raise section.error("verify_unit", "give verify_command or verify_unit, not both")
     if migration.verify_unit in migration.units:
         raise section.error("verify_unit", "must not be the migration's own unit")
+    _check_size_probe(section, migration)
     section.finish()
     return migration
+
+
+def _check_size_probe(section: _Section, migration: MigrationConfig) -> None:
+    if migration.size_unit and migration.size_file is None:
+        raise section.error("size_file", "missing: size_unit writes its result there (required)")
+    if migration.size_file is not None and not migration.size_unit:
+        raise section.error("size_file", "needs size_unit (the unit that writes it)")
+    if migration.size_unit and migration.expected_size is not None:
+        raise section.error("size_unit", "give expected_size or size_unit, not both")
+    if migration.size_unit in migration.units:
+        raise section.error("size_unit", "must not be the migration's own unit")
 
 
 def _read_rules(source: Path, raw: object) -> tuple[RuleConfig, ...]:
@@ -683,6 +703,13 @@ def _check_unique(source: Path, migrations: tuple[MigrationConfig, ...]) -> None
                 f"{source}: migrations[{index}].verify_unit: "
                 f"{migration.verify_unit!r} runs migrations[{owner}] "
                 "(a verification must not start a migration)"
+            )
+        owner = units.get(migration.size_unit)
+        if owner is not None:
+            raise ConfigError(
+                f"{source}: migrations[{index}].size_unit: "
+                f"{migration.size_unit!r} runs migrations[{owner}] "
+                "(a size probe must not start a migration)"
             )
 
 

@@ -784,3 +784,59 @@ volume = "space"
     path.write_text(base + 'verify_unit = "not a unit"\n')
     with pytest.raises(ConfigError, match=r"migrations\[0\]\.verify_unit: 'not a unit' is not"):
         load(path)
+
+
+def test_size_probe_keys(tmp_path: Path) -> None:
+    base = """
+[volumes.space]
+path = "/space"
+[[migrations]]
+account = "alice"
+unit = "m365-migrate@alice.service"
+volume = "space"
+"""
+    probe = 'size_unit = "m365-size@alice.service"\nsize_file = "/var/lib/m/alice.json"\n'
+    path = tmp_path / "c.toml"
+    path.write_text(base + probe)
+    migration = load(path).migrations[0]
+    assert migration.size_unit == "m365-size@alice.service"
+    assert migration.size_file == Path("/var/lib/m/alice.json")
+    assert migration.size_timeout == 1800.0
+    path.write_text(base + probe + 'size_timeout = "90s"\n')
+    assert load(path).migrations[0].size_timeout == 90.0
+    path.write_text(base)
+    assert load(path).migrations[0].size_unit == ""
+    bad = [
+        ('size_unit = "m365-size@alice.service"\n', r"migrations\[0\]\.size_file: missing"),
+        ('size_file = "/var/lib/m/alice.json"\n', r"migrations\[0\]\.size_file: needs size_unit"),
+        (probe + 'size_timeout = "0s"\n', r"migrations\[0\]\.size_timeout: must be above 0"),
+        (probe + 'expected_size = "1GiB"\n', r"size_unit: give expected_size or size_unit"),
+        (
+            'size_unit = "m365-size@alice.service"\nsize_file = "alice.json"\n',
+            r"migrations\[0\]\.size_file: expected an absolute path",
+        ),
+        (
+            'size_unit = "not a unit"\nsize_file = "/a.json"\n',
+            r"migrations\[0\]\.size_unit: 'not a unit' is not",
+        ),
+        (
+            'size_unit = "m365-migrate@alice.service"\nsize_file = "/a.json"\n',
+            "size_unit: must not be the migration's own unit",
+        ),
+    ]
+    for keys, message in bad:
+        path.write_text(base + keys)
+        with pytest.raises(ConfigError, match=message):
+            load(path)
+    path.write_text(
+        base
+        + 'size_unit = "m365-migrate@bob.service"\nsize_file = "/a.json"\n'
+        + """
+[[migrations]]
+account = "bob"
+unit = "m365-migrate@bob.service"
+volume = "space"
+"""
+    )
+    with pytest.raises(ConfigError, match=r"migrations\[0\]\.size_unit: .* runs migrations\[1\]"):
+        load(path)
