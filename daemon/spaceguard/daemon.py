@@ -37,7 +37,9 @@ from .model import (
     ReadUnit,
     Reply,
     ResolveAlert,
+    RunSize,
     RunVerify,
+    SizeMeasured,
     SliceFreeze,
     Tick,
     UnitAction,
@@ -59,6 +61,7 @@ from .protocol import RequestError
 from .quantities import format_size
 from .rclone import ClassifyRule, CompiledRules, FailureClass, compile_rules
 from .runtime import MigrationLog
+from .sizeprobe import SizeFileError, read_size_file
 from .stalefreezer import StaleFreezer
 from .state import StateStore
 from .storehealth import Store, StoreWatch
@@ -203,12 +206,12 @@ class Guard:
 
     @staticmethod
     def _units(config: Config) -> set[str]:
-        """Every unit the guard may act on: the migrations', their verify units, and the
-        volumes' slices."""
+        """Every unit the guard may act on: the migrations', their verify and size units,
+        and the volumes' slices."""
         return {
             unit
             for migration in config.migrations
-            for unit in (*migration.units, migration.verify_unit)
+            for unit in (*migration.units, migration.verify_unit, migration.size_unit)
             if unit
         } | {volume.slice for volume in config.volumes.values() if volume.slice}
 
@@ -465,6 +468,8 @@ class Guard:
                 self._spawn(self._slice_freeze(action))
             case RunVerify():
                 self._spawn(self._verify(action))
+            case RunSize():
+                self._spawn(self._size_probe(action))
             case WriteIncident():
                 self._record_incident(action)
             case RaiseAlert():
@@ -579,6 +584,27 @@ class Guard:
         else:
             self.counters.actions[("verify", "failure", "ok")] += 1
             self.handle(ActionDone(action, True))
+
+    async def _size_probe(self, action: RunSize) -> None:
+        """Start the size unit, wait for it to end, read what it wrote (on a worker
+        thread: a slow or hung file system must not stop the loop) and tell the policy."""
+        log.info("%s: measuring the source: starting %s", action.account, action.unit)
+        started = time.time()
+        try:
+            await self.systemd.run_unit(action.unit, action.timeout, what="size probe")
+            size = await asyncio.to_thread(read_size_file, Path(action.file), started)
+        except SizeFileError as error:
+            self.counters.actions[("size", "admission", "error")] += 1
+            self.handle(SizeMeasured(action.account, None, str(error)))
+        except Exception as error:
+            self.counters.actions[("size", "admission", "error")] += 1
+            message = str(error) or type(error).__name__
+            self.handle(
+                SizeMeasured(action.account, None, f"{message} (journalctl -u {action.unit})")
+            )
+        else:
+            self.counters.actions[("size", "admission", "ok")] += 1
+            self.handle(SizeMeasured(action.account, size))
 
     def _record_incident(self, action: WriteIncident) -> None:
         """In memory at once, so that `spaceguardctl show` and the alert that names it find
@@ -1016,6 +1042,15 @@ class Guard:
                     },
                     "pause": pause_mode(migration_config, migration),
                     "remaining_bytes": remaining_bytes(migration_config, migration),
+                    "size_probe": {
+                        "unit": migration_config.size_unit,
+                        "bytes": migration.size_bytes,
+                        "at": migration.sized_at or None,
+                        "error": migration.size_error,
+                        "running_since": migration.sizing_since or None,
+                    }
+                    if migration_config.size_unit
+                    else None,
                     "priority": migration_config.priority,
                     "item_errors": {
                         "total": migration.run_items.total,

@@ -220,7 +220,7 @@ def _migrations(snap: Snapshot) -> Iterator[Metric]:
     )
     remaining = GaugeMetricFamily(
         "spaceguard_migration_remaining_bytes",
-        "what the current run still writes (rclone's totals, else expected_size)",
+        "what the current run still writes (rclone's totals, else expected_size or its size probe)",
         labels=labels,
     )
     unit_frozen = GaugeMetricFamily(

@@ -236,6 +236,13 @@ class MigrationState:
     # known yet: judged again once it is), "yes", "forced" (an operator's resume)
     admitted: str = ""
     freeze_expired: bool = False  # frozen longer than max_freeze: this pause is a stop
+    # the size probe (size_unit): its latest result (None: none, or it failed), when that
+    # ended (0: no result kept), why it failed; and since when one is in flight (0: none;
+    # not durable: its answer dies with the guard process, and is asked for again)
+    size_bytes: int | None = None
+    sized_at: float = 0.0
+    size_error: str = ""
+    sizing_since: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -318,6 +325,15 @@ class Tick:
 
 
 @dataclass(frozen=True)
+class SizeMeasured:
+    """A size probe (RunSize) ended: the bytes its file says, or why there are none."""
+
+    account: str
+    size_bytes: int | None
+    error: str = ""
+
+
+@dataclass(frozen=True)
 class ActionDone:
     action: UnitAction | RunVerify | SliceFreeze
     ok: bool
@@ -337,6 +353,7 @@ Event = (
     | ClockStepped
     | Tick
     | ActionDone
+    | SizeMeasured
 )
 
 
@@ -374,6 +391,18 @@ class RunVerify:
     command: tuple[str, ...]
     timeout: float
     unit: str = ""
+
+
+@dataclass(frozen=True)
+class RunSize:
+    """Measure what a migration's run has to copy: start the oneshot `unit` (size_unit),
+    wait for it to end, read the `rclone size --json` output it wrote to `file`; answered
+    by a SizeMeasured event."""
+
+    account: str
+    unit: str
+    file: str
+    timeout: float
 
 
 @dataclass(frozen=True)
@@ -421,6 +450,7 @@ Action = (
     UnitAction
     | SliceFreeze
     | RunVerify
+    | RunSize
     | WriteIncident
     | RaiseAlert
     | ResolveAlert

@@ -48,7 +48,9 @@ from .model import (
     ReadUnit,
     Reply,
     ResolveAlert,
+    RunSize,
     RunVerify,
+    SizeMeasured,
     SliceFreeze,
     Tick,
     UnitAction,
@@ -180,7 +182,8 @@ def reload_problem(old: Config, new: Config, state: GuardState) -> str:
 
 _NO_MIGRATION = MigrationConfig(account="", unit="x.service", volume="")
 SPACE_REASONS = frozenset({"space", "inodes", "predicted", "unavailable", "disk_full"})
-ADMISSION_REASONS = frozenset({"admission", "no-new-starts"})
+# "sizing": held until its size probe (size_unit) says what the run needs
+ADMISSION_REASONS = frozenset({"admission", "no-new-starts", "sizing"})
 
 
 def run_started_at(state: MigrationState) -> float:
@@ -330,7 +333,11 @@ class _Decision:
                     self.touch(member.account)
             case ActionDone(action=UnitAction() | RunVerify() as action):
                 self.touch(action.account)
-            case LogParsed(account=account) | OperatorRequest(account=account):
+            case (
+                LogParsed(account=account)
+                | OperatorRequest(account=account)
+                | SizeMeasured(account=account)
+            ):
                 self.touch(account)
             case VolumeSampled(volume=name) | VolumeUnavailable(volume=name):
                 # only what changes the volume's low/up state (below), and the timers of
@@ -367,6 +374,8 @@ class _Decision:
                 self._action_done(event)
             case ClockStepped(delta=delta):
                 self._clock_stepped(delta)
+            case SizeMeasured():
+                self._size_measured(event)
             case Tick():
                 pass
 
@@ -406,6 +415,8 @@ class _Decision:
                 running_since=shift(state.running_since),
                 last_progress_at=shift(state.last_progress_at),
                 item_window=tuple((at + delta, n) for at, n in state.item_window),
+                sizing_since=state.sizing_since + delta if state.sizing_since else 0.0,
+                sized_at=state.sized_at + delta if state.sized_at else 0.0,
             )
 
     def _volume_sampled(self, event: VolumeSampled) -> None:
@@ -572,6 +583,11 @@ class _Decision:
                     transferred_bytes=0,
                     admitted="",
                 )
+                if state.sized_at and self.now - state.sized_at >= migration.size_timeout:
+                    # the probe's answer is for the run it measured (and a start soon
+                    # after it: the one that resumes a run held in stop mode); a later
+                    # run is measured again
+                    state = replace(state, size_bytes=None, sized_at=0.0, size_error="")
             if state.hold is None and old.known:
                 # running again without a hold (a start whose reply was lost, a person):
                 # nothing is left to restart, and in stop mode nothing is paused any more
@@ -1608,6 +1624,8 @@ class _Decision:
                 f"{config.path} has {format_size(volume.avail_bytes)} free, below admit_below "
                 f"{config.admit_below}: no new migration starts writing"
             )
+        elif need is None and migration.size_unit and not state.sized_at:
+            return self._sizing(migration, state, held)
         elif need is not None and need > room:
             reason = "admission"
             note = (
@@ -1617,12 +1635,19 @@ class _Decision:
                 f"the running migrations still need {format_size(others)})"
             )
         else:
-            if held:
+            if held and need is None and state.size_error:
+                self.log(
+                    "notice",
+                    f"{migration.account}: its size is not known ({state.size_error}): "
+                    "releasing its hold; admitted provisionally until rclone gives its totals",
+                )
+            elif held:
                 self.log("notice", f"{migration.account}: it fits now: releasing its hold")
+            if held:
                 self.actions.append(ResolveAlert(f"paused/{migration.account}"))
                 state = replace(state, hold=None)
             return replace(state, admitted="yes" if need is not None else "provisional")
-        if held:
+        if held and state.hold is not None and state.hold.reason != "sizing":
             return state
         self.log("warning", f"{migration.account}: held before it writes: {note}")
         self.actions.append(
@@ -1637,6 +1662,70 @@ class _Decision:
             )
         )
         return replace(state, hold=Hold("guard", reason, self.now, note, alerted=True))
+
+    def _sizing(
+        self, migration: MigrationConfig, state: MigrationState, held: bool
+    ) -> MigrationState:
+        """Its run's size is unknown and a size probe is configured: held before it writes
+        (frozen, as by admission) while size_unit measures it, one probe in flight per
+        migration. A probe that has not answered within size_timeout is given up (admitted
+        provisionally: the probe never blocks a migration for good); a late answer is
+        still used."""
+        if state.sizing_since and self.now - state.sizing_since >= migration.size_timeout:
+            error = f"{migration.size_unit} gave no result within {migration.size_timeout:g}s"
+            self.log(
+                "warning",
+                f"{migration.account}: size probe: {error}: admitting it provisionally "
+                "(judged again once its size is known)",
+            )
+            state = replace(state, size_error=error, sized_at=self.now)
+            if held:
+                self.actions.append(ResolveAlert(f"paused/{migration.account}"))
+            return replace(state, hold=None if held else state.hold, admitted="provisional")
+        if state.hold is None or state.hold.reason != "sizing":
+            if held:  # no new starts until now: that hold's alert is over
+                self.actions.append(ResolveAlert(f"paused/{migration.account}"))
+            note = (
+                f"measuring what it has to copy: {migration.size_unit} writes "
+                f"{migration.size_file} (size_timeout {migration.size_timeout:g}s)"
+            )
+            self.log("notice", f"{migration.account}: held before it writes: {note}")
+            # no alert: a probe is short and bounded (a hold that outlives it has its own)
+            state = replace(state, hold=Hold("guard", "sizing", self.now, note, alerted=True))
+        if not state.sizing_since and self.bus_connected:
+            self.actions.append(
+                RunSize(
+                    migration.account,
+                    migration.size_unit,
+                    str(migration.size_file),
+                    migration.size_timeout,
+                )
+            )
+            state = replace(state, sizing_since=self.now)
+        return state
+
+    def _size_measured(self, event: SizeMeasured) -> None:
+        migration = self.config.migration(event.account)
+        state = self.migrations.get(event.account)
+        if migration is None or state is None:
+            return
+        state = replace(state, sizing_since=0.0, sized_at=self.now)
+        if event.size_bytes is not None:
+            self.log(
+                "info",
+                f"{event.account}: size probe: {format_size(event.size_bytes)} to copy "
+                f"({event.size_bytes} bytes, {migration.size_unit})",
+            )
+            state = replace(state, size_bytes=event.size_bytes, size_error="")
+        else:
+            waiting = state.hold is not None and state.hold.reason == "sizing"
+            self.log(
+                "warning",
+                f"{event.account}: size probe failed: {event.error}"
+                + ("; admitting it provisionally" if waiting else ""),
+            )
+            state = replace(state, size_bytes=None, size_error=event.error or "failed")
+        self.migrations[event.account] = state
 
     def _freeze_expiry(self, migration: MigrationConfig, state: MigrationState) -> MigrationState:
         """The ladder's last step: a freeze older than max_freeze becomes a stop (rclone's

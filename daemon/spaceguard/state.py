@@ -72,6 +72,10 @@ def durable(state: GuardState) -> dict[str, Any]:
                 "total_bytes": m.total_bytes,
                 "admitted": m.admitted,
                 "freeze_expired": m.freeze_expired,
+                # the size probe's latest result (a probe in flight is asked for again)
+                "size_bytes": m.size_bytes,
+                "sized_at": m.sized_at,
+                "size_error": m.size_error,
             }
             for account, m in state.migrations.items()
         },
@@ -156,6 +160,14 @@ def _failure(data: Mapping[str, Any]) -> Failure:
     return Failure(**fields)
 
 
+def _size(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"size_bytes: expected a whole number >= 0 or null, got {value!r}")
+    return value
+
+
 def _restore(data: Mapping[str, Any]) -> GuardState:
     volumes = {
         name: VolumeState(
@@ -184,6 +196,9 @@ def _restore(data: Mapping[str, Any]) -> GuardState:
             total_bytes=int(m.get("total_bytes", 0)),
             admitted=str(m.get("admitted", "")),
             freeze_expired=bool(m.get("freeze_expired", False)),
+            size_bytes=_size(m.get("size_bytes")),
+            sized_at=float(m.get("sized_at", 0.0)),
+            size_error=str(m.get("size_error", "")),
         )
     return GuardState(
         volumes=volumes, migrations=migrations, incident_seq=int(data["incident_seq"])

@@ -876,14 +876,14 @@ class SystemdClient:
         )
         await self._wait_job(str(reply[0]), f"verification {name}", timeout + JOB_TIMEOUT)
 
-    async def run_unit(self, unit: str, timeout: float) -> None:
+    async def run_unit(self, unit: str, timeout: float, what: str = "verification") -> None:
         """Start a configured oneshot unit and wait until it has run; raises SystemdError
         unless it succeeded (its own TimeoutStartSec bounds it; `timeout` is our limit)."""
         self._check(unit)
         reply = await self._call(
             SYSTEMD, MANAGER_PATH, MANAGER, "StartUnit", "ss", [unit, "replace"]
         )
-        await self._wait_job(str(reply[0]), f"verification {unit}", timeout + JOB_TIMEOUT)
+        await self._wait_job(str(reply[0]), f"{what} {unit}", timeout + JOB_TIMEOUT)
 
     def _check(self, unit: str) -> None:
         # Defence in depth: the policy only names configured units, but an adapter that

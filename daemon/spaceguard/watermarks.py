@@ -31,11 +31,14 @@ def seconds_to_pause(volume: VolumeConfig, state: VolumeState) -> float:
 
 def remaining_bytes(migration: MigrationConfig, state: MigrationState) -> int | None:
     """What the current run still has to write: rclone's totals once it has given them,
-    else the configured expected_size (less what it wrote); None when nobody says."""
+    else the configured expected_size, else what its size probe measured (less what it
+    wrote); None when nobody says."""
     if state.total_bytes:
         return max(0, state.total_bytes - state.transferred_bytes)
     if migration.expected_size is not None:
         return max(0, migration.expected_size - state.transferred_bytes)
+    if state.size_bytes is not None:
+        return max(0, state.size_bytes - state.transferred_bytes)
     return None
 
 
