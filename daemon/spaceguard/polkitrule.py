@@ -2,14 +2,15 @@
 
 The shipped rule (packaging/polkit/50-spaceguard.rules) grants the guard's user `start`
 and `stop` on every `m365-migrate@*.service` and `m365-migrate-resume@*.service`, and
-`start` on every `m365-verify@*.service`: it works for any account without editing, but
-also for accounts the guard does not guard. The generated rule names each unit of the
-config with only the verbs the guard sends for it (measured on systemd 252: StartUnit asks
-polkit with verb "start", StopUnit with "stop"), and refuses every other unit request of
-the user, so that the shipped rule, which polkitd runs after it, is never reached:
+`start` on every `m365-verify@*.service` and `m365-size@*.service`: it works for any
+account without editing, but also for accounts the guard does not guard. The generated
+rule names each unit of the config with only the verbs the guard sends for it (measured on
+systemd 252: StartUnit asks polkit with verb "start", StopUnit with "stop"), and refuses
+every other unit request of the user, so that the shipped rule, which polkitd runs after
+it, is never reached:
 
 * a migration's `unit` and `resume_unit`: start, stop;
-* its `verify_unit`: start.
+* its `verify_unit` and its `size_unit`: start.
 
 By default every granted unit must also be granted, with at least those verbs, by the
 shipped rule, so the generated rule is never looser than the shipped one; `any_unit`
@@ -29,6 +30,7 @@ USER = "spaceguard"
 SHIPPED = (
     (re.compile(r"^m365-migrate(-resume)?@[A-Za-z0-9_.@-]+\.service$"), ("start", "stop")),
     (re.compile(r"^m365-verify@[A-Za-z0-9_.@-]+\.service$"), ("start",)),
+    (re.compile(r"^m365-size@[A-Za-z0-9_.@-]+\.service$"), ("start",)),
 )
 
 
@@ -42,8 +44,9 @@ def grants(config: Config) -> dict[str, tuple[str, ...]]:
     for migration in config.migrations:
         for unit in migration.units:
             wanted.setdefault(unit, set()).update(("start", "stop"))
-        if migration.verify_unit:
-            wanted.setdefault(migration.verify_unit, set()).add("start")
+        for oneshot in (migration.verify_unit, migration.size_unit):
+            if oneshot:
+                wanted.setdefault(oneshot, set()).add("start")
     return {unit: tuple(sorted(verbs)) for unit, verbs in sorted(wanted.items())}
 
 

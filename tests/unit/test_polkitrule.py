@@ -110,3 +110,19 @@ def test_the_command(tmp_path: Path) -> None:
         check=False,
     )
     assert bad.returncode == 1 and "volumes.space.path" in bad.stderr and not bad.stdout
+
+
+def test_a_size_unit_is_granted_start_as_a_verify_unit_is() -> None:
+    sized = TWO.replace(
+        'pause = "stop"',
+        'pause = "stop"\nsize_unit = "m365-size@bob.service"\nsize_file = "/var/lib/b.json"',
+    )
+    assert grants(config(sized))["m365-size@bob.service"] == ("start",)
+    assert shipped_verbs("m365-size@bob.service") == {"start"}
+    table = json.loads(render(config(sized)).split("var grants = ", 1)[1].split(";\n", 1)[0])
+    assert table["m365-size@bob.service"] == ["start"]
+    odd = sized.replace("m365-size@bob.service", "size-bob.service")
+    with pytest.raises(
+        RuleError, match=r"size-bob\.service: the shipped rule does not grant start"
+    ):
+        render(config(odd))
