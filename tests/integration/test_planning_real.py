@@ -1,7 +1,9 @@
 """Space planning (issue 14) with real parts: the guard as shipped (tests.installed), real
 writer units on real ext4 loop volumes, a real webhook receiver. The policy's pure
 behaviour is tests/unit/test_planning.py; this file checks that the shipped guard does it
-to real units: admission, serialisation, the ladder with its alerts, staggered resume."""
+to real units: admission, serialisation, the ladder with its alerts, staggered resume, and
+the ladder's last step on a real rclone copy (a freeze past max_freeze is a stop, resumed
+through resume_unit, `rclone check` clean)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,19 @@ from typing import Any
 
 from tests.guardrig import GuardRig, read_status, wait_until, writer_unit
 from tests.installed import ShippedRig
+from tests.integration.test_failures import incidents
+from tests.integration.test_real_migrations import (  # noqa: F401 (rclone: a fixture)
+    RESUME_UNIT,
+    UNIT,
+    actions,
+    make_tree,
+    migration_config,
+    nobodys,
+    rclone,
+    rclone_check,
+    rclone_unit,
+    tree_files,
+)
 from tests.integration.test_space_guard import make_ballast
 from tests.sandbox import LoopVolume
 from tests.unit.test_alertmanager_real import NotificationRecorder
@@ -270,6 +285,107 @@ def test_the_ladder_warns_then_holds_then_freezes_then_stops_and_resumes(
         assert "start writer-resume@alice.service done" in rig.journal()
     finally:
         webhook.stop()
+
+
+def test_a_freeze_past_max_freeze_of_real_rclone_is_a_stop_and_a_resume_nothing_lost(
+    loop_volume,
+    sandbox,
+    venv_python,
+    tmp_path,
+    rclone,  # noqa: F811
+):
+    """The ladder's last step on a real rclone copy (as nobody, rate-limited): the volume
+    drops below pause_below while it copies, the guard freezes it, max_freeze passes, the
+    guard stops it; space comes back and the guard starts the resume unit, the same `rclone
+    copy` (idempotent: it copies what is missing), which finishes the job."""
+    volume = loop_volume(128, options=["nodelalloc"])
+    volume.mountpoint.chmod(0o755)
+    source = tmp_path / "onedrive"
+    files, _ = make_tree(source, good=16, size=2 * MIB)  # 26 MiB of real files, 8 folders
+    destination = nobodys(volume.mountpoint / "alice", directory=True)
+    log = nobodys(tmp_path / "m365-migrate-alice.log")
+    # 2 MiB/s: the copy is still running when space runs low, and again when it resumes
+    flags = "--bwlimit 2M --transfers 1 --local-no-preallocate"
+    copy = rclone_unit(rclone, source, destination, log, flags)
+    sandbox.up({UNIT: copy, RESUME_UNIT: copy})
+    rig = ShippedRig(sandbox, tmp_path, venv_python)
+    rig.write_config(
+        migration_config(
+            volume,
+            log,
+            destination,
+            f'resume_unit = "{RESUME_UNIT}"\nmax_freeze = "3s"',
+            pause_below="32MiB",
+            resume_above="64MiB",
+        )
+    )
+    rig.install()
+    rig.start()
+
+    sandbox.systemctl("start", UNIT)
+    # rclone's totals reach the guard (it judges the run's admission then, on a volume with
+    # room for it); only then does space run low
+    remaining = f'spaceguard_migration_remaining_bytes{{account="alice",unit="{UNIT}"}}'
+    wait_until(
+        lambda: rig.metrics().get(remaining, 0) > 0,
+        30,
+        "the guard to know what the copy still writes",
+        on_timeout=lambda: rig.journal()[-3000:] + log.read_text()[-3000:],
+    )
+    # the ballast leaves 2 MiB above pause_below: rclone's own writes take the volume under
+    ballast = ballast_leaving(volume, 32 + 2)
+    wait_until(
+        lambda: actions(rig).get('action="freeze",reason="space",result="ok"') == 1,
+        30,
+        "the guard to freeze the copy",
+        on_timeout=lambda: rig.journal()[-3000:],
+    )
+    # max_freeze 3 s: the freeze becomes a clean stop (SIGTERM), while the volume stays low
+    wait_until(
+        lambda: actions(rig).get('action="stop",reason="space",result="ok"') == 1,
+        30,
+        "the guard to stop the copy frozen past max_freeze",
+        on_timeout=lambda: rig.journal()[-3000:],
+    )
+    sandbox.wait_for(UNIT, "ActiveState", ("inactive", "failed"), timeout=30)
+    assert re.search(
+        rf"alice: frozen for \d+s \(max_freeze 3s\): stopping it; it resumes through "
+        rf"{re.escape(RESUME_UNIT)}",
+        rig.journal(),
+    ), rig.journal()[-3000:]
+    complete = {p for p, data in tree_files(destination).items() if data == files[p]}
+    assert complete < set(files)  # the stop cut the copy short
+    assert sandbox.show(RESUME_UNIT, "ActiveState") == "inactive"  # not resumed while low
+
+    ballast.unlink()  # an operator frees space: after the hold-down, the resume unit
+    wait_until(
+        lambda: actions(rig).get('action="start",reason="resume",result="ok"') == 1,
+        30,
+        "the guard to start the resume unit",
+        on_timeout=rig.journal,
+    )
+    # rclone exits 0 and the guard sees it (systemd unloads the inactive unit, its
+    # properties with it: the guard's record of the exit is what stays)
+    wait_until(
+        lambda: f"alice: {RESUME_UNIT} finished successfully" in rig.journal(),
+        90,
+        "the resumed copy to finish",
+        on_timeout=lambda: rig.journal()[-3000:] + log.read_text()[-3000:],
+    )
+    rclone_check(rclone, source, destination)  # nothing lost
+    text = log.read_text()
+    assert "no space left on device" not in text and "ENOSPC" not in text
+    # the resume copied what was missing: a file complete before the stop, never again
+    copies = Counter(re.findall(r" INFO  : (\S+): Copied \(", text))
+    assert set(copies) == set(files), copies
+    assert {p: copies[p] for p in complete} == dict.fromkeys(complete, 1), copies
+    # one freeze, one stop, one start of the resume unit, and nothing else
+    assert actions(rig) == {
+        'action="freeze",reason="space",result="ok"': 1,
+        'action="stop",reason="space",result="ok"': 1,
+        'action="start",reason="resume",result="ok"': 1,
+    }, actions(rig)
+    assert not incidents(rig)
 
 
 def test_staggered_resume_of_ten_writers_pauses_each_once(
