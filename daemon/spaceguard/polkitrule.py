@@ -82,10 +82,13 @@ def render(config: Config, user: str = USER, any_unit: bool = False) -> str:
 // answers every unit request of user {user} (yes or no), no later rule is asked.
 //
 // It lets user {user} start and stop exactly these units (systemd 252 asks polkit with the
-// verbs "start" and "stop" for StartUnit and StopUnit) and refuses everything else it asks
-// about units, under either action systemd asks for (manage-units, then manage-unit-files
-// when that is not granted). Freezing is not here: systemd 252 lets only root freeze,
-// through spaceguard-freezer.service.
+// verbs "start" and "stop" for StartUnit and StopUnit, whatever the unit's state or pending
+// job) and refuses everything else it asks about units, under either action polkitd asks
+// the rules about (systemd asks for manage-units; when that is not granted, polkitd asks
+// again for manage-unit-files, which implies it). A rule file for user {user} that polkitd
+// runs before this one (all files of both directories, in the order of their names) has
+// the first word. Freezing is not here: systemd 252 lets only root freeze, through
+// spaceguard-freezer.service.
 polkit.addRule(function (action, subject) {{
     var manageUnits = action.id === "org.freedesktop.systemd1.manage-units";
     if (!(manageUnits || action.id === "org.freedesktop.systemd1.manage-unit-files") ||

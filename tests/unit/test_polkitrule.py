@@ -54,7 +54,8 @@ def test_the_rule_text_holds_the_table_and_the_user() -> None:
     table = json.loads(text.split("var grants = ", 1)[1].split(";\n", 1)[0])
     assert table["m365-verify@alice.service"] == ["start"]
     assert 'subject.user !== "guard"' in text
-    # both actions systemd 252 asks about a unit (the second when the first is not granted)
+    # both actions polkitd asks the rules about for a unit: systemd 252's manage-units, and
+    # manage-unit-files (which implies it) when the first is not granted
     assert 'action.id === "org.freedesktop.systemd1.manage-units"' in text
     assert 'action.id === "org.freedesktop.systemd1.manage-unit-files"' in text
     assert "freeze" not in table.values().__repr__()
