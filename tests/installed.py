@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import grp
 import itertools
+import json
 import os
 import pwd
 import shutil
@@ -319,6 +320,13 @@ class ShippedRig(GuardRig):
         if strict not in result.stdout:
             raise SandboxError("spaceguard polkit-rule printed no final refusal to relax")
         rule = result.stdout.replace(strict, "return polkit.Result.NOT_HANDLED;")
+        refusing = refusing_rules("spaceguard", self.rule_path.name)
+        if refusing:
+            raise SandboxError(
+                f"{', '.join(map(str, refusing))}: an unrelaxed `spaceguard polkit-rule` for "
+                f"user spaceguard, run by polkitd before {self.rule_path.name}: its final NO "
+                "would refuse this test's starts and stops (AccessDenied)"
+            )
         self.rule_path.parent.mkdir(parents=True, exist_ok=True)
         partial = self.rule_path.with_name(f".{self.rule_path.name}.tmp")
         partial.write_text(rule)
@@ -343,6 +351,29 @@ RULES_DIR = Path("/etc/polkit-1/rules.d")
 def cleanup_rigs() -> None:
     while LIVE_RIGS:
         LIVE_RIGS.pop().cleanup()
+
+
+def refusing_rules(user: str, before: str) -> list[Path]:
+    """Generated rules for `user` that keep their final refusal and that polkitd runs before
+    a rule named `before` (it runs the files of both rules directories in the order of
+    their names). Each answers NO for every unit of `user` it does not name, so no later
+    rule is asked: a test's own rule after it grants nothing. Measured (systemd 252,
+    polkitd 122): with such a rule of another session in place, every StopUnit of the
+    user fails with AccessDenied, of a oneshot in its start job and of an active unit alike
+    (what kept the Type=oneshot wrapper test on the root rig: README, Tests)."""
+    found = []
+    subject = f"subject.user !== {json.dumps(user)}"
+    for directory in (RULES_DIR, POLKIT_RULE.parent):
+        for path in sorted(directory.glob("*.rules")):
+            if path.name >= before:
+                continue
+            try:
+                text = path.read_text(errors="replace")
+            except FileNotFoundError:
+                continue  # removed meanwhile (another session's teardown)
+            if subject in text and "return polkit.Result.NO;" in text:
+                found.append(path)
+    return found
 
 
 def remove_stale_rules() -> list[str]:

@@ -664,18 +664,13 @@ def boot_wrapper(
     volume: LoopVolume,
     files: int,
     service_type: str | None = None,
-    shipped: bool = True,
 ) -> tuple[GuardRig, Path, Path, Path]:
     source = wrapper_source(work.path / "onedrive", files)
     destination = nobodys(volume.mountpoint / "alice", directory=True)
     log = nobodys(work.path / "m365-migrate-alice.log")
     wrapper_units(sandbox, rclone, source, destination, log, service_type)
     sandbox.up()
-    rig = (
-        ShippedRig(sandbox, tmp_path, venv_python)
-        if shipped
-        else GuardRig(sandbox, tmp_path, venv_python)
-    )
+    rig = ShippedRig(sandbox, tmp_path, venv_python)
     rig.write_config(
         migration_config(
             volume,
@@ -745,20 +740,10 @@ def test_wrapper_type_oneshot_is_paused_by_stop_and_resume_unit_nothing_lost(
     the guard says so, stops it to pause it, and starts the resume unit to resume; the
     resumed oneshot is paused again the same way. It never asks systemd to freeze it."""
     volume = work.volume(128, "vol", options=["nodelalloc"])
-    # KNOWN GAP (README, Tests): run as shipped, the unprivileged guard's StopUnit of the
-    # oneshot while its start job runs is refused (AccessDenied, although the polkit rule
-    # grants "stop" for it, and stops of active units are granted); until that is
-    # understood this one test runs the guard as root.
+    # as shipped: the unprivileged guard's StopUnit of the oneshot in its start job is
+    # asked of polkit like any stop (unit, verb "stop") and granted by the generated rule
     rig, source, destination, log = boot_wrapper(
-        sandbox,
-        work,
-        tmp_path,
-        venv_python,
-        rclone,
-        volume,
-        files=40,
-        service_type="oneshot",
-        shipped=False,
+        sandbox, work, tmp_path, venv_python, rclone, volume, files=40, service_type="oneshot"
     )
     assert sandbox.show(WRAPPER_UNIT, "Type") == "oneshot"
     # said before anything runs: status NOTES, check-config, the journal
