@@ -1645,11 +1645,16 @@ class _Decision:
                 self.log("notice", f"{migration.account}: it fits now: releasing its hold")
             if held:
                 self.actions.append(ResolveAlert(f"paused/{migration.account}"))
-                state = replace(state, hold=None)
+                state = replace(state, hold=None, freeze_refused=frozenset(), freeze_expired=False)
             return replace(state, admitted="yes" if need is not None else "provisional")
         if held and state.hold is not None and state.hold.reason != "sizing":
             return state
-        self.log("warning", f"{migration.account}: held before it writes: {note}")
+        when = (
+            f"held after writing {format_size(state.transferred_bytes)} (its totals came now)"
+            if state.transferred_bytes
+            else "held before it writes"
+        )
+        self.log("warning", f"{migration.account}: {when}: {note}")
         self.actions.append(
             _paused_alert(
                 migration,
@@ -1661,7 +1666,9 @@ class _Decision:
                 f"(spaceguardctl resume {migration.account} --force starts it anyway).",
             )
         )
-        return replace(state, hold=Hold("guard", reason, self.now, note, alerted=True))
+        # frozen since the sizing hold, if it was one: max_freeze counts from there
+        since = state.hold.since if held and state.hold is not None else self.now
+        return replace(state, hold=Hold("guard", reason, since, note, alerted=True))
 
     def _sizing(
         self, migration: MigrationConfig, state: MigrationState, held: bool
@@ -1729,12 +1736,14 @@ class _Decision:
 
     def _freeze_expiry(self, migration: MigrationConfig, state: MigrationState) -> MigrationState:
         """The ladder's last step: a freeze older than max_freeze becomes a stop (rclone's
-        sessions time out under a long freeze); resumed later through resume_unit."""
+        sessions time out under a long freeze); resumed later through resume_unit. Any
+        freeze of the guard's: an admission hold (its totals came while it ran: it has
+        written, its sessions are open) can last as long as space is short, too."""
         hold = state.hold
         if (
             hold is None
             or hold.by != "guard"
-            or hold.reason not in SPACE_REASONS
+            or (hold.reason not in SPACE_REASONS and hold.reason not in ADMISSION_REASONS)
             or state.freeze_expired
             or pause_mode(migration, state) != "freeze"
             or not state.paused_units

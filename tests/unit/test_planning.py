@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from spaceguard.config import Config, parse
 from spaceguard.model import (
     BusChanged,
+    Log,
     LogParsed,
     OperatorRequest,
     RaiseAlert,
@@ -136,6 +137,29 @@ def test_without_a_size_nothing_is_held_until_rclone_gives_its_totals() -> None:
     assert unit_actions(start(guard, "alice")) == []
     actions = guard(LogParsed("alice", transferred_bytes=GiB, total_bytes=80 * GiB), after=1)
     assert unit_actions(actions) == [("freeze", "m@alice.service", "admission")]
+
+
+def test_an_admission_hold_past_max_freeze_is_a_stop_and_a_resume_once_it_fits() -> None:
+    guard = boot(planned({"max_freeze": "10m"}, alice={}), running=("alice",))
+    actions = guard(LogParsed("alice", transferred_bytes=GiB, total_bytes=80 * GiB), after=1)
+    assert unit_actions(actions) == [("freeze", "m@alice.service", "admission")]
+    log = " ".join(a.message for a in of_type(actions, Log))
+    assert "alice: held after writing 1.0 GiB (its totals came now)" in log
+    guard.done("freeze", "m@alice.service")
+    guard(UnitChanged("m@alice.service", FROZEN))
+    assert unit_actions(guard(Tick(), after=9 * 60)) == []
+    # frozen mid-copy as long as space is short: rclone's sessions would time out
+    actions = guard(Tick(), after=61)
+    assert unit_actions(actions) == [("stop", "m@alice.service", "admission")]
+    guard.done("stop", "m@alice.service")
+    guard(UnitChanged("m@alice.service", DEAD))
+    assert unit_actions(guard(sample(70), after=1)) == []  # 79 GiB still do not fit
+    actions = guard(sample(95), after=1)  # 90 GiB above pause_below: it fits
+    assert unit_actions(actions) == [("start", "r@alice.service", "resume")]
+    assert [a for a in of_type(actions, ResolveAlert) if a.key == "paused/alice"]
+    guard.done("start", "r@alice.service")
+    guard(UnitChanged("r@alice.service", RUNNING))
+    assert guard.m("alice").freeze_expired is False  # the next pause freezes again
 
 
 def test_admission_can_be_switched_off() -> None:
