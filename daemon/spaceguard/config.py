@@ -439,7 +439,7 @@ def _read_ladder_keys(section: _Section) -> dict[str, Any]:
         "admit_below": section.get("admit_below", parse_threshold, None),
         "max_freeze": section.get("max_freeze", parse_duration, 3600.0),
         "resume_batch": section.get("resume_batch", _count, 0),
-        "resume_step": section.get("resume_step", parse_duration, 10.0),
+        "resume_step": section.get("resume_step", _positive_duration, 10.0),
     }
     if keys["max_freeze"] <= 0:
         raise section.error(

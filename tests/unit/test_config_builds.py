@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from spaceguard.config import ConfigError, parse
+from spaceguard.config import Config, ConfigError, parse
 from spaceguard.volumes import VolumeSampler, poll_interval
 
 ODD_VALUES: list[Any] = [
@@ -91,6 +91,13 @@ KEYS: list[tuple[str, ...]] = [
     ("volumes", "space", "usage_budget"),
     ("volumes", "space", "usage_max_entries"),
     ("volumes", "space", "usage_old_after"),
+    ("volumes", "space", "warn_below"),
+    ("volumes", "space", "warn_after"),
+    ("volumes", "space", "admit_below"),
+    ("volumes", "space", "max_freeze"),
+    ("volumes", "space", "resume_batch"),
+    ("volumes", "space", "resume_step"),
+    ("volumes", "space", "slice"),
     ("migrations", 0, "account"),
     ("migrations", 0, "unit"),
     ("migrations", 0, "pause"),
@@ -105,6 +112,10 @@ KEYS: list[tuple[str, ...]] = [
     ("migrations", 0, "size_unit"),
     ("migrations", 0, "size_file"),
     ("migrations", 0, "size_timeout"),
+    ("migrations", 0, "expected_size"),
+    ("migrations", 0, "admission"),
+    ("migrations", 0, "priority"),
+    ("migrations", 0, "max_freeze"),
     ("rules", 0, "name"),
     ("rules", 0, "pattern"),
     ("rules", 0, "class"),
@@ -170,6 +181,73 @@ def build_everything(document: dict[str, Any], tmp: Path) -> None:
         guard.store.close()
 
     asyncio.run(build())
+    drive_policy(config)
+
+
+def drive_policy(config: Config) -> None:
+    """An episode of the pure policy under this config: the migrations run, every volume
+    runs low and recovers, a migration fails; the clock doubles its steps up to 36 h, so
+    every timer the config sets (hold-down, resume steps, max_freeze, backoffs) comes due.
+    Every action is carried out at once. Whatever the checker accepts must not crash it."""
+    from spaceguard.model import (
+        ActionDone,
+        BusChanged,
+        RunVerify,
+        Tick,
+        UnitAction,
+        UnitChanged,
+        UnitView,
+        VolumeSampled,
+    )
+    from spaceguard.policy import decide, initial_state
+
+    now = 1_750_000_000.0
+    state = initial_state(config)
+    running = UnitView("active", "running", started_at=now)
+    after = {
+        "freeze": UnitView("active", "running", freezer_state="frozen", started_at=now),
+        "thaw": running,
+        "stop": UnitView("inactive", "dead", result="success"),
+        "start": running,
+    }
+
+    def run(event: object) -> None:
+        nonlocal state
+        queue = [event]
+        for _ in range(1000):
+            if not queue:
+                return
+            state, actions = decide(config, state, queue.pop(0), now)  # type: ignore[arg-type]
+            for action in actions:
+                if isinstance(action, RunVerify):
+                    queue.append(ActionDone(action, True))
+                elif isinstance(action, UnitAction):  # systemd does it, then says so
+                    queue += [
+                        ActionDone(action, True),
+                        UnitChanged(action.unit, after[action.kind]),
+                    ]
+
+    def sample(name: str, free: float) -> VolumeSampled:
+        return VolumeSampled(name, int(free * 10**10), 10**10, int(free * 10**6), 10**6, 10**6)
+
+    run(BusChanged(True))
+    for migration in config.migrations:
+        for unit in migration.units:
+            run(UnitChanged(unit, running))
+    for name in config.volumes:
+        run(sample(name, 0.001))
+    step = 1.0
+    while step < 36 * 3600:
+        now += step
+        step *= 2
+        for name in config.volumes:
+            run(sample(name, 0.9 if step > 64 else 0.001))
+        if step == 256:
+            unit = config.migrations[0].unit
+            run(
+                UnitChanged(unit, UnitView("failed", "failed", "running", "exit-code", "exited", 1))
+            )
+        run(Tick())
 
 
 def _usage() -> Any:
@@ -183,7 +261,7 @@ def test_the_reference_document_builds(tmp_path: Path) -> None:
 
 
 @settings(
-    max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
     changes=st.lists(
@@ -199,6 +277,26 @@ def test_whatever_the_checker_accepts_builds(
     build_everything(document, tmp_path)
 
 
+def test_the_policy_episode_reaches_the_staggered_release(tmp_path: Path) -> None:
+    """drive_policy can find what crashes only later: the release after a recovery."""
+    config = parse(tmp_path / "spaceguard.toml", base_document(tmp_path))
+    from spaceguard import policy
+
+    calls: list[str] = []
+    real = policy._Decision._release_slot
+
+    def counted(self: Any, migration: Any, state: Any) -> bool:
+        calls.append(migration.account)
+        return real(self, migration, state)
+
+    policy._Decision._release_slot = counted  # type: ignore[method-assign]
+    try:
+        drive_policy(config)
+    finally:
+        policy._Decision._release_slot = real  # type: ignore[method-assign]
+    assert "alice" in calls
+
+
 @pytest.mark.parametrize(
     ("path", "value"),
     [
@@ -208,6 +306,7 @@ def test_whatever_the_checker_accepts_builds(
         (("alerts", "max_backoff"), "500ms"),
         (("migrations", 0, "unit"), "m365-migrate@alice.service\n"),
         (("migrations", 0, "account"), "alice\n"),
+        (("volumes", "space", "resume_step"), "0s"),
     ],
 )
 def test_values_that_used_to_pass_the_check_and_crash_the_guard_are_refused(
