@@ -26,6 +26,7 @@ from .incidents import IncidentStore, partial_report
 from .logwatch import LogPosition, LogWatcher
 from .metrics import Counters, DeliveryStats, MetricsServer, Snapshot, make_registry
 from .model import (
+    ACTIVE_STATES,
     Action,
     ActionDone,
     BusChanged,
@@ -56,6 +57,7 @@ from .policy import (
     is_current_line,
     pause_mode,
     reload_problem,
+    unit_owner,
 )
 from .protocol import RequestError
 from .quantities import format_size
@@ -364,7 +366,23 @@ class Guard:
     # -- events in ------------------------------------------------------------------------
 
     def _on_unit(self, unit: str, view: UnitView) -> None:
+        if not view.running:
+            self._read_log_before_end(unit)
         self.handle(UnitChanged(unit, self.stale_freezer.seen(unit, view)))
+
+    def _read_log_before_end(self, unit: str) -> None:
+        """A run's last lines say how it ended (rclone's summary: a full disk, a revoked
+        token) and are in its log before its process exits, but the exit's D-Bus signal
+        can be handled before inotify's event for them: the exit was then classified by
+        its status alone (rclone's 1 after a full disk: an unrecoverable failure). So the
+        log of a unit that stops running is read first."""
+        migration = unit_owner(self.config, unit)
+        if migration is None or migration.account not in self.logs:
+            return
+        state = self.state.migrations.get(migration.account)
+        old = state.units.get(unit) if state is not None else None
+        if old is None or not old.known or old.active_state in ACTIVE_STATES:
+            self.logwatch.read_now(migration.account)
 
     def _on_connection(self, connected: bool) -> None:
         self.handle(BusChanged(connected))

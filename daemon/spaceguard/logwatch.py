@@ -745,6 +745,15 @@ class LogWatcher:
                 result[key] = position
         return result
 
+    def read_now(self, key: str) -> None:
+        """Read what is new in log ``key`` now, before this call returns (the lines go to
+        its callbacks first), as an event would have made it do on a later loop turn; a
+        backlog beyond one turn's budget goes on as usual. For the daemon: what a unit
+        wrote before it ended is read before its end is decided on."""
+        follower = self._followers.get(key)
+        if follower is not None:
+            self._poll(follower)
+
     def recheck(self) -> None:
         """Examine every file by stat, as if an event had come for each (backs inotify
         up: the daemon calls this every few seconds)."""

@@ -131,7 +131,9 @@ class LogEvidence:
     line: str
     seq: int = 0
     before: tuple[str, ...] = ()
-    scope: str = "run"  # "run": the whole run cannot go on; "item": one item (disk full)
+    # "run": the whole run cannot go on; "item": one item (disk full); "summary": rclone's
+    # end of a failed run, restating its last error (a full disk: see rclone.py)
+    scope: str = "run"
     logged_at: float | None = None  # the line's own time, when it has one
 
 

@@ -63,7 +63,7 @@ from .model import (
 )
 from .model import fast_replace as replace  # dataclasses.replace, 7x faster
 from .quantities import format_size
-from .rclone import classify_exit_code
+from .rclone import SUMMARY, classify_exit_code
 from .watermarks import committed_bytes, remaining_bytes, seconds_to_pause, thresholds
 
 UNIT_ACTION_BACKOFF_MAX = 30.0
@@ -791,6 +791,17 @@ class _Decision:
             # network failures, and 5 after an expired token's retries)
             failure_class = evidence.failure_class
         if failure_class == FailureClass.DISK_FULL:
+            volume = self.volumes.get(migration.volume, VolumeState())
+            if evidence is not None and evidence.scope == SUMMARY and not volume.low:
+                # rclone's summary said the run ended on the full disk its items reported
+                # (the pause for it is over): resumed by starting it again, as a run that
+                # died while paused is; the volume, which has the space, is not paused again
+                self.log(
+                    "notice",
+                    f"{migration.account}: {unit} ended on the full disk it reported "
+                    f"({exit_status}); {migration.volume} has recovered: starting it again",
+                )
+                return replace(state, restart_on_release=True, last_log_failure=None)
             return self._disk_full(
                 migration,
                 replace(state, restart_on_release=True),
@@ -968,7 +979,10 @@ class _Decision:
         for evidence in event.failures:
             state = replace(state, last_log_failure=evidence)
             if evidence.failure_class == FailureClass.DISK_FULL:
-                state = self._disk_full(migration, state, evidence.line, evidence.logged_at)
+                # (rclone's summary at the end of a run is no new report: it says how the
+                # run ended, which classifies its exit)
+                if evidence.scope != SUMMARY:
+                    state = self._disk_full(migration, state, evidence.line, evidence.logged_at)
             elif (
                 evidence.failure_class == FailureClass.UNRECOVERABLE
                 and state.failure is None
@@ -1437,9 +1451,11 @@ class _Decision:
             if (
                 state.last_log_failure is not None
                 and state.last_log_failure.failure_class == FailureClass.DISK_FULL
+                and state.last_log_failure.scope != SUMMARY
             ):
                 # space is back: an old ENOSPC line must not classify a later exit (that
-                # would mark a volume with plenty of space low and pause every migration)
+                # would mark a volume with plenty of space low and pause every migration);
+                # rclone's summary at the end of the run does: the exit follows it
                 state = replace(state, last_log_failure=None)
             if (
                 state.hold is not None

@@ -527,6 +527,9 @@ _SUMMARY_MESSAGE = re.compile(
     r"Attempt \d+/\d+ failed with \d+ errors|Failed to \w+ with \d+ errors"
 )
 _ATTEMPT = re.compile(r"Attempt (\d+)/(\d+) failed with")
+# rclone's last line when a run failed with one error (no level marker, no object): that
+# error again, as the last attempt's summary just gave it.
+_FINAL_LINE = re.compile(r"Failed to \w+: ")
 
 
 def retries_after(summary: str) -> bool:
@@ -799,6 +802,8 @@ class RcloneLogParser:
         if scope == SUMMARY:
             if retries_after(message):
                 batch.attempts_ended.append((start, json_time(record.get("time"))))
+            else:
+                self._apply_summary(start, message, batch, json_time(record.get("time")))
             return True
         self._apply_rules(start, scope, obj, message, level, batch, json_time(record.get("time")))
         return True
@@ -808,6 +813,14 @@ class RcloneLogParser:
         if scope == SUMMARY:
             if retries_after(message):
                 batch.attempts_ended.append((start, None))
+            else:
+                self._apply_summary(start, message, batch)
+            return
+        if (
+            level is None
+            and _FINAL_LINE.match(message)
+            and self._apply_summary(start, message, batch)
+        ):
             return
         name_end = 0
         if scope == RUN and not obj and level is not None and not _RUN_MESSAGE.search(message):
@@ -816,6 +829,21 @@ class RcloneLogParser:
             obj = object_name(message)
             name_end = len(obj)
         self._apply_rules(start, scope, obj, message, level, batch, name_end=name_end)
+
+    def _apply_summary(
+        self, start: int, message: str, batch: _BatchState, logged_at: float | None = None
+    ) -> bool:
+        """The end of a run that failed (its last attempt's summary, then rclone's last
+        line) restates the run's last error. Reported, with scope "summary", only when that
+        error is a full disk: the items' own lines were the reports (and paused the volume
+        when they came); this one says that the run ended on it, which makes its exit a
+        full disk's (restarted once space is back), not a failure. Other classes are
+        classified from their own lines and the exit status, as before."""
+        rule = self._rules.classify(message)
+        if rule is None or rule.failure_class != FailureClass.DISK_FULL:
+            return False
+        batch.matches.append(_Match(start, rule, SUMMARY, "", message, logged_at))
+        return True
 
     def _apply_rules(
         self,

@@ -519,6 +519,29 @@ def test_missed_event_is_caught_by_recheck(tmp_path: Path) -> None:
     run(scenario)
 
 
+def test_read_now_delivers_what_was_written_before_it_returns(tmp_path: Path) -> None:
+    """The daemon reads a unit's log when the unit ends, before deciding on the end: the
+    lines written before the call are delivered by it, not on a later loop turn."""
+    path = tmp_path / "m.log"
+    path.write_text("")
+
+    async def scenario() -> None:
+        got = Collector()
+        watcher = LogWatcher()
+        watcher.add("k", path, None, got)
+        await processed(watcher, tmp_path)
+        append(path, "last line\nsummary\n")
+        # no await since the append: the loop cannot have handled its inotify event
+        watcher.read_now("k")
+        assert got.of() == ["last line", "summary"]
+        watcher.read_now("not followed")  # nothing to read: no error
+        await processed(watcher, tmp_path)
+        assert got.of() == ["last line", "summary"]  # the event that came later adds nothing
+        watcher.close()
+
+    run(scenario)
+
+
 def test_queue_overflow_rechecks_every_file(tmp_path: Path) -> None:
     paths = [tmp_path / f"m{i}.log" for i in range(3)]
     for path in paths:

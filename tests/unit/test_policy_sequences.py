@@ -4,6 +4,8 @@ state goes through state.py's durable form and back, like a real restart)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from spaceguard.config import Config
 from spaceguard.model import (
@@ -21,6 +23,8 @@ from spaceguard.model import (
     WriteIncident,
 )
 from spaceguard.policy import initial_state, reload_problem
+from spaceguard.rclone import compile_rules
+from spaceguard.runtime import MigrationLog
 from spaceguard.state import _restore, durable
 from test_policy import (
     ALICE,
@@ -299,6 +303,81 @@ def test_an_enospc_line_from_before_the_recovery_does_not_pause_again(guard: Gua
     fresh = LogEvidence(FailureClass.DISK_FULL, "no_space_left", line, logged_at=guard.now)
     guard(LogParsed("alice", (fresh,)), after=1)
     assert guard.state.volumes["space"].low
+
+
+# rclone 1.60's lines in test_destination_full_is_paused_not_failed[preallocate] (one item
+# refused, --retries 1): the item, then, once the rest is copied, the run's summary
+PREALLOCATE = "preallocate: file too big for remaining disk space"
+ITEM_FULL = f"2026/12/02 01:32:19 ERROR : doc-003.bin: Failed to copy: {PREALLOCATE}"
+RUN_ENDS_FULL = [
+    f"2026/12/02 01:32:22 ERROR : Attempt 1/1 failed with 1 errors and: {PREALLOCATE}",
+    f"2026/12/02 01:32:22 Failed to copy: {PREALLOCATE}",
+]
+
+
+def test_rclones_summary_of_a_full_disk_says_how_the_run_ended() -> None:
+    from spaceguard.rclone import RcloneLogParser
+
+    many = f"2026/12/02 01:35:12 Failed to copy with 4 errors: last error was: {PREALLOCATE}"
+    retried = f"2026/12/02 01:35:12 ERROR : Attempt 1/3 failed with 4 errors and: {PREALLOCATE}"
+    failures = RcloneLogParser().feed([ITEM_FULL, *RUN_ENDS_FULL, many, retried]).failures
+    assert [(f.line_number, f.scope) for f in failures] == [
+        (0, "item"), (1, "summary"), (2, "summary"), (3, "summary"),
+    ]  # fmt: skip
+    assert {f.failure_class for f in failures} == {FailureClass.DISK_FULL}
+    # rclone's last line of any other failure still classifies as before
+    (other,) = (
+        RcloneLogParser().feed(["2026/12/02 01:36:07 Failed to copy: directory not found"]).failures
+    )
+    assert (other.scope, other.rule) == ("run", "directory_not_found")
+
+
+def feed_log(log: MigrationLog, lines: list[str]) -> LogParsed:
+    event = log.feed(lines)
+    assert event is not None
+    return event
+
+
+def test_a_run_that_ends_on_the_full_disk_it_reported_is_started_again_not_failed(
+    guard: Guard,
+) -> None:
+    """Found by test_destination_full_is_paused_not_failed[preallocate]: the summary was
+    taken for a new full disk (a volume with plenty of space paused again, a freeze sent to
+    a process on its way out), and the exit after it, status 1, was an unrecoverable
+    failure whenever the guard handled it without that line (the line cleared at the
+    release, or read after the exit): a failure incident for a full disk."""
+    log = MigrationLog("alice", Path("/var/log/m365-migrate-alice.log"), compile_rules())
+    actions = guard(feed_log(log, [ITEM_FULL]), after=1)
+    assert ("freeze", ALICE, "disk_full") in unit_actions(actions)
+    guard.done("freeze", ALICE)
+    guard(sample(50), after=1)
+    actions = guard(sample(50), after=121)
+    assert ("thaw", ALICE, "released") in unit_actions(actions)
+    guard.done("thaw", ALICE)
+    # rclone copies the rest, then says that the run ended on the refused item
+    actions = guard(feed_log(log, RUN_ENDS_FULL), after=1)
+    assert unit_actions(actions) == [] and not guard.state.volumes["space"].low
+    actions = guard(UnitChanged(ALICE, failed(1)), after=0.01)  # rclone's status for it
+    alice = guard.m("alice")
+    assert alice.failure is None and of_type(actions, WriteIncident) == []
+    assert ("start", ALICE_RESUME, "resume") in unit_actions(actions)
+    assert not guard.state.volumes["space"].low  # nothing else on the volume is paused
+    guard(UnitChanged(ALICE_RESUME, RUNNING), after=1)
+    actions = guard(UnitChanged(ALICE_RESUME, DEAD), after=5)  # the restarted run copies it
+    assert guard.m("alice").finished and of_type(actions, WriteIncident) == []
+
+
+def test_a_full_disk_summary_while_still_paused_restarts_at_the_release(guard: Guard) -> None:
+    log = MigrationLog("alice", Path("/var/log/m365-migrate-alice.log"), compile_rules())
+    guard(feed_log(log, [ITEM_FULL]), after=1)
+    guard(feed_log(log, RUN_ENDS_FULL), after=0.01)  # it finished before the freeze landed
+    guard(UnitChanged(ALICE, failed(1)), after=0.01)
+    guard.done("freeze", ALICE, ok=False, error="unit not active")
+    alice = guard.m("alice")
+    assert alice.failure is None and alice.hold is not None and alice.restart_on_release
+    guard(sample(50), after=1)
+    actions = guard(Tick(), after=120)
+    assert ("start", ALICE_RESUME, "resume") in unit_actions(actions)
 
 
 def test_a_unit_that_ended_while_the_freeze_went_out_is_not_paused(guard: Guard) -> None:
