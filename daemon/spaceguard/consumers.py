@@ -123,8 +123,9 @@ class Worker:
             self.process = None
         if process.stdin is not None:
             process.stdin.close()
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(process.wait(), 1.0)
         self._release(process)
@@ -159,6 +160,11 @@ class Worker:
                 await self._abandon(process)
                 raise ScanFailed(f"lost the scanner: {error}") from None
             if not reply_line:
+                # it closed its output: it is exiting. Let asyncio reap it before any kill
+                # (Popen.kill polls first and would reap it itself: asyncio's watcher then
+                # finds no child and reports status 255 instead of the real one)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(process.wait(), 1.0)
                 await self._abandon(process)
                 raise ScanFailed(
                     f"the scanner exited (status {process.returncode}); see the journal"
