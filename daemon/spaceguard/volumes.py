@@ -22,7 +22,8 @@ from .model import VolumeSampled, VolumeUnavailable
 
 log = logging.getLogger(__name__)
 
-# Inodes can be used up fast too (a tree of small files): files per second to assume.
+# Inodes can be used up fast too (a tree of small files): files per second to assume
+# (or twice the rate seen, when faster).
 MAX_FILE_CREATE_RATE = 200_000
 # Re-check that the path is still a mount point at most this often (a cheap fsid
 # comparison on every sample catches an unmount in between).
@@ -75,7 +76,8 @@ def read_usage(path: str) -> Usage:
 
 
 class FillRate:
-    """Bytes per second being consumed, over the last `window` seconds of samples."""
+    """Bytes (or inodes) per second being consumed, over the last `window` seconds of
+    samples."""
 
     def __init__(self, window: float = RATE_WINDOW) -> None:
         self.window = window
@@ -97,15 +99,22 @@ class FillRate:
         self.samples.clear()
 
 
-def poll_interval(config: VolumeConfig, usage: Usage, fill_rate: float, low: bool) -> float:
-    """Seconds until the next sample."""
+def poll_interval(
+    config: VolumeConfig, usage: Usage, fill_rate: float, low: bool, file_rate: float = 0.0
+) -> float:
+    """Seconds until the next sample (`fill_rate` in bytes, `file_rate` in inodes per
+    second, as seen)."""
     if low:
         # Paused already: recovery is not a race. Still sample often enough for metrics
         # and for the hold-down clock.
         return min(config.poll_max, 0.25)
     pause_bytes = config.pause_below.limit(usage.size_bytes)
     pause_files = config.pause_below_inodes.limit(usage.files)
-    if fill_rate > 0 and usage.avail_bytes - pause_bytes <= fill_rate * config.poll_min:
+    if (fill_rate > 0 and usage.avail_bytes - pause_bytes <= fill_rate * config.poll_min) or (
+        usage.files
+        and file_rate > 0
+        and usage.avail_files - pause_files <= file_rate * config.poll_min
+    ):
         # At this rate the threshold falls before a timer could fire again (the loop's
         # timers have 1 ms granularity): look again on the next loop turn, until it is
         # crossed or the writer slows down.
@@ -114,7 +123,8 @@ def poll_interval(config: VolumeConfig, usage: Usage, fill_rate: float, low: boo
     byte_time = (usage.avail_bytes - pause_bytes) / speed / 2.0
     interval = byte_time
     if usage.files:
-        file_time = (usage.avail_files - pause_files) / MAX_FILE_CREATE_RATE / 2.0
+        files_speed = max(float(MAX_FILE_CREATE_RATE), 2.0 * file_rate)
+        file_time = (usage.avail_files - pause_files) / files_speed / 2.0
         interval = min(interval, file_time)
     return max(config.poll_min, min(config.poll_max, interval))
 
@@ -152,6 +162,7 @@ class VolumeSampler:
         self.clock = clock
         self.deadline = deadline
         self.rate = FillRate()
+        self.file_rate = FillRate()
         self.last_report = time.monotonic()  # loop: when a sample or a hang was reported
         self.samples = 0  # samples delivered
         self.hung_since: float | None = None  # loop: the hang it reported (monotonic)
@@ -234,6 +245,7 @@ class VolumeSampler:
             _end_call(self._path)
         if problem or usage is None:
             self.rate.reset()
+            self.file_rate.reset()
             self._fsid = None
             return VolumeUnavailable(self.config.name, problem), min(self.config.poll_max, 0.25)
         rate = self.rate.add(now, usage.avail_bytes)
@@ -245,7 +257,8 @@ class VolumeSampler:
             usage.files,
             rate,
         )
-        return sampled, poll_interval(self.config, usage, rate, self.is_low())
+        file_rate = self.file_rate.add(now, usage.avail_files)
+        return sampled, poll_interval(self.config, usage, rate, self.is_low(), file_rate)
 
     def _hand_over(self, event: VolumeSampled | VolumeUnavailable) -> None:
         """The newest sample waits in one slot; the loop is woken once for however many

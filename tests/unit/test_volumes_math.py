@@ -133,6 +133,21 @@ def test_half_the_headroom_at_max_write_speed() -> None:
     ) == pytest.approx(0.5)
 
 
+def test_an_observed_file_creation_rate_counts_too() -> None:
+    # 30 000 inodes above pause_below_inodes (10 000), no bytes pressure
+    near = usage(80 * GiB, files_free=40_000)
+    assumed = poll_interval(volume(poll_max=5.0), near, 0.0, low=False)
+    assert assumed == pytest.approx(30_000 / MAX_FILE_CREATE_RATE / 2)
+    # files created at 1,000,000/s: assume twice that
+    seen = poll_interval(volume(poll_max=5.0), near, 0.0, low=False, file_rate=1e6)
+    assert seen == pytest.approx(30_000 / 2e6 / 2)
+    # a slow creation rate does not lengthen it beyond the assumed one
+    assert poll_interval(volume(poll_max=5.0), near, 0.0, False, 10.0) == pytest.approx(assumed)
+    # at this rate the inodes are gone before a timer could fire: the next loop turn
+    close = usage(80 * GiB, files_free=10_500)
+    assert poll_interval(volume(), close, 0.0, low=False, file_rate=1e6) == 0.0
+
+
 def test_an_observed_rate_faster_than_max_write_speed_counts() -> None:
     # observed 4 GiB/s → assume twice that: 8 GiB/s → 1 GiB lasts 0.125 s → 0.0625 s
     assert poll_interval(volume(), usage(6 * GiB), 4 * GiB, low=False) == pytest.approx(0.0625)
