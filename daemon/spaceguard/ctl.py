@@ -14,6 +14,7 @@ python3 ≥ 3.11 even where the daemon's dependencies are not installed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -78,7 +79,9 @@ def call(path: str, verb: str, args: Mapping[str, Any], timeout: float) -> Any:
     deadline = time.monotonic() + timeout
     sock = _connect(path, timeout)
     try:
-        sock.sendall(encode_request(verb, args))
+        # a guard that answered at once and closed ("busy"): its answer is still there
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(encode_request(verb, args))
         received = bytearray()
         while b"\n" not in received:
             remaining = deadline - time.monotonic()

@@ -46,7 +46,10 @@ def control(rig: GuardRig, verb: str) -> dict[str, object]:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(20)
         sock.connect(str(rig.host_socket))
-        sock.sendall(json.dumps({"v": 1, "verb": verb}).encode() + b"\n")
+        # a guard at its client limit answers "busy" and closes at once: the send may
+        # then fail, and the answer is still there to read (spaceguardctl does the same)
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(json.dumps({"v": 1, "verb": verb}).encode() + b"\n")
         reply: dict[str, object] = json.loads(sock.makefile("rb").readline())
     return reply
 

@@ -1114,3 +1114,41 @@ def test_peer_groups_come_from_the_kernel(socket_dir: Path) -> None:
     )
     assert reply["error"]["code"] == "forbidden"
     assert "cannot tell the groups of your process: SO_PEERGROUPS" in reply["error"]["message"]
+
+
+def test_spaceguardctl_shows_busy_when_the_guard_closed_before_it_sent(
+    socket_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A guard at its client limit answers "busy" and closes without reading: the
+    request's send then fails (EPIPE), and the operator must see "busy", not "connection
+    lost". The send is held until the guard side has closed, so it always fails here."""
+    import threading
+
+    from spaceguard import ctl as ctl_module
+    from spaceguard.protocol import encode_reply, error_reply
+
+    path = socket_dir / "busy.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    closed = threading.Event()
+
+    def refuse() -> None:
+        conn, _ = listener.accept()
+        conn.sendall(encode_reply(error_reply("busy", "too many clients (256); try again")))
+        conn.close()
+        closed.set()
+
+    def encode_after_close(verb: str, args: Any) -> bytes:
+        assert closed.wait(10)
+        return b'{"v": 1, "verb": "status"}\n' * 10_000  # more than one write: it must fail
+
+    thread = threading.Thread(target=refuse)
+    thread.start()
+    monkeypatch.setattr(ctl_module, "encode_request", encode_after_close)
+    try:
+        with pytest.raises(ctl_module.CtlError, match=r"too many clients \(256\); try again"):
+            ctl_module.call(str(path), "status", {}, timeout=10)
+    finally:
+        thread.join(10)
+        listener.close()
