@@ -297,7 +297,11 @@ def run_real(minutes: float, migrations: int) -> None:
                 retry_backoff = "5s"
                 retry_backoff_max = "5s"
                 """
+        # (right after [guard]:) acknowledged incidents beyond 100 are pruned; the run acks
+        # what fails, as an operator would, so the incidents on disk and in memory stay bounded
         config = f"""
+            acked_incidents_keep = 100
+
             [volumes.space]
             path = "{volume.mountpoint}"
             pause_below = "8MiB"
@@ -318,7 +322,7 @@ def run_real(minutes: float, migrations: int) -> None:
         print(f"  start: VmRSS {start[0]} KiB, {start[1]} fds")
         began = time.monotonic()
         deadline = began + minutes * 60
-        rounds = 0
+        rounds = acked = 0
         next_report = began + 600
         while time.monotonic() < deadline:
             rounds += 1
@@ -334,14 +338,25 @@ def run_real(minutes: float, migrations: int) -> None:
             for _ in range(5):
                 ctl(rig, "status")
                 rig.metrics()
-            for i in range(migrations):  # start again what finished well
+            for i in range(migrations):  # start again what has ended (the guard's retries
+                # run the resume unit: the main unit may stay "failed" meanwhile)
                 unit = f"m365-migrate@user{i}.service"
-                if sandbox.show(unit, "ActiveState") == "inactive":
+                resume = f"m365-migrate-resume@user{i}.service"
+                ended = ("inactive", "failed")
+                if (
+                    sandbox.show(unit, "ActiveState") in ended
+                    and sandbox.show(resume, "ActiveState") in ended
+                ):
                     sandbox.systemctl("start", "--no-block", unit)
             if rounds % 3 == 0:  # rotate a log (rename + new file)
                 log = work / f"user{rounds % migrations}.log"
                 if log.exists():
                     log.rename(log.with_suffix(".log.1"))
+            if rounds % 10 == 0:  # an operator acknowledges the incidents
+                listed = ctl(rig, "--json", "incidents")
+                for incident in json.loads(listed.stdout or "[]"):
+                    if not incident.get("acked_by"):
+                        acked += ctl(rig, "ack", str(incident["id"])).returncode == 0
             if rounds % 5 == 0:
                 rig.write_config(config)
                 sandbox.systemctl("reload", "spaceguard.service")
@@ -355,7 +370,13 @@ def run_real(minutes: float, migrations: int) -> None:
             v for k, v in metrics.items() if k.startswith("spaceguard_migration_retries_total")
         )
         print(f"  end:   VmRSS {end[0]} KiB, {end[1]} fds (same process: {end_pid == pid})")
-        print(f"  churn: {rounds} rounds, {incidents:.0f} incidents, {retries:.0f} retries")
+        print(
+            f"  churn: {rounds} rounds, {incidents:.0f} incidents ({acked} acknowledged), "
+            f"{retries:.0f} retries"
+        )
+        shown = ctl(rig, "status")
+        print("  the guard's status at the end:")
+        print("    " + shown.stdout.strip().replace("\n", "\n    "))
         files = subprocess.run(
             ["du", "-sk", str(rig.state_dir)], capture_output=True, text=True, check=False
         )
