@@ -136,6 +136,14 @@ class BackgroundWriter:
         with self._cond:
             return self._health
 
+    def room(self) -> int:
+        """How many more keys submit() would take now."""
+        with self._cond:
+            held = len(self._pending)
+            if self._in_flight is not None and self._in_flight not in self._pending:
+                held += 1
+            return max(0, self.max_pending - held)
+
     def is_pending(self, key: str) -> bool:
         with self._cond:
             return key in self._pending or self._in_flight == key

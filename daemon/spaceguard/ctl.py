@@ -571,8 +571,12 @@ def build_parser() -> argparse.ArgumentParser:
     incidents.add_argument("--account", default=None)
     show = verb("show", "show one incident")
     show.add_argument("incident")
-    ack = verb("ack", "acknowledge an incident")
-    ack.add_argument("incident")
+    ack = verb("ack", "acknowledge an incident, or every open incident of a migration")
+    ack_what = ack.add_mutually_exclusive_group(required=True)
+    ack_what.add_argument("incident", nargs="?", default=None)
+    ack_what.add_argument(
+        "--account", default=None, help="every open incident of this migration's account"
+    )
     verb("reload", "re-read the configuration (kept unchanged if the new one is invalid)")
     check = verb("check-config", "validate the configuration (or FILE) without applying it")
     check.add_argument("file", nargs="?", default=None, metavar="FILE")
@@ -597,6 +601,8 @@ def request_args(options: argparse.Namespace) -> dict[str, Any]:
         return args
     if verb == "incidents":
         return {"account": options.account} if options.account else {}
+    if verb == "ack" and options.account:
+        return {"account": options.account}
     if verb in ("show", "ack"):
         return {"incident": options.incident}
     if verb == "check-config" and options.file:

@@ -86,6 +86,7 @@ POSITION_SAVE_INTERVAL = 1.0
 STATUS_INTERVAL = 1.0
 DEFER_SECONDS = 0.002
 INCIDENT_HOLD_SECONDS = 2.0  # an alert naming an incident waits this long for its write
+ACK_ALL_SECONDS = 20.0  # `ack --account` stops after this (spaceguardctl waits 30 s)
 # NTP slews the clock by at most 0.5 ms/s; a change of the offset beyond this is a step
 CLOCK_STEP_TOLERANCE = 0.25
 PAUSE_ALERT = "SpaceguardMigrationPaused"  # policy's pause alert: gets what fills the volume
@@ -196,9 +197,9 @@ class Guard:
             ]
         )
 
-    def _prune_incidents(self) -> None:
+    def _prune_incidents(self) -> list[str]:
         guard = self.config.guard
-        self.incident_store.prune(
+        return self.incident_store.prune(
             time.time(), guard.acked_incidents_keep, guard.acked_incidents_max_age
         )
 
@@ -1151,6 +1152,44 @@ class Guard:
         self._prune_incidents()
         self.open_incidents = self.incident_store.open_counts()
         return result
+
+    async def ack_account(self, account: str, who: str) -> tuple[bool, str]:
+        """Every open incident of `account` (a migration that failed again and again),
+        each recorded as `ack` records one; no faster than the incident writer takes them
+        (it holds 64 at most), and within ACK_ALL_SECONDS (the client waits)."""
+        store = self.incident_store
+        listed = store.list(account)
+        waiting = [str(item["id"]) for item in listed if not item.get("acked_by")]
+        if not listed and self.config.migration(account) is None:
+            return False, f"no migration and no incident for account {account!r}"
+        deadline = time.monotonic() + ACK_ALL_SECONDS
+        done = 0
+        try:
+            for incident_id in waiting:
+                while store.writer.room() == 0 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)  # the disk is slower than the acks
+                if store.writer.room() == 0:
+                    break
+                ok, message = store.ack(incident_id, who, time.time())
+                if not ok:
+                    return False, f"{account}: {done} acknowledged, then {message}"
+                done += 1
+        finally:
+            # pruning skips what is not on disk yet, and takes what the writer has room
+            # for: let the acks reach the disk, then prune until nothing more goes
+            while True:
+                await asyncio.to_thread(store.writer.flush, max(0.0, deadline - time.monotonic()))
+                if not self._prune_incidents() or time.monotonic() >= deadline:
+                    break
+            self.open_incidents = store.open_counts()
+        if done < len(waiting):
+            return False, (
+                f"{account}: {done} of {len(waiting)} open incidents acknowledged; the "
+                "incident disk is slow: run it again for the rest"
+            )
+        if not waiting:
+            return True, f"{account} has no open incidents"
+        return True, f"{account}: {done} incident{'s' if done != 1 else ''} acknowledged"
 
     async def usage(self, volume: str | None, rescan: bool) -> dict[str, Any]:
         """`spaceguardctl usage [VOLUME] [--rescan]`: the latest figures, with their age."""

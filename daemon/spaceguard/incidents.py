@@ -434,11 +434,15 @@ class IncidentStore:
             for rank, (acked_at, incident_id) in enumerate(acked)
             if rank >= keep or (max_age > 0 and now - acked_at > max_age)
         ]
+        removed = []
         for incident_id in doomed:
-            del self._index[incident_id]
-            self.writer.submit(
+            if not self.writer.submit(
                 f"prune {incident_id}", functools.partial(self._remove_files, incident_id)
-            )
+            ):
+                break  # the writer is full: the rest stays listed, for the next prune
+            del self._index[incident_id]
+            removed.append(incident_id)
+        doomed = removed
         if doomed:
             self.pruned_total += len(doomed)
             log.info("pruned %d acknowledged incident(s): %s", len(doomed), ", ".join(doomed))

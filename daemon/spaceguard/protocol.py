@@ -125,7 +125,8 @@ ARGUMENTS: Mapping[str, Mapping[str, tuple[ArgCheck, bool]]] = {
     "pause": {"account": (check_account, True), "reason": (check_reason, False)},
     "resume": {"account": (check_account, True), "force": (check_flag, False)},
     "retry": {"account": (check_account, True)},
-    "ack": {"incident": (check_incident_id, True)},
+    # one incident, or every open incident of a migration (exactly one of the two)
+    "ack": {"incident": (check_incident_id, False), "account": (check_account, False)},
     "reload": {},
 }
 assert set(ARGUMENTS) == VERBS
@@ -165,6 +166,10 @@ def check_args(verb: str, raw: object) -> dict[str, Any]:
             args[name] = check(name, raw[name])
         elif required:
             raise RequestError("bad-request", f"{verb}: missing argument {name!r}")
+    if verb == "ack" and len(args) != 1:
+        raise RequestError(
+            "bad-request", "ack: give either 'incident' or 'account' (every open incident of it)"
+        )
     return args
 
 

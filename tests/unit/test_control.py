@@ -209,6 +209,11 @@ class RecordingBackend:
             return False, f"no incident {incident_id!r}"
         return True, f"{incident_id} acknowledged"
 
+    async def ack_account(self, account: str, who: str) -> tuple[bool, str]:
+        self.calls.append(("ack_account", account, who))
+        self._maybe_fail()
+        return True, f"{account}: 2 incidents acknowledged"
+
     async def reload(self) -> tuple[bool, str]:
         self.calls.append(("reload",))
         self._maybe_fail()
@@ -425,6 +430,11 @@ VERB_CASES: list[tuple[list[str], tuple[Any, ...], list[str]]] = [
         ("ack", "20240101T000000Z-bob-1", ROOT_WHO),
         ["20240101T000000Z-bob-1 acknowledged"],
     ),
+    (
+        ["ack", "--account", "bob"],
+        ("ack_account", "bob", ROOT_WHO),
+        ["bob: 2 incidents acknowledged"],
+    ),
     (["reload"], ("reload",), ["reloaded"]),
     (["check-config"], ("check_config", None), ["config: OK"]),
     (["check-config", "/etc/x.toml"], ("check_config", "/etc/x.toml"), ["/etc/x.toml: OK"]),
@@ -618,6 +628,13 @@ BAD_REQUESTS: list[tuple[bytes, str, str]] = [
     (request("show", incident="../../etc/passwd"), "bad-request", "incident"),
     (request("show"), "bad-request", "incident"),
     (request("ack", incident=""), "bad-request", "incident"),
+    (request("ack"), "bad-request", "give either 'incident' or 'account'"),
+    (
+        request("ack", incident="20240101T000000Z-bob-1", account="bob"),
+        "bad-request",
+        "give either 'incident' or 'account'",
+    ),
+    (request("ack", account="a/../b"), "bad-request", "account"),
     (request("check-config", path="relative.toml"), "bad-request", "path"),
     (request("incidents", account=None), "bad-request", "account"),
 ]

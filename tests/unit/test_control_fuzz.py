@@ -247,6 +247,11 @@ class FuzzBackend:
         result: tuple[bool, str] = self._answer((True, "acked"))
         return result
 
+    async def ack_account(self, account: str, who: str) -> tuple[bool, str]:
+        self._check_account(account)
+        result: tuple[bool, str] = self._answer((True, "acked"))
+        return result
+
     async def reload(self) -> tuple[bool, str]:
         result: tuple[bool, str] = self._answer((True, "reloaded"))
         return result
@@ -472,9 +477,17 @@ def test_near_valid_requests(request: dict[str, Any], peer: Peer, outcome: Any) 
     incident=oracle_incident_ids,
     reason=st.text(PRINTABLE, max_size=30) | st.just("r" * REASON_MAX_CHARS),
     force=st.booleans(),
+    ack_by_account=st.booleans(),
 )
 def test_valid_requests_reach_the_backend(
-    verb: str, peer: Peer, outcome: Any, account: str, incident: str, reason: str, force: bool
+    verb: str,
+    peer: Peer,
+    outcome: Any,
+    account: str,
+    incident: str,
+    reason: str,
+    force: bool,
+    ack_by_account: bool,
 ) -> None:
     """Valid requests from someone allowed are served (or fail only through the backend)."""
     EXAMPLES_RUN["valid requests"] += 1
@@ -490,6 +503,8 @@ def test_valid_requests_reach_the_backend(
         for name, (_, required) in ARGUMENTS[verb].items()
         if required or name in ("reason", "force")
     }
+    if verb == "ack":  # one incident, or every open one of an account
+        args = {"account": account} if ack_by_account else {"incident": incident}
     backend = FuzzBackend(outcome)
     reply = run(
         handle_line(

@@ -158,3 +158,71 @@ def test_pruning_keeps_the_newest_acknowledged_and_every_open_one(tmp_path: Path
     assert [s["id"] for s in again.list()] == [record(n)["id"] for n in (4, 5, 6)]
     store.writer.close()
     again.writer.close()
+
+
+def test_ack_account_takes_them_all_at_the_writers_pace(tmp_path: Path) -> None:
+    """`spaceguardctl ack --account` on a migration that failed 100 times: more acks than
+    the incident writer holds (64), so the guard waits for it between them; every one is
+    acknowledged on disk, bob's are left alone, and pruning keeps its bound."""
+    import asyncio
+
+    from spaceguard.config import parse
+    from spaceguard.daemon import Guard
+
+    document = {
+        "guard": {
+            "state_dir": str(tmp_path / "state"),
+            "control_socket": str(tmp_path / "control.sock"),
+            "acked_incidents_keep": 30,
+        },
+        "volumes": {"space": {"path": str(tmp_path), "require_mount": False}},
+        "migrations": [
+            {"account": "alice", "unit": "m365-migrate@alice.service", "volume": "space"}
+        ],
+    }
+    config = parse(tmp_path / "spaceguard.toml", document)
+
+    async def body() -> tuple[tuple[bool, str], tuple[bool, str], tuple[bool, str]]:
+        guard = Guard(tmp_path / "spaceguard.toml", config)
+        store = guard.incident_store
+        for number in range(100):
+            store.write(record(number), [], {})
+        store.write(record(1, account="bob"), [], {})
+        done = await guard.ack_account("alice", "uid 0 (root)")
+        again = await guard.ack_account("alice", "uid 0 (root)")
+        unknown = await guard.ack_account("carol", "uid 0 (root)")
+        assert store.writer.flush(WAIT)
+        assert store.open_counts() == {"bob": 1}
+        assert guard.open_incidents == {"bob": 1}
+        kept = [item for item in store.list("alice")]
+        assert len(kept) == 30 and all(item["acked_by"] == "uid 0 (root)" for item in kept)
+        assert all(on_disk(store.directory, item["id"])["acked_by"] for item in kept)
+        assert len(list(store.directory.glob("*alice*.json"))) == 30  # the rest pruned
+        guard.store.close()
+        store.writer.close()
+        return done, again, unknown
+
+    done, again, unknown = asyncio.run(body())
+    assert done == (True, "alice: 100 incidents acknowledged")
+    assert again == (True, "alice has no open incidents")
+    assert unknown == (False, "no migration and no incident for account 'carol'")
+
+
+def test_pruning_takes_what_the_writer_has_room_for_and_keeps_the_rest_listed(
+    tmp_path: Path,
+) -> None:
+    store = store_in(tmp_path, max_pending=2)
+    for number in range(5):
+        store.write(record(number), [], {})
+        store.ack(record(number)["id"], "uid 0 (root)", T0 + 10)
+        assert store.writer.flush(WAIT)
+    first = store.prune(T0 + 20, keep=0)
+    assert len(first) == 2  # the writer holds 2: before, the other 3 left the index only
+    assert len(store.list()) == 3
+    assert store.writer.flush(WAIT)
+    assert len(store.prune(T0 + 20, keep=0)) == 2
+    assert store.writer.flush(WAIT)
+    assert len(store.prune(T0 + 20, keep=0)) == 1
+    assert store.writer.flush(WAIT)
+    assert store.list() == [] and list(tmp_path.glob("*.json")) == []
+    store.writer.close()
