@@ -171,10 +171,14 @@ def test_remote_dies_transient_stop_incident_retry_finish(
     sandbox.systemctl("stop", REMOTE)  # the remote dies mid-copy
     # the failure's incident (a disk-full pause, if the small volume filled on the way, writes
     # an incident of its own: class disk_full, no partial-migration report)
+    # (written at once, then again with the partial-migration report when its scan of the
+    # destination is done: the completed one has "files")
     found = wait_until(
-        lambda: [i for i in incidents(rig) if i["class"] != "disk_full"],
+        lambda: [
+            i for i in incidents(rig) if i["class"] != "disk_full" and "files" in i["partial"]
+        ],
         60,
-        "the failure's incident",
+        "the failure's incident, with its partial-migration report",
         on_timeout=rig.journal,
     )
     incident = found[0]
