@@ -7,9 +7,7 @@ returns a complete `Config` or raises `ConfigError`.
 
 from __future__ import annotations
 
-import os
 import re
-import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -18,6 +16,7 @@ from typing import Any, Literal
 
 from .names import check_unit_name, is_account, is_receiver_name
 from .quantities import Threshold, parse_duration, parse_size, parse_threshold
+from .smallfile import NotARegularFile, read_small_file
 
 PauseMode = Literal["freeze", "stop"]
 FAILURE_CLASSES = ("transient", "unrecoverable", "disk_full")
@@ -720,42 +719,16 @@ def read_config_file(path: Path) -> bytes:
     """The file's bytes, refusing what is not a regular file (a FIFO would block the
     reader forever, /dev/zero never ends) and what is larger than MAX_CONFIG_BYTES."""
     try:
-        # O_NONBLOCK: opening a FIFO nobody writes to returns at once instead of blocking
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        data, _ = read_small_file(path, MAX_CONFIG_BYTES)
+    except NotARegularFile as error:
+        raise ConfigError(f"{path}: not a regular file ({error.kind}); nothing was read") from None
     except OSError as error:
         raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            kind = (
-                "a directory"
-                if stat.S_ISDIR(mode)
-                else "a FIFO"
-                if stat.S_ISFIFO(mode)
-                else "a device"
-                if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-                else "a socket"
-                if stat.S_ISSOCK(mode)
-                else "not a regular file"
-            )
-            raise ConfigError(f"{path}: not a regular file ({kind}); nothing was read")
-        chunks: list[bytes] = []
-        size = 0
-        while size <= MAX_CONFIG_BYTES:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        if size > MAX_CONFIG_BYTES:
-            raise ConfigError(
-                f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KiB; not a spaceguard config"
-            )
-        return b"".join(chunks)
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
-    finally:
-        os.close(fd)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KiB; not a spaceguard config"
+        )
+    return data
 
 
 def load(path: Path) -> Config:

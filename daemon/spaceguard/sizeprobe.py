@@ -12,9 +12,9 @@ the daemon calls it on a worker thread.
 from __future__ import annotations
 
 import json
-import os
-import stat
 from pathlib import Path
+
+from .smallfile import NotARegularFile, read_small_file
 
 MAX_SIZE_FILE = 64 * 1024
 # file systems stamp mtimes coarsely (ext4: jiffies): allow this much before the start
@@ -28,29 +28,17 @@ class SizeFileError(ValueError):
 def read_size_file(path: Path, not_before: float | None = None) -> int:
     """The "bytes" of the size probe's file; `not_before`: the probe's start (wall clock)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        data, info = read_small_file(path, MAX_SIZE_FILE)
+    except NotARegularFile:
+        raise SizeFileError(f"{path}: not a regular file") from None
     except OSError as error:
         raise SizeFileError(f"{path}: cannot read: {error.strerror or error}") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise SizeFileError(f"{path}: not a regular file")
-        if not_before is not None and info.st_mtime < not_before - MTIME_SLACK:
-            raise SizeFileError(
-                f"{path}: not written by this probe (last modified "
-                f"{not_before - info.st_mtime:.0f}s before it started): does size_unit "
-                "write it?"
-            )
-        data = os.read(fd, MAX_SIZE_FILE + 1)
-        while data and len(data) <= MAX_SIZE_FILE:
-            more = os.read(fd, MAX_SIZE_FILE + 1 - len(data))
-            if not more:
-                break
-            data += more
-    except OSError as error:
-        raise SizeFileError(f"{path}: cannot read: {error.strerror or error}") from None
-    finally:
-        os.close(fd)
+    if not_before is not None and info.st_mtime < not_before - MTIME_SLACK:
+        raise SizeFileError(
+            f"{path}: not written by this probe (last modified "
+            f"{not_before - info.st_mtime:.0f}s before it started): does size_unit "
+            "write it?"
+        )
     if len(data) > MAX_SIZE_FILE:
         raise SizeFileError(
             f"{path}: larger than {MAX_SIZE_FILE // 1024} KiB: not rclone size --json output"
