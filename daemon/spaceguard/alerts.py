@@ -101,7 +101,6 @@ import json
 import logging
 import math
 import random
-import re
 import time
 import urllib.error
 import urllib.parse
@@ -115,7 +114,7 @@ from typing import Any, Final, Literal, TypeVar
 
 from spaceguard import __version__
 from spaceguard.atomicfile import BackgroundWriter, set_aside, write_atomic
-from spaceguard.names import is_receiver_name
+from spaceguard.names import is_label_name, is_receiver_name
 
 log = logging.getLogger(__name__)
 
@@ -131,10 +130,6 @@ ERROR_BODY_LOG_BYTES: Final = 512
 RESPONSE_READ_LIMIT_BYTES: Final = 65536
 # While a spool write keeps failing, run() retries it this often.
 SPOOL_WRITE_RETRY_S: Final = 5.0
-
-# As config.py allows, minus a leading dot: the name is a spool file name and must not
-# look like a hidden or temporary file.
-LABEL_NAME_PATTERN: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 ReceiverKind = Literal["alertmanager", "webhook"]
 _T = TypeVar("_T")
@@ -158,7 +153,7 @@ class GuardAlert:
             raise ValueError(f"alert {self.key!r}: name must not be empty")
         for kind, mapping in (("label", self.labels), ("annotation", self.annotations)):
             for name, value in mapping.items():
-                if not isinstance(name, str) or not LABEL_NAME_PATTERN.fullmatch(name):
+                if not isinstance(name, str) or not is_label_name(name):
                     raise ValueError(f"alert {self.key!r}: invalid {kind} name {name!r}")
                 if not isinstance(value, str):
                     raise ValueError(f"alert {self.key!r}: {kind} {name!r} is not a string")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .names import check_unit_name, is_account, is_receiver_name
+from .names import check_unit_name, is_account, is_label_name, is_receiver_name
 from .quantities import Threshold, parse_duration, parse_size, parse_threshold
 from .smallfile import NotARegularFile, read_small_file
 
@@ -297,7 +297,7 @@ def _alert_labels(value: object) -> tuple[tuple[str, str], ...]:
         raise ValueError('expected a table, like labels = { instance = "guard-a:9839" }')
     labels = []
     for name, label in value.items():
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or name.startswith("__"):
+        if not is_label_name(name) or name.startswith("__"):
             raise ValueError(
                 f"{name!r} is not a label name (letters, digits, '_', not starting with a "
                 "digit or '__')"

@@ -16,6 +16,8 @@ INCIDENT_ID_RE = re.compile(r"[A-Za-z0-9_.@:-]{1,200}")
 RECEIVER_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
 # systemd's unit name rules (unit_name_is_valid): [a-zA-Z0-9:_.\\-] plus one '@' for templates
 SERVICE_RE = re.compile(r"[a-zA-Z0-9:_.\\-]+(@[a-zA-Z0-9:_.\\-]*)?\.service")
+# Prometheus's (and Alertmanager's) label names
+LABEL_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def is_account(name: str) -> bool:
@@ -28,6 +30,10 @@ def is_incident_id(name: str) -> bool:
 
 def is_receiver_name(name: str) -> bool:
     return RECEIVER_NAME_RE.fullmatch(name) is not None
+
+
+def is_label_name(name: str) -> bool:
+    return LABEL_NAME_RE.fullmatch(name) is not None
 
 
 def check_unit_name(name: object) -> str:
