@@ -48,6 +48,21 @@ def volume_section(volume: LoopVolume, extra: str = "") -> str:
         """
 
 
+def webhook_alerts(url: str) -> str:
+    """The guard's alerts to one webhook receiver, retried within a second."""
+    return f"""
+        [alerts]
+        resend_interval = "1m"
+        max_backoff = "1s"
+
+        [[alerts.receivers]]
+        name = "hook"
+        kind = "webhook"
+        url = "{url}"
+        timeout = "2s"
+        """
+
+
 def migration(account: str, extra: str = "", pause: str = "freeze") -> str:
     return f"""
         [[migrations]]
@@ -201,17 +216,7 @@ def test_the_ladder_warns_then_holds_then_freezes_then_stops_and_resumes(
             )
             + migration("alice", 'resume_unit = "writer-resume@alice.service"')
             + migration("bob")
-            + f"""
-        [alerts]
-        resend_interval = "1m"
-        max_backoff = "1s"
-
-        [[alerts.receivers]]
-        name = "hook"
-        kind = "webhook"
-        url = "{webhook.url}"
-        timeout = "2s"
-        """
+            + webhook_alerts(webhook.url)
         )
         units = writers(venv_python, volume, tmp_path, {"alice": "120M"}, "8M")
         units.update(writers(venv_python, volume, tmp_path, {"bob": "8M"}, None))

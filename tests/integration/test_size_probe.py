@@ -24,6 +24,7 @@ import pytest
 
 from tests.guardrig import GuardRig, wait_until
 from tests.installed import ShippedRig
+from tests.integration.test_planning_real import webhook_alerts
 from tests.integration.test_space_guard import make_ballast
 from tests.sandbox import LoopVolume, require
 from tests.unit.test_alertmanager_real import NotificationRecorder
@@ -160,20 +161,7 @@ def test_a_measured_source_that_cannot_fit_is_held_and_starts_once_space_is_free
     webhook = NotificationRecorder()
     try:
         rig = ShippedRig(sandbox, tmp_path, venv_python)
-        rig.write_config(
-            config(volume, log, destination, size_file)
-            + f"""
-        [alerts]
-        resend_interval = "1m"
-        max_backoff = "1s"
-
-        [[alerts.receivers]]
-        name = "hook"
-        kind = "webhook"
-        url = "{webhook.url}"
-        timeout = "2s"
-        """
-        )
+        rig.write_config(config(volume, log, destination, size_file) + webhook_alerts(webhook.url))
         boot(
             sandbox,
             rig,
